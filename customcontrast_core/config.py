@@ -1,0 +1,126 @@
+"""Frozen configuration of the MFI-Encoder and its named presets."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .layers import BASE_CHANNELS, BASE_LAYER_COUNT, CrossAttentionLayer, default_layer_groups, layer_table
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Everything needed to rebuild an MFI-Encoder and its visual K/V projections (Sec. 3.2, 4.1)."""
+
+    base: str = "sd15"                                  # UNet family: "sd15" or "sdxl"
+    block_out_channels: tuple[int, ...] = BASE_CHANNELS["sd15"]  # UNet widths (decides visual K/V sizes)
+    clip_width: int = 1280                              # CLIP-vision hidden size (ViT-H/14 = 1280)
+    clip_num_layers: int = 32                           # transformer layers of that CLIP-vision model
+    clip_layers: tuple[int, ...] = (11, 22, 32)         # HF hidden_states indices (0 = patch embeddings)
+    width: int = 768                                    # Q-Former width d
+    heads: int = 12
+    dim_head: int = 64
+    depth: int = 4                                      # Q-Former blocks per Q-Former (Sec. 4.1)
+    ff_mult: int = 4
+    num_visual_tokens: int = 16                         # m visual tokens (+1 visual CLS query)
+    token_widths: tuple[int, ...] = (768,)              # word-embedding width per text encoder (SDXL: 768, 1280)
+    context_dim: int = 768                              # UNet cross-attention context width
+    layer_groups: tuple[int, ...] = tuple(range(16))    # S+ token group of each layer, execution order
+    fourier_dim: int = 256                              # Fourier features of the timestep
+    max_timestep: int = 1000                            # timesteps are scaled by this before the Fourier map
+    cls_dim: int = 512                                  # shared width of the projected CLS tokens (CSCL)
+
+    def __post_init__(self) -> None:
+        for name in ("block_out_channels", "clip_layers", "token_widths", "layer_groups"):
+            object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
+        n_layers = len(self.layers)
+        if self.base in BASE_LAYER_COUNT and n_layers != BASE_LAYER_COUNT[self.base]:
+            raise ValueError(f"{self.base} has {BASE_LAYER_COUNT[self.base]} cross-attention layers, got {n_layers}")
+        if len(self.layer_groups) != n_layers:
+            raise ValueError(
+                f"layer_groups must give one group per cross-attention layer: expected {n_layers} "
+                f"entries, found {len(self.layer_groups)}"
+            )
+        groups = sorted(set(self.layer_groups))
+        if groups != list(range(len(groups))):
+            raise ValueError(f"layer_groups must use every group id 0..G-1 exactly, found ids {groups}")
+        bad = [i for i in self.clip_layers if not 0 <= i <= self.clip_num_layers]
+        if bad or not self.clip_layers:
+            raise ValueError(
+                f"clip_layers must be non-empty HF hidden_states indices in [0, {self.clip_num_layers}], found {self.clip_layers}"
+            )
+        if sum(self.token_widths) <= 0 or min(self.token_widths) <= 0:
+            raise ValueError(f"token_widths must be positive, found {self.token_widths}")
+        for name in ("clip_width", "width", "heads", "dim_head", "depth", "ff_mult",
+                     "num_visual_tokens", "context_dim", "fourier_dim", "max_timestep", "cls_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, found {getattr(self, name)}")
+        if self.fourier_dim % 2:
+            raise ValueError(f"fourier_dim must be even (sin and cos halves), found {self.fourier_dim}")
+
+    @property
+    def layers(self) -> tuple[CrossAttentionLayer, ...]:
+        """Cross-attention layers of the UNet this encoder serves, in execution order."""
+        return layer_table(self.base, self.block_out_channels)
+
+    @property
+    def num_groups(self) -> int:
+        """Number of S+ tokens the Textual Q-Former emits (one per layer group)."""
+        return max(self.layer_groups) + 1
+
+    @property
+    def token_dim(self) -> int:
+        """Width of one S+ token: the word-embedding widths of all text encoders concatenated."""
+        return sum(self.token_widths)
+
+    def to_json(self) -> str:
+        """Serialises the config for checkpoint metadata."""
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "EncoderConfig":
+        """Rebuilds a config from :meth:`to_json`; unknown or missing fields raise ValueError."""
+        data: dict[str, Any] = json.loads(text)
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
+        """Rebuilds a config from a plain dict, rejecting unknown fields."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown encoder config fields {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+
+def _preset(base: str, channels: tuple[int, ...] | None = None, **kwargs: Any) -> EncoderConfig:
+    layers = layer_table(base, channels)
+    kwargs.setdefault("layer_groups", default_layer_groups(base, layers))
+    return EncoderConfig(base=base, block_out_channels=channels or BASE_CHANNELS[base], **kwargs)
+
+
+PRESETS: dict[str, EncoderConfig] = {
+    # SD1.5 + CLIP ViT-H/14 vision features, one S+ token per layer (16), as in the paper
+    "sd15": _preset("sd15"),
+    # SDXL + ViT-H/14, S+ width 768 (CLIP-L) + 1280 (CLIP-G), one group per transformer stack (11)
+    "sdxl": _preset("sdxl", width=1280, heads=20, token_widths=(768, 1280), context_dim=2048),
+    # same structure as sd15 with small widths, for CPU tests and the CPU training preset
+    "tiny": _preset("sd15", (32, 64, 64, 64), clip_width=64, clip_num_layers=4,
+                    clip_layers=(2, 3, 4), width=64, heads=4, dim_head=16, depth=2, num_visual_tokens=4,
+                    token_widths=(32,), context_dim=32, fourier_dim=32, cls_dim=32),
+    # same structure as sdxl with small widths (two text encoders)
+    "tiny_sdxl": _preset("sdxl", (32, 64, 64), clip_width=64, clip_num_layers=4, clip_layers=(2, 3, 4),
+                         width=64, heads=4, dim_head=16, depth=2, num_visual_tokens=4,
+                         token_widths=(32, 48), context_dim=80, fourier_dim=32, cls_dim=32),
+}
+
+
+def get_preset(name: str) -> EncoderConfig:
+    """Returns a named preset config."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown encoder preset {name!r}; expected one of {sorted(PRESETS)}") from None
+
+

@@ -1,0 +1,165 @@
+"""The checkpoint format: round trip and every refusal with a clear message."""
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from customcontrast_core import CustomContrastModel, get_preset
+from customcontrast_core import checkpoint
+from customcontrast_core.checkpoint import CheckpointError
+
+
+@pytest.fixture()
+def tiny_file(tmp_path):
+    torch.manual_seed(0)
+    model = CustomContrastModel(get_preset("tiny"))
+    return model, checkpoint.save(tmp_path / "tiny.safetensors", model, step=42, extra={"clip": "ViT-tiny"})
+
+
+def rewrite(path, tensors=None, **meta_changes):
+    """Rewrites a checkpoint with modified tensors or metadata."""
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = load_file(str(path)) if tensors is None else tensors
+    meta.update(meta_changes)
+    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def test_round_trip_is_exact(tiny_file):
+    model, path = tiny_file
+    loaded, info = checkpoint.load(path)
+    assert info.config == model.config and info.step == 42 and info.extra == {"clip": "ViT-tiny"}
+    assert info.layer_names[0] == "input_1_0" and len(info.layer_names) == 16
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys()
+    assert all(torch.equal(ref[k], got[k]) for k in ref)
+    assert all(not p.requires_grad for p in loaded.parameters())
+    keys = load_file(str(path)).keys()
+    assert "visual_kv.output_11_0.to_k.weight" in keys and all(k.startswith(("encoder.", "visual_kv.")) for k in keys)
+
+
+def test_round_trip_sdxl_structure(tmp_path):
+    model = CustomContrastModel(get_preset("tiny_sdxl"))
+    loaded, info = checkpoint.load(checkpoint.save(tmp_path / "x.safetensors", model), expected_base="sdxl")
+    assert len(info.layer_names) == 70 and len(loaded.visual_kv) == 70
+
+
+def test_pickle_is_refused_without_unpickling(tmp_path):
+    path = tmp_path / "model.ckpt"
+    with path.open("wb") as f:
+        pickle.dump({"a": 1}, f)
+    with pytest.raises(CheckpointError, match="pickle / torch.save"):
+        checkpoint.load(path)
+    torch.save({"a": torch.zeros(1)}, tmp_path / "model.pt")
+    with pytest.raises(CheckpointError, match="pickle / torch.save"):
+        checkpoint.load(tmp_path / "model.pt")
+
+
+def test_not_safetensors(tmp_path):
+    path = tmp_path / "notes.safetensors"
+    path.write_bytes(b"hello world, this is plain text and not a weight file at all")
+    with pytest.raises(CheckpointError, match="not a .safetensors file"):
+        checkpoint.load(path)
+    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
+    with pytest.raises(CheckpointError, match="has 3 bytes"):
+        checkpoint.load(tmp_path / "tiny.safetensors")
+    with pytest.raises(FileNotFoundError, match="no CustomContrast checkpoint"):
+        checkpoint.load(tmp_path / "missing.safetensors")
+
+
+def test_truncated(tiny_file):
+    _, path = tiny_file
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointError, match=f"truncated: expected {len(data)} bytes, found {len(data) - 100}"):
+        checkpoint.load(path)
+    path.write_bytes(data[:50])
+    with pytest.raises(CheckpointError, match="truncated"):
+        checkpoint.load(path)
+
+
+def test_wrong_format_name(tiny_file):
+    _, path = tiny_file
+    rewrite(path, format="ip-adapter")
+    with pytest.raises(CheckpointError, match="expected metadata format='customcontrast', found 'ip-adapter'"):
+        checkpoint.load(path)
+
+
+def test_foreign_safetensors_without_metadata(tmp_path):
+    path = tmp_path / "ip.safetensors"
+    save_file({"image_proj.proj.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(CheckpointError, match="found None"):
+        checkpoint.load(path)
+
+
+def test_newer_version(tiny_file):
+    _, path = tiny_file
+    rewrite(path, format_version="2")
+    with pytest.raises(CheckpointError, match="version 2; this version of CustomContrast reads up to 1"):
+        checkpoint.read_info(path)
+
+
+def test_missing_keys(tiny_file):
+    _, path = tiny_file
+    tensors = load_file(str(path))
+    del tensors["visual_kv.middle_0_0.to_v.weight"]
+    rewrite(path, tensors)
+    with pytest.raises(CheckpointError, match=r"1 missing keys \(e.g. \['visual_kv.middle_0_0.to_v.weight'\]\)"):
+        checkpoint.load(path)
+
+
+def test_shape_mismatch(tiny_file):
+    _, path = tiny_file
+    tensors = load_file(str(path))
+    tensors["encoder.proj_in.weight"] = torch.zeros(64, 65)
+    rewrite(path, tensors)
+    with pytest.raises(CheckpointError, match=r"encoder.proj_in.weight has shape \(64, 65\), expected \(64, 64\)"):
+        checkpoint.load(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights(tiny_file, bad):
+    _, path = tiny_file
+    tensors = load_file(str(path))
+    tensors["encoder.layer_embed"][0, 0] = bad
+    rewrite(path, tensors)
+    with pytest.raises(CheckpointError, match="encoder.layer_embed contains NaN or Inf"):
+        checkpoint.load(path)
+
+
+def test_sdxl_weights_for_sd15_model(tmp_path):
+    path = checkpoint.save(tmp_path / "xl.safetensors", CustomContrastModel(get_preset("tiny_sdxl")))
+    with pytest.raises(CheckpointError, match="trained for SDXL but the model is SD15"):
+        checkpoint.load(path, expected_base="sd15")
+
+
+def test_clip_width_mismatch(tiny_file):
+    _, path = tiny_file
+    with pytest.raises(CheckpointError, match="width 64, the one given has width 1280"):
+        checkpoint.load(path, expected_clip_width=1280)
+
+
+def test_metadata_contradicting_config(tiny_file):
+    _, path = tiny_file
+    rewrite(path, layers=json.dumps(["input_1_0"]))
+    with pytest.raises(CheckpointError, match="metadata layers="):
+        checkpoint.read_info(path)
+    rewrite(path, layers=None, config="{not json")
+    with pytest.raises(CheckpointError, match="no valid encoder config"):
+        checkpoint.read_info(path)
+
+
+def test_failed_save_keeps_previous_file(tiny_file, monkeypatch):
+    model, path = tiny_file
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+    monkeypatch.setattr(checkpoint, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save(path, model, step=43)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temporary file left behind

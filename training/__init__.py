@@ -1,0 +1,1 @@
+"""Training, data preparation, evaluation and export for CustomContrast."""
