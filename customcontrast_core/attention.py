@@ -1,0 +1,215 @@
+"""Patched cross-attention of CustomContrast (Eq. 3, Sec. 3.4), shared by the ComfyUI patch and training.
+
+For one cross-attention layer with queries Q from the latent,
+
+    out = softmax(Q K_t^T * scale + log max(M, eps) on the placeholder columns) V_t
+        + sum_s gamma_s * M_s ⊙ softmax(Q K_s^T * scale) V_s
+
+where K_t, V_t come from the prompt encoded with this layer's S+ token and K_s, V_s are the subject's
+visual tokens projected by W_k^v, W_v^v. The text branch is computed explicitly in fp32 (77-ish keys:
+cheap) so that the placeholder probabilities can be biased and captured; the log-bias is the same as
+multiplying the placeholder's probability by M and renormalising each row.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange, reduce
+from torch import Tensor
+
+__all__ = ["SubjectBranch", "SubjectMaps", "customcontrast_attention", "plain_attention"]
+
+
+@dataclass(frozen=True, eq=False)
+class SubjectBranch:
+    """One subject's inputs to a patched cross-attention layer (Eq. 3, Sec. 3.4)."""
+
+    visual_k: Tensor                 # (B or 1, S, H*D) visual tokens already projected by W_k^v
+    visual_v: Tensor                 # (B or 1, S, H*D) visual tokens already projected by W_v^v
+    gamma: float = 1.0               # weight of the visual branch (paper: gamma), >= 0
+    mask: Tensor | None = None       # (B or 1, N) subject location in [0, 1] from the previous step; None: M = 1
+    columns: tuple[int, ...] = ()    # placeholder key positions in the text context (p, p + 77, ... when LCM-padded)
+    text_rows: Tensor | None = None  # (B,) bool: rows whose text context holds the placeholder (cond chunks); None: all
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.gamma) or self.gamma < 0:
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
+        if self.visual_k.ndim != 3 or self.visual_k.shape != self.visual_v.shape:
+            raise ValueError(
+                "visual_k and visual_v must both be (B, S, H*D) with equal shapes, "
+                f"got {tuple(self.visual_k.shape)} and {tuple(self.visual_v.shape)}"
+            )
+        if self.mask is not None and self.mask.ndim != 2:
+            raise ValueError(f"mask must be (B, N), got shape {tuple(self.mask.shape)}")
+        if self.text_rows is not None and (self.text_rows.ndim != 1 or self.text_rows.dtype != torch.bool):
+            raise ValueError(
+                f"text_rows must be a 1-D bool tensor (B,), got {self.text_rows.dtype} {tuple(self.text_rows.shape)}"
+            )
+        columns = tuple(int(c) for c in self.columns)
+        if any(c < 0 for c in columns) or len(set(columns)) != len(columns):
+            raise ValueError(f"columns must be distinct non-negative key positions, got {columns}")
+        object.__setattr__(self, "columns", columns)
+
+
+@dataclass(frozen=True, eq=False)
+class SubjectMaps:
+    """Attention maps of one subject in one layer, fp32, mean over heads (Sec. 3.4 mask extraction)."""
+
+    text: Tensor    # (B, N) placeholder probability from the biased text softmax; 0 outside text_rows
+    visual: Tensor  # (B, N) visual attention normalised over space, mean over visual tokens; sums to 1 over N
+
+
+# Helpers
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[SubjectBranch]) -> None:
+    """Raises ValueError on inconsistent shapes, naming what was expected and what was found."""
+    if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
+        raise ValueError(f"q, k, v must be (B, L, H*D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, tokens, inner = q.shape
+    if heads <= 0 or inner % heads:
+        raise ValueError(f"inner dim {inner} must be divisible by heads={heads}")
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[2] != inner:
+        raise ValueError(f"k and v must be ({batch}, T, {inner}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    for index, subject in enumerate(subjects):
+        sb, _, sd = subject.visual_k.shape
+        if sb not in (1, batch) or sd != inner:
+            raise ValueError(
+                f"subject {index}: visual_k/visual_v must be ({batch} or 1, S, {inner}), "
+                f"got {tuple(subject.visual_k.shape)}"
+            )
+        if subject.mask is not None and (subject.mask.shape[0] not in (1, batch) or subject.mask.shape[1] != tokens):
+            raise ValueError(
+                f"subject {index}: mask must be ({batch} or 1, {tokens}), got {tuple(subject.mask.shape)}"
+            )
+        if subject.text_rows is not None and subject.text_rows.shape[0] != batch:
+            raise ValueError(f"subject {index}: text_rows must have {batch} rows, got {subject.text_rows.shape[0]}")
+        if subject.columns and max(subject.columns) >= k.shape[1]:
+            raise ValueError(
+                f"subject {index}: placeholder column {max(subject.columns)} is outside a text context "
+                f"of {k.shape[1]} tokens"
+            )
+
+
+def _row_weights(subject: SubjectBranch, batch: int, device: torch.device) -> Tensor:
+    """Returns 1 for rows whose context holds the placeholder and 0 elsewhere.  Shapes: -> (B, 1)."""
+    if subject.text_rows is None:
+        return torch.ones(batch, 1, device=device)
+    return rearrange(subject.text_rows.to(device=device, dtype=torch.float32), "b -> b 1")
+
+
+def _placeholder_bias(
+    subjects: Sequence[SubjectBranch], batch: int, queries: int, keys: int, eps: float, device: torch.device
+) -> Tensor | None:
+    """Builds the additive log max(M, eps) bias on every subject's placeholder columns (Eq. 3).
+
+    Shapes: -> (B, N, T) fp32, or None when no subject has both a mask and columns.
+    """
+    bias = None
+    for subject in subjects:
+        if subject.mask is None or not subject.columns:
+            continue
+        if bias is None:
+            bias = torch.zeros(batch, queries, keys, device=device)
+        log_mask = torch.log(subject.mask.to(device=device, dtype=torch.float32).clamp_min(eps))
+        log_mask = log_mask.expand(batch, queries) * _row_weights(subject, batch, device)   # (B, N)
+        columns = torch.tensor(subject.columns, device=device)
+        bias[:, :, columns] += rearrange(log_mask, "b n -> b n 1")
+    return bias
+
+
+def _visual_branch(
+    q: Tensor, qh: Tensor, subject: SubjectBranch, heads: int, scale: float, capture: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Attends the latent queries to one subject's visual tokens (Eq. 3, second term).
+
+    Shapes: q (B, N, H*D), qh (B, H, N, D) fp32 -> out (B, N, H*D) fp32, map (B, N) fp32 or None.
+    """
+    batch = q.shape[0]
+    vk = rearrange(subject.visual_k, "b s (h d) -> b h s d", h=heads).to(q.device)
+    vv = rearrange(subject.visual_v, "b s (h d) -> b h s d", h=heads).to(q.device)
+    vk, vv = vk.expand(batch, -1, -1, -1), vv.expand(batch, -1, -1, -1)
+    if not capture:
+        out = F.scaled_dot_product_attention(
+            rearrange(q, "b n (h d) -> b h n d", h=heads), vk.to(q.dtype), vv.to(q.dtype), scale=scale
+        )
+        return rearrange(out, "b h n d -> b n (h d)").float(), None
+
+    # explicit fp32 logits: the output normalises over visual tokens, the map over space
+    sim = einsum(qh, vk.float(), "b h i d, b h j d -> b h i j") * scale                  # (B, H, N, S)
+    out = einsum(sim.softmax(dim=-1), vv.float(), "b h i j, b h j d -> b h i d")
+    where = reduce(sim.softmax(dim=2), "b h i j -> b i", "mean")                          # (B, N)
+    return rearrange(out, "b h n d -> b n (h d)"), where
+
+
+# Public API
+
+def customcontrast_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    heads: int,
+    subjects: Sequence[SubjectBranch] = (),
+    eps: float = 1e-6,
+    capture: bool = False,
+    scale: float | None = None,
+) -> tuple[Tensor, list[SubjectMaps] | None]:
+    """Computes masked text cross-attention plus each subject's masked visual branch (Eq. 3, Sec. 3.4).
+
+    Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D) in q's dtype, and with capture one
+    SubjectMaps (text (B, N), visual (B, N), fp32) per subject, in the order of `subjects`.
+
+    The text softmax gets log max(M, eps) added on each subject's placeholder columns (only in its
+    text_rows); a subject's visual output is weighted by gamma * M (M broadcast over heads and
+    channels). Subjects sharing a column multiply their masks. A branch with gamma = 0 is skipped
+    unless maps are captured. `scale` defaults to D ** -0.5.
+    """
+    _check_inputs(q, k, v, heads, subjects)
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    batch, queries, inner = q.shape
+    scale = (inner // heads) ** -0.5 if scale is None else scale
+
+    # text branch, explicit fp32 with the placeholder log-bias
+    qh = rearrange(q.float(), "b n (h d) -> b h n d", h=heads)
+    kh = rearrange(k.float(), "b t (h d) -> b h t d", h=heads)
+    vh = rearrange(v.float(), "b t (h d) -> b h t d", h=heads)
+    sim = einsum(qh, kh, "b h i d, b h j d -> b h i j") * scale                          # (B, H, N, T)
+    bias = _placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device)
+    if bias is not None:
+        sim = sim + rearrange(bias, "b i j -> b 1 i j")
+    probs = sim.softmax(dim=-1)
+    out = rearrange(einsum(probs, vh, "b h i j, b h j d -> b h i d"), "b h n d -> b n (h d)")
+
+    # visual branches, each under its own mask
+    maps: list[SubjectMaps] | None = [] if capture else None
+    for subject in subjects:
+        if subject.gamma == 0 and not capture:
+            continue
+        visual, where = _visual_branch(q, qh, subject, heads, scale, capture)
+        if subject.gamma != 0:
+            weight = subject.gamma
+            if subject.mask is not None:
+                weight = weight * rearrange(subject.mask.to(q.device, torch.float32), "b n -> b n 1")
+            out = out + weight * visual
+        if maps is not None:
+            text = torch.zeros(batch, queries, device=q.device)
+            if subject.columns:
+                columns = torch.tensor(subject.columns, device=q.device)
+                text = reduce(probs[..., columns], "b h n c -> b n", "sum") / heads
+                text = text * _row_weights(subject, batch, q.device)
+            maps.append(SubjectMaps(text=text, visual=where))
+    return out.to(q.dtype), maps
+
+
+def plain_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float | None = None) -> Tensor:
+    """Computes unmodified multi-head cross-attention with SDPA, the reference for the patched layer.
+
+    Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D).
+    """
+    qh, kh, vh = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(qh, kh, vh, scale=scale), "b h n d -> b n (h d)")

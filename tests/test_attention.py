@@ -1,0 +1,152 @@
+"""Patched cross-attention (Eq. 3): equivalences against plain attention and float64 references."""
+from __future__ import annotations
+
+import pytest
+import torch
+from einops import einsum, rearrange
+
+from customcontrast_core.attention import SubjectBranch, customcontrast_attention, plain_attention
+
+B, N, T, S = 2, 24, 12, 5
+
+
+def _inputs(heads: int, dim_head: int = 8, seed: int = 0):
+    """Returns random q (B, N, H*D), k, v (B, T, H*D)."""
+    g = torch.Generator().manual_seed(seed)
+    inner = heads * dim_head
+    return (torch.randn(B, N, inner, generator=g), torch.randn(B, T, inner, generator=g),
+            torch.randn(B, T, inner, generator=g))
+
+
+def _visual(heads: int, dim_head: int = 8, seed: int = 1):
+    """Returns random visual k, v (B, S, H*D)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, S, heads * dim_head, generator=g), torch.randn(B, S, heads * dim_head, generator=g)
+
+
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    return rearrange(x.double(), "b n (h d) -> b h n d", h=heads)
+
+
+def _reference_text(q, k, v, heads, masks_and_columns, eps=1e-6):
+    """Float64 reference: plain softmax, placeholder probabilities times max(M, eps), rows renormalised."""
+    qh, kh, vh = _split(q, heads), _split(k, heads), _split(v, heads)
+    probs = (einsum(qh, kh, "b h i d, b h j d -> b h i j") * qh.shape[-1] ** -0.5).softmax(dim=-1)
+    for mask, columns in masks_and_columns:
+        factor = rearrange(mask.double().clamp_min(eps), "b n -> b 1 n 1")
+        probs[..., list(columns)] = probs[..., list(columns)] * factor
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    return rearrange(einsum(probs, vh, "b h i j, b h j d -> b h i d"), "b h n d -> b n (h d)"), probs
+
+
+def _reference_visual(q, vk, vv, heads):
+    """Float64 reference of softmax(q vk^T * scale) vv and of the space-normalised visual map."""
+    qh, kh, vh = _split(q, heads), _split(vk, heads), _split(vv, heads)
+    sim = einsum(qh, kh, "b h i d, b h j d -> b h i j") * qh.shape[-1] ** -0.5
+    out = rearrange(einsum(sim.softmax(-1), vh, "b h i j, b h j d -> b h i d"), "b h n d -> b n (h d)")
+    return out, sim.softmax(dim=2).mean(dim=(1, 3))
+
+
+@pytest.mark.parametrize("heads", [1, 2, 8])
+@pytest.mark.parametrize("capture", [False, True])
+def test_zero_gamma_and_no_mask_equals_plain_attention(heads, capture):
+    q, k, v = _inputs(heads)
+    vk, vv = _visual(heads)
+    subject = SubjectBranch(vk, vv, gamma=0.0, mask=None, columns=(3, 9))
+    out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=capture)
+    assert (out - plain_attention(q, k, v, heads=heads)).abs().max() < 1e-5
+    assert (maps is not None) == capture
+
+
+@pytest.mark.parametrize("columns", [(4,), (4, 10)])
+def test_log_bias_equals_explicit_renormalisation(columns):
+    heads = 4
+    q, k, v = _inputs(heads, seed=2)
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(3))
+    mask[0, :6] = 0.0                                                   # exercises the eps floor
+    vk, vv = _visual(heads)
+    subject = SubjectBranch(vk, vv, gamma=0.0, mask=mask, columns=columns)
+    out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=True)
+    expected, probs = _reference_text(q, k, v, heads, [(mask, columns)])
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    placeholder = probs[..., list(columns)].sum(dim=-1).mean(dim=1)     # (B, N)
+    torch.testing.assert_close(maps[0].text.double(), placeholder, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_two_subjects_match_float64_reference(capture):
+    heads = 2
+    q, k, v = _inputs(heads, seed=4)
+    g = torch.Generator().manual_seed(5)
+    masks = [torch.rand(B, N, generator=g), torch.rand(1, N, generator=g)]      # second broadcasts over batch
+    visual = [_visual(heads, seed=6), _visual(heads, seed=7)]
+    gammas, columns = [0.7, 1.3], [(2,), (7,)]
+    subjects = [SubjectBranch(vk, vv, gamma=gm, mask=m, columns=c)
+                for (vk, vv), gm, m, c in zip(visual, gammas, masks, columns)]
+    out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=subjects, capture=capture)
+
+    expected, probs = _reference_text(q, k, v, heads, list(zip(masks, columns)))
+    for (vk, vv), gm, m in zip(visual, gammas, masks):
+        branch, _ = _reference_visual(q, vk, vv, heads)
+        expected = expected + gm * rearrange(m.double(), "b n -> b n 1") * branch
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    if capture:
+        for subject_maps, (vk, vv), c in zip(maps, visual, columns):
+            torch.testing.assert_close(subject_maps.text.double(), probs[..., list(c)].sum(-1).mean(1),
+                                       atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(subject_maps.visual.double(), _reference_visual(q, vk, vv, heads)[1],
+                                       atol=1e-6, rtol=1e-5)
+
+
+def test_visual_map_is_a_distribution_over_space_and_not_constant():
+    heads = 4
+    q, k, v = _inputs(heads, seed=8)
+    vk, vv = _visual(heads, seed=9)
+    _, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[SubjectBranch(vk, vv, columns=(1,))],
+                                       capture=True)
+    visual = maps[0].visual
+    assert visual.shape == (B, N) and visual.dtype == torch.float32
+    torch.testing.assert_close(visual.sum(dim=1), torch.ones(B))
+    assert (visual.amax(dim=1) - visual.amin(dim=1)).min() > 1e-3       # a token-normalised mean would be 1/S
+    assert (visual[0] - visual[1]).abs().max() > 1e-3
+
+
+def test_text_rows_leave_other_rows_unbiased():
+    heads = 2
+    q, k, v = _inputs(heads, seed=10)
+    vk, vv = _visual(heads)
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(11))
+    rows = torch.tensor([False, True])                                  # uncond first, as ComfyUI batches
+    subject = SubjectBranch(vk, vv, gamma=0.0, mask=mask, columns=(5,), text_rows=rows)
+    out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=True)
+    expected, _ = _reference_text(q, k, v, heads, [(mask, (5,))])
+    torch.testing.assert_close(out[0], plain_attention(q, k, v, heads=heads)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1].double(), expected[1], atol=1e-5, rtol=1e-5)
+    assert maps[0].text[0].abs().max() == 0
+
+
+def test_low_precision_inputs_return_their_dtype():
+    heads = 2
+    q, k, v = (x.to(torch.bfloat16) for x in _inputs(heads, seed=12))
+    vk, vv = _visual(heads)
+    subject = SubjectBranch(vk, vv, gamma=1.0, mask=torch.rand(B, N), columns=(0,))
+    out, _ = customcontrast_attention(q, k, v, heads=heads, subjects=[subject])
+    reference, _ = customcontrast_attention(q.float(), k.float(), v.float(), heads=heads, subjects=[subject])
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=5e-2, rtol=5e-2)
+
+
+def test_bad_inputs_raise_value_error_naming_shapes():
+    heads = 2
+    q, k, v = _inputs(heads)
+    vk, vv = _visual(heads)
+    with pytest.raises(ValueError, match="gamma"):
+        SubjectBranch(vk, vv, gamma=-1.0)
+    with pytest.raises(ValueError, match="distinct"):
+        SubjectBranch(vk, vv, columns=(3, 3))
+    with pytest.raises(ValueError, match=f"mask must be \\({B} or 1, {N}\\)"):
+        customcontrast_attention(q, k, v, heads=heads, subjects=[SubjectBranch(vk, vv, mask=torch.ones(B, N + 1))])
+    with pytest.raises(ValueError, match="outside a text context"):
+        customcontrast_attention(q, k, v, heads=heads, subjects=[SubjectBranch(vk, vv, columns=(T,))])
+    with pytest.raises(ValueError, match="divisible"):
+        customcontrast_attention(q, k, v, heads=3)
