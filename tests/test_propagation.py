@@ -1,0 +1,72 @@
+"""Masks carried from one evaluation to the next, keyed on sigma (Sec. 3.4)."""
+import torch
+
+from customcontrast_core.attention import SubjectMaps
+from customcontrast_core.masks import MaskConfig
+from customcontrast_core.propagation import MaskTracker, subject_location
+
+
+def blob_maps(center, grid=(8, 8), batch=1):
+    ys, xs = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    blob = torch.exp(-((ys - center[0]) ** 2 + (xs - center[1]) ** 2) / 4.0).flatten()
+    text = blob.expand(batch, -1) * 0.3
+    visual = (blob / blob.sum()).expand(batch, -1)
+    return SubjectMaps(text=text, visual=visual)
+
+
+def test_first_evaluation_has_no_mask_and_next_step_gets_it():
+    tracker = MaskTracker(MaskConfig(mode="topk", topk_ratio=1 / 64))
+    tracker.begin(14.6)
+    assert tracker.mask_for(14.6) is None
+    tracker.add(0, blob_maps((2, 5)), (8, 8))
+    tracker.begin(7.0)                       # next step: the maps of sigma 14.6 become its mask
+    (mask,) = tracker.mask_for(7.0)
+    assert mask.shape == (1, 8, 8)
+    assert mask[0, 2, 5] == 1 and mask.sum() == 1
+    tracker.add(0, blob_maps((6, 1)), (8, 8))
+    tracker.begin(3.0)
+    assert tracker.mask_for(3.0)[0][0, 6, 1] == 1   # the closest earlier evaluation wins
+
+
+def test_heun_like_repeated_and_intermediate_sigmas():
+    tracker = MaskTracker(MaskConfig(mode="topk", topk_ratio=1 / 64))
+    for sigma, center in [(10.0, (1, 1)), (5.0, (4, 4)), (5.0, (4, 4)), (2.0, (7, 7))]:
+        tracker.begin(sigma)
+        tracker.add(0, blob_maps(center), (8, 8))
+    tracker.begin(1.0)
+    assert tracker.mask_for(10.0) is None
+    assert tracker.mask_for(9.0)[0][0, 1, 1] == 1
+    assert tracker.mask_for(5.0)[0][0, 1, 1] == 1    # the second evaluation at sigma 5 still uses sigma 10's
+    assert tracker.mask_for(1.5)[0][0, 7, 7] == 1
+    assert [s for s, _ in tracker.history()] == [10.0, 5.0, 2.0]
+
+
+def test_maps_of_several_layers_and_grids_are_averaged():
+    tracker = MaskTracker(MaskConfig(mode="soft", threshold=0.2), num_subjects=2)
+    tracker.begin(3.0)
+    tracker.add(0, blob_maps((2, 2), grid=(8, 8)), (8, 8))
+    tracker.add(0, blob_maps((1, 1), grid=(4, 4)), (4, 4))
+    tracker.add(1, blob_maps((6, 6), grid=(8, 8)), (8, 8))
+    tracker.begin(1.0)
+    first, second = tracker.mask_for(1.0)
+    assert first.shape == second.shape == (1, 8, 8)
+    assert first[0, 2:4, 2:4].min() > 0.5 and first[0, 7, 7] == 0
+    assert second[0, 6, 6] == 1 and second[0, 0, 0] == 0
+
+
+def test_constant_maps_give_no_nan():
+    tracker = MaskTracker(MaskConfig())
+    tracker.begin(2.0)
+    tracker.add(0, SubjectMaps(text=torch.full((2, 16), 0.1), visual=torch.full((2, 16), 1 / 16)), (4, 4))
+    tracker.begin(1.0)
+    (mask,) = tracker.mask_for(1.0)
+    assert torch.isfinite(mask).all() and mask.shape == (2, 4, 4)
+
+
+def test_subject_location_balances_scales():
+    text = torch.zeros(1, 2, 2)
+    text[0, 0, 0] = 0.9
+    visual = torch.full((1, 2, 2), 0.1)
+    visual[0, 1, 1] = 0.7
+    loc = subject_location(text, visual)
+    torch.testing.assert_close(loc[0, 0, 0], loc[0, 1, 1])   # equal weight after normalisation
