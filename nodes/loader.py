@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import folder_paths
 from comfy_api.latest import io
 
 from customcontrast_core import checkpoint as checkpoint_format
+from customcontrast_core.checkpoint import CheckpointInfo
+from customcontrast_core.visual_kv import CustomContrastModel
 
 FOLDER = "customcontrast"
 CUSTOMCONTRAST = io.Custom("CUSTOMCONTRAST")
@@ -22,6 +25,29 @@ def register_model_folder() -> None:
 
 
 register_model_folder()
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedCustomContrast:
+    """A validated checkpoint and the ComfyUI ModelPatcher that moves it to the sampling device."""
+
+    model: CustomContrastModel
+    info: CheckpointInfo
+    patcher: object
+
+    def __deepcopy__(self, memo) -> "LoadedCustomContrast":
+        return self   # immutable weights, shared by every clone of a patched MODEL
+
+
+def load_customcontrast(path: str) -> LoadedCustomContrast:
+    """Loads and validates a checkpoint, wrapped for ComfyUI's model management."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    model, info = checkpoint_format.load(path)
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    return LoadedCustomContrast(model=model, info=info, patcher=patcher)
 
 
 class CustomContrastLoader(io.ComfyNode):
@@ -47,5 +73,4 @@ class CustomContrastLoader(io.ComfyNode):
         if path is None:
             searched = folder_paths.get_folder_paths(FOLDER)
             raise FileNotFoundError(f"CustomContrast checkpoint {checkpoint!r} not found; searched {searched}")
-        model, _ = checkpoint_format.load(path)
-        return io.NodeOutput(model)
+        return io.NodeOutput(load_customcontrast(path))

@@ -1,0 +1,149 @@
+"""Encode Subject node: CLIP-vision multi-layer hidden states of a reference photo (optionally segmented)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from comfy_api.latest import io
+from torch import Tensor
+
+from .loader import CUSTOMCONTRAST, LoadedCustomContrast
+
+SUBJECT = io.Custom("CUSTOMCONTRAST_SUBJECT")
+MIN_SIDE = 16
+BACKGROUND = 0.5   # segmented references are composited on gray, as in training
+
+
+@dataclass(frozen=True, eq=False)
+class Subject:
+    """A reference subject as the MFI-Encoder sees it."""
+
+    hidden: Tensor   # (1, K, T, D) CLIP-vision hidden states at the checkpoint's layers (CPU, fp32)
+    blank: Tensor    # (1, K, T, D) the same for a blank reference (used by uncond rows)
+    width: int
+    layers: tuple[int, ...]
+
+
+def to_rgb(image: Tensor) -> tuple[Tensor, Tensor | None]:
+    """IMAGE (B, H, W, C) -> RGB (B, H, W, 3) and the alpha channel when there is one."""
+    if image.ndim != 4:
+        raise ValueError(f"expected an IMAGE of shape (B, H, W, C), found {tuple(image.shape)}")
+    channels = image.shape[-1]
+    if channels == 1:
+        return image.expand(-1, -1, -1, 3), None
+    if channels == 3:
+        return image, None
+    if channels == 4:
+        return image[..., :3], image[..., 3]
+    raise ValueError(f"expected 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, found {channels}")
+
+
+def prepare_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
+    """MASK (H, W) or (B, H, W) -> (B, H, W) at the image size; refuses empty or differently shaped masks."""
+    mask = mask[None] if mask.ndim == 2 else mask
+    if mask.ndim != 3:
+        raise ValueError(f"expected a MASK of shape (H, W) or (B, H, W), found {tuple(mask.shape)}")
+    if mask.max() <= 0:
+        raise ValueError("the subject mask is empty (all zero): it selects no pixel of the subject")
+    h, w = mask.shape[-2:]
+    if (h, w) != size:
+        if abs(h / w - size[0] / size[1]) > 0.01:
+            raise ValueError(f"the mask is {w}x{h} but the image is {size[1]}x{size[0]}: "
+                             "give a mask of the same size or aspect ratio")
+        mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
+    return mask.clamp(0, 1)
+
+
+def segment(image: Tensor, mask: Tensor) -> Tensor:
+    """Composites the subject on gray and crops a square around it (10 % margin). Shapes: (B, H, W, 3)."""
+    out = []
+    for i in range(image.shape[0]):
+        m = mask[min(i, mask.shape[0] - 1)]
+        img = image[i] * m[..., None] + BACKGROUND * (1 - m[..., None])
+        ys, xs = torch.nonzero(m > 0.5, as_tuple=True)
+        if len(ys) == 0:
+            ys, xs = torch.nonzero(m > 0, as_tuple=True)
+        cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
+        half = max(ys.max() - ys.min(), xs.max() - xs.min()).item() * 0.55 + 1
+        y0, x0 = int(max(0, cy - half)), int(max(0, cx - half))
+        y1, x1 = int(min(img.shape[0], cy + half)), int(min(img.shape[1], cx + half))
+        crop = img[y0:y1, x0:x1]
+        side = max(crop.shape[0], crop.shape[1])
+        canvas = torch.full((side, side, 3), BACKGROUND, dtype=img.dtype, device=img.device)
+        oy, ox = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
+        canvas[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
+        out.append(F.interpolate(canvas.permute(2, 0, 1)[None], size=(image.shape[1], image.shape[1]),
+                                 mode="bilinear", align_corners=False)[0].permute(1, 2, 0))
+    return torch.stack(out)
+
+
+def clip_hidden(clip_vision, image: Tensor, layers: tuple[int, ...], crop: bool) -> Tensor:
+    """Hugging Face ``hidden_states[j]`` for each j in ``layers`` from ComfyUI's CLIP-vision model.
+
+    ComfyUI's ``intermediate_output="all"`` returns block outputs: its index j-1 is HF index j;
+    HF index 0 (patch embeddings) is not available. Shapes: (B, H, W, 3) -> (B, K, T, D).
+    """
+    import comfy.model_management as mm
+    from comfy.clip_vision import clip_preprocess
+
+    if min(layers) < 1:
+        raise ValueError(f"this checkpoint uses CLIP hidden state {min(layers)} (patch embeddings), "
+                         "which ComfyUI's CLIP-vision model does not expose")
+    mm.load_model_gpu(clip_vision.patcher)
+    pixels = clip_preprocess(image.to(clip_vision.load_device), size=clip_vision.image_size,
+                             mean=clip_vision.image_mean, std=clip_vision.image_std, crop=crop).float()
+    out = clip_vision.model(pixel_values=pixels, intermediate_output="all")
+    hidden = out[1]                                                    # (B, L, T, D)
+    if max(layers) > hidden.shape[1]:
+        raise ValueError(f"the checkpoint reads CLIP-vision layer {max(layers)}, this model has {hidden.shape[1]}")
+    return torch.stack([hidden[:, j - 1] for j in layers], dim=1).float().to(mm.intermediate_device())
+
+
+def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Tensor, mask: Tensor | None,
+                   average: bool, crop: bool) -> Subject:
+    """Checks the inputs against the checkpoint and encodes one subject."""
+    config = customcontrast.model.config
+    rgb, alpha = to_rgb(image.float())
+    h, w = rgb.shape[1:3]
+    if min(h, w) < MIN_SIDE:
+        raise ValueError(f"the reference image is {w}x{h} px; expected at least {MIN_SIDE}x{MIN_SIDE}")
+    if mask is None and alpha is not None and alpha.min() < 1:
+        mask = alpha
+    if mask is not None:
+        rgb = segment(rgb, prepare_mask(mask.float(), (h, w)))
+    hidden = clip_hidden(clip_vision, rgb, config.clip_layers, crop)
+    if hidden.shape[-1] != config.clip_width:
+        raise ValueError(f"the CLIP-vision model has width {hidden.shape[-1]}, the CustomContrast checkpoint "
+                         f"expects {config.clip_width}: load the CLIP-vision model it was trained with")
+    hidden = hidden.mean(0, keepdim=True) if average else hidden[:1]
+    blank = clip_hidden(clip_vision, torch.zeros(1, 224, 224, 3), config.clip_layers, crop)
+    return Subject(hidden=hidden, blank=blank, width=config.clip_width, layers=config.clip_layers)
+
+
+class CustomContrastEncodeSubject(io.ComfyNode):
+    """Turns a reference photo into a SUBJECT for Apply CustomContrast."""
+
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="CustomContrastEncodeSubject",
+            display_name="CustomContrast Encode Subject",
+            category="CustomContrast",
+            description="Encodes a reference photo of the subject with CLIP vision (multi-layer features).",
+            inputs=[
+                CUSTOMCONTRAST.Input("customcontrast", tooltip="From Load CustomContrast Model."),
+                io.ClipVision.Input("clip_vision", tooltip="The CLIP-vision model the checkpoint was trained with."),
+                io.Image.Input("image", tooltip="One or more photos of the same subject (RGBA alpha is used as mask)."),
+                io.Mask.Input("mask", optional=True, tooltip="Subject mask: the background is replaced by gray and "
+                              "the subject cropped, as in training."),
+                io.Boolean.Input("average", default=True, tooltip="Average the features of several images of the "
+                                 "subject; off uses the first image only."),
+                io.Boolean.Input("center_crop", default=True, tooltip="Center-crop non-square images (off squashes)."),
+            ],
+            outputs=[SUBJECT.Output(display_name="SUBJECT", tooltip="The encoded reference subject.")],
+        )
+
+    @classmethod
+    def execute(cls, customcontrast, clip_vision, image, average, center_crop, mask=None) -> io.NodeOutput:
+        return io.NodeOutput(encode_subject(customcontrast, clip_vision, image, mask, average, center_crop))

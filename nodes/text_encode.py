@@ -1,0 +1,142 @@
+"""S+ prompt encoding through ComfyUI's own CLIP object (one batched call per timestep).
+
+The prompt is tokenized once; each placeholder is collapsed to a single slot per 77-token section
+(sequence length unchanged); for every layer group the slot holds that group's S+ vector as a
+tensor token, which ComfyUI's ``SDClipModel.process_tokens`` inserts in place of the word
+embedding before position embeddings (textual-inversion semantics). Clip-skip set on the CLIP
+object is respected because ``encode_from_tokens`` applies it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import Tensor
+
+from customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders
+
+# ComfyUI token dict key -> index of that encoder's slice in the concatenated S+ vector
+ENCODER_KEYS = {"sd15": ("l",), "sdxl": ("l", "g")}
+
+
+def _word_ids(clip, key: str, word: str) -> list[int]:
+    tokenizer = getattr(clip.tokenizer, f"clip_{key}").tokenizer
+    return list(tokenizer(word)["input_ids"][1:-1])
+
+
+def _collapse_section(section: list[tuple], patterns: Sequence[Sequence[int]]) -> tuple[list[tuple], list[list[int]]]:
+    """Collapses each placeholder pattern to one slot inside one 77-token section of (token, weight) pairs."""
+    ids = [entry[0] for entry in section]
+    out: list[tuple] = []
+    slots: list[list[int]] = [[] for _ in patterns]
+    order = sorted(range(len(patterns)), key=lambda i: len(patterns[i]), reverse=True)
+    index = 0
+    while index < len(section):
+        hit = next((i for i in order if ids[index:index + len(patterns[i])] == list(patterns[i])), None)
+        if hit is None:
+            out.append(section[index])
+            index += 1
+        else:
+            slots[hit].append(len(out))
+            out.append(section[index])
+            index += len(patterns[hit])
+    pad = section[-1]
+    return out + [pad] * (len(section) - len(out)), slots
+
+
+@dataclass
+class PlaceholderPrompt:
+    """A tokenized prompt with every placeholder collapsed, ready to take S+ vectors."""
+
+    tokens: dict[str, list[list[tuple]]]    # ComfyUI token dict with collapsed sections
+    slots: list[list[tuple[int, int]]]      # per subject: (section, position) of each slot
+    base: str                               # "sd15" or "sdxl"
+    widths: tuple[int, ...]                 # S+ width of each encoder key, in ENCODER_KEYS order
+
+    @property
+    def length(self) -> int:
+        """Tokens of the encoded context: 77 per section."""
+        return 77 * len(next(iter(self.tokens.values())))
+
+    def columns(self, subject: int) -> tuple[int, ...]:
+        """Context positions of a subject's slots (before any LCM repetition)."""
+        return tuple(section * 77 + pos for section, pos in self.slots[subject])
+
+
+def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: Sequence[int]) -> PlaceholderPrompt:
+    """Tokenizes a prompt with ComfyUI's tokenizer and locates each subject's placeholder."""
+    check_prompt(prompt, words)
+    tokens = clip.tokenize(isolate_placeholders(prompt, words))
+    keys = ENCODER_KEYS[base]
+    missing = [k for k in keys if k not in tokens]
+    if missing:
+        raise ValueError(f"the CLIP model gives token sets {sorted(tokens)}, a {base.upper()} checkpoint needs "
+                         f"{list(keys)}: connect the CLIP of the same {base.upper()} model")
+    collapsed: dict[str, list[list[tuple]]] = {}
+    slots: list[list[tuple[int, int]]] | None = None
+    for key in tokens:
+        patterns = [_word_ids(clip, key, w) for w in words] if key in keys else None
+        if patterns is None:
+            collapsed[key] = tokens[key]
+            continue
+        sections, found = [], [[] for _ in words]
+        for s, section in enumerate(tokens[key]):
+            new, where = _collapse_section(list(section), patterns)
+            sections.append(new)
+            for subject, positions in enumerate(where):
+                found[subject] += [(s, p) for p in positions]
+        collapsed[key] = sections
+        if slots is not None and slots != found:
+            raise ValueError("CLIP-L and CLIP-G tokenizers place the placeholder differently; cannot encode S+")
+        slots = found
+    for word, where in zip(words, slots or []):
+        if not where:
+            raise PlaceholderError(f"placeholder {word!r} was not found among the prompt's tokens")
+    return PlaceholderPrompt(tokens=collapsed, slots=slots or [], base=base, widths=tuple(widths))
+
+
+def _with_vectors(prompt: PlaceholderPrompt, key: str, vectors: Sequence[Tensor]) -> list[list[tuple]]:
+    """One copy of the key's sections with each subject's slot holding its vector."""
+    sections = [list(section) for section in prompt.tokens[key]]
+    for subject, vector in enumerate(vectors):
+        for s, pos in prompt.slots[subject]:
+            entry = sections[s][pos]
+            sections[s][pos] = (vector, *entry[1:])
+    return sections
+
+
+def encode_splus(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """Encodes the prompt once per layer group in one text-encoder call.
+
+    Shapes: splus[i] (G, sum(widths)) for subject i -> contexts (G, 77*S, C), pooled (G, P) or None.
+    """
+    groups = splus[0].shape[0]
+    keys = ENCODER_KEYS[prompt.base]
+    batched: dict[str, list[list[tuple]]] = {}
+    for key in prompt.tokens:
+        if key not in keys:
+            batched[key] = [s for _ in range(groups) for s in prompt.tokens[key]]
+            continue
+        index = keys.index(key)
+        start = sum(prompt.widths[:index])
+        per_subject = [v[:, start:start + prompt.widths[index]].float().cpu() for v in splus]
+        batched[key] = [section for g in range(groups)
+                        for section in _with_vectors(prompt, key, [v[g] for v in per_subject])]
+    cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
+    contexts = cond.reshape(groups, prompt.length, cond.shape[-1])
+    return contexts, pooled
+
+
+def encode_base(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """The positive CONDITIONING: the prompt with the first group's S+ vectors. Shapes: -> (1, 77*S, C)."""
+    contexts, pooled = encode_splus(clip, prompt, [v[:1] for v in splus])
+    return contexts[:1], (pooled[:1] if pooled is not None else None)
+
+
+def reorder_for(contexts: Tensor, length: int) -> Tensor:
+    """Repeats a context to an LCM-padded batch length, as ComfyUI's CONDCrossAttn.concat does."""
+    if length % contexts.shape[-2]:
+        raise ValueError(f"batch context length {length} is not a multiple of the prompt's {contexts.shape[-2]}")
+    return contexts.repeat(*([1] * (contexts.ndim - 2)), length // contexts.shape[-2], 1)
+
+
