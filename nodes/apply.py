@@ -112,7 +112,7 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
         user_mask=user_mask)
     encoder = customcontrast.model.encoder
     with torch.no_grad():
-        first = sampling.timestep(sampling.percent_to_sigma(0.0) * torch.ones(1)).float()
+        first = sampling.timestep(sampling.sigma_max.reshape(1)).float()
         splus = [encoder(s.hidden.to(next(encoder.parameters())), first).splus[0] for s in subjects]
     base_context, pooled = encode_base(clip, tokens, splus)
     patch = SubjectPatch(model=customcontrast.model, clip=clip, subjects=[s.hidden for s in subjects],

@@ -143,9 +143,13 @@ class SubjectPatch:
         enc = self.encodings(sigma, context.device)
         group = self.model.config.layer_groups[[l.name for l in self.model.config.layers].index(layer.name)]
         ours = reorder_for(enc.contexts[group:group + 1], context.shape[1]).to(context.dtype)
-        context = torch.where(swap[:, None, None], ours.expand_as(context), context)
+        swapped = torch.where(swap[:, None, None], ours.expand_as(context), context)
+        if value is not None and value is not context and value.shape == context.shape:
+            value = torch.where(swap[:, None, None], ours.expand_as(value), value)
+        else:
+            value = swapped   # ComfyUI passes value = context: V must come from the S+ prompt too
         self._swapped = swap
-        return n, context, value
+        return n, swapped, value
 
     # attn2 replace: text attention with placeholder bias + masked visual branches
 

@@ -78,7 +78,7 @@ def segment(image: Tensor, mask: Tensor) -> Tensor:
     return torch.stack(out)
 
 
-def clip_hidden(clip_vision, image: Tensor, layers: tuple[int, ...], crop: bool) -> Tensor:
+def clip_hidden(clip_vision, image: Tensor, layers: tuple[int, ...], crop: bool, width: int) -> Tensor:
     """Hugging Face ``hidden_states[j]`` for each j in ``layers`` from ComfyUI's CLIP-vision model.
 
     ComfyUI's ``intermediate_output="all"`` returns block outputs: its index j-1 is HF index j;
@@ -93,8 +93,12 @@ def clip_hidden(clip_vision, image: Tensor, layers: tuple[int, ...], crop: bool)
     mm.load_model_gpu(clip_vision.patcher)
     pixels = clip_preprocess(image.to(clip_vision.load_device), size=clip_vision.image_size,
                              mean=clip_vision.image_mean, std=clip_vision.image_std, crop=crop).float()
-    out = clip_vision.model(pixel_values=pixels, intermediate_output="all")
+    with torch.no_grad():
+        out = clip_vision.model(pixel_values=pixels, intermediate_output="all")
     hidden = out[1]                                                    # (B, L, T, D)
+    if hidden.shape[-1] != width:
+        raise ValueError(f"the CLIP-vision model has width {hidden.shape[-1]}, the CustomContrast checkpoint "
+                         f"expects {width}: load the CLIP-vision model it was trained with")
     if max(layers) > hidden.shape[1]:
         raise ValueError(f"the checkpoint reads CLIP-vision layer {max(layers)}, this model has {hidden.shape[1]}")
     return torch.stack([hidden[:, j - 1] for j in layers], dim=1).float().to(mm.intermediate_device())
@@ -112,12 +116,9 @@ def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Ten
         mask = alpha
     if mask is not None:
         rgb = segment(rgb, prepare_mask(mask.float(), (h, w)))
-    hidden = clip_hidden(clip_vision, rgb, config.clip_layers, crop)
-    if hidden.shape[-1] != config.clip_width:
-        raise ValueError(f"the CLIP-vision model has width {hidden.shape[-1]}, the CustomContrast checkpoint "
-                         f"expects {config.clip_width}: load the CLIP-vision model it was trained with")
+    hidden = clip_hidden(clip_vision, rgb, config.clip_layers, crop, config.clip_width)
     hidden = hidden.mean(0, keepdim=True) if average else hidden[:1]
-    blank = clip_hidden(clip_vision, torch.zeros(1, 224, 224, 3), config.clip_layers, crop)
+    blank = clip_hidden(clip_vision, torch.zeros(1, 224, 224, 3), config.clip_layers, crop, config.clip_width)
     return Subject(hidden=hidden, blank=blank, width=config.clip_width, layers=config.clip_layers)
 
 

@@ -76,11 +76,15 @@ def run_prompt(prompt: dict) -> tuple[bool, dict, list]:
     valid = asyncio.run(env.execution.validate_prompt(prompt_id, prompt, None))
     if not valid[0]:
         return False, {"validation": valid[1], "node_errors": valid[3]}, []
-    server = _Server()
-    executor = env.execution.PromptExecutor(server, cache_type=env.execution.CacheType.CLASSIC,
-                                            cache_args={"lru": 0, "ram": 0})
-    executor.execute(prompt, prompt_id, {}, valid[2])
-    return executor.success, executor.history_result.get("outputs", {}), executor.status_messages
+    global _EXECUTOR
+    if _EXECUTOR is None:   # one executor: its cache keeps the loaded checkpoint between prompts
+        _EXECUTOR = env.execution.PromptExecutor(_Server(), cache_type=env.execution.CacheType.CLASSIC,
+                                                 cache_args={"lru": 0, "ram": 0})
+    _EXECUTOR.execute(prompt, prompt_id, {}, valid[2])
+    return _EXECUTOR.success, _EXECUTOR.history_result.get("outputs", {}), _EXECUTOR.status_messages
+
+
+_EXECUTOR = None
 
 
 # Random-weight, full-size model files (generated once, cached outside the repository)

@@ -29,6 +29,6 @@ def tiny_unet(config: EncoderConfig, *, sample_size: int = 16, head_dim: int = 8
         transformer_layers_per_block=tuple(max(d, 1) for d in depths[:-1]) + (mid,),
         cross_attention_dim=config.context_dim,
         attention_head_dim=tuple(c // head_dim for c in channels),
-        norm_num_groups=min(8, min(channels)),
+        norm_num_groups=32 if all(c % 32 == 0 for c in channels) else 8,   # ComfyUI UNets use 32 groups
         use_linear_projection=config.base == "sdxl",
     )

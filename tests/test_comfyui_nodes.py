@@ -1,0 +1,198 @@
+"""The nodes inside a real ComfyUI (COMFYUI_PATH): registration, patch firing, workflows, bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from comfy_env import comfyui, model_files, run_prompt
+
+REPO = Path(__file__).resolve().parents[1]
+DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench"
+NODE_IDS = ["CustomContrastLoader", "CustomContrastEncodeSubject", "CustomContrastApply", "CustomContrastMaskPreview"]
+
+
+@pytest.fixture(scope="module")
+def env():
+    return comfyui()
+
+
+@pytest.fixture(scope="module")
+def files(env):
+    names = model_files()
+    photo = DREAMBENCH / "dog" / "00.jpg"
+    if not photo.exists():
+        pytest.skip(f"reference photo {photo} missing")
+    shutil.copy(photo, env.input_dir / "subject.png")
+    shutil.copy(DREAMBENCH / "cat" / "00.jpg", env.input_dir / "subject2.png")
+    return names
+
+
+@pytest.fixture(scope="module")
+def loaded(env, files):
+    """The models as ComfyUI's own loader nodes return them."""
+    model, clip, vae = env.nodes.CheckpointLoaderSimple().load_checkpoint(files["checkpoint"])[:3]
+    clip_vision = env.nodes.CLIPVisionLoader().load_clip(files["clip_vision"])[0]
+    cc = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute(files["customcontrast"]).result[0]
+    return dict(model=model, clip=clip, vae=vae, clip_vision=clip_vision, customcontrast=cc)
+
+
+def test_nodes_are_registered_with_tooltips(env):
+    for node_id in NODE_IDS:
+        cls = env.nodes.NODE_CLASS_MAPPINGS[node_id]
+        schema = cls.define_schema()
+        assert schema.category == "CustomContrast"
+        assert all(getattr(i, "tooltip", None) for i in schema.inputs), node_id
+
+
+def prompt_for(files, name, size=64, steps=2):
+    prompt = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            inputs["ckpt_name"] = files["checkpoint"]
+        elif node["class_type"] == "CLIPVisionLoader":
+            inputs["clip_name"] = files["clip_vision"]
+        elif node["class_type"] == "CustomContrastLoader":
+            inputs["checkpoint"] = files["customcontrast"]
+        elif node["class_type"] == "EmptyLatentImage":
+            inputs.update(width=size, height=size)
+        elif node["class_type"] == "KSampler":
+            inputs["steps"] = steps
+    return prompt
+
+
+@pytest.mark.parametrize("name", ["sd15_single_subject", "sd15_two_subjects", "sd15_mask_preview"])
+def test_api_workflows_execute(files, name):
+    ok, outputs, messages = run_prompt(prompt_for(files, name))
+    errors = [m[1].get("exception_message") for m in messages if m[0] == "execution_error"]
+    assert ok, (outputs, errors)
+    assert outputs["11"]["images"][0]["type"] == "output"
+    if name == "sd15_mask_preview":
+        assert len(outputs["13"]["images"]) == 2    # one mask per step
+
+
+def test_sdxl_workflow_validates(env, files):
+    prompt = prompt_for(files, "sdxl_single_subject")
+    valid = __import__("asyncio").run(env.execution.validate_prompt("x", prompt, None))
+    assert valid[0], valid[1]
+
+
+def sample(env, model, positive, negative, steps=2, seed=0):
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    return env.nodes.common_ksampler(model, seed, steps, 5.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+
+
+def apply(env, loaded, subject, **overrides):
+    args = dict(model=loaded["model"], clip=loaded["clip"], customcontrast=loaded["customcontrast"], subject=subject,
+                prompt="a photo of <subject> on the beach", weight=1.0, start_percent=0.0, end_percent=1.0,
+                use_mask=True, mask_mode="soft", mask_threshold=0.2)
+    args.update(overrides)
+    return env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].execute(**args).result
+
+
+def encode(env, loaded, image, mask=None, **kw):
+    cls = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastEncodeSubject"]
+    return cls.execute(loaded["customcontrast"], loaded["clip_vision"], image, kw.get("average", True),
+                       kw.get("center_crop", True), mask=mask).result[0]
+
+
+@pytest.fixture(scope="module")
+def photo(env, files):
+    return env.nodes.LoadImage().load_image("subject.png")[0]
+
+
+def test_patched_output_differs_masks_change_upstream_untouched(env, loaded, photo):
+    subject = encode(env, loaded, photo)
+    before = json.dumps(str(loaded["model"].model_options), sort_keys=True)
+    patched, positive = apply(env, loaded, subject)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    plain_positive = env.nodes.CLIPTextEncode().encode(loaded["clip"], "a photo of a dog on the beach")[0]
+    out_patched = sample(env, patched, positive, negative, steps=3)
+    out_plain = sample(env, loaded["model"], plain_positive, negative, steps=3)
+    assert (out_patched - out_plain).abs().max() > 1e-3
+    assert json.dumps(str(loaded["model"].model_options), sort_keys=True) == before
+    assert "patches_replace" not in loaded["model"].model_options.get("transformer_options", {})
+    patch = patched.model_options["transformer_options"]["customcontrast"][-1]
+    history = patch.last_masks
+    assert len(history) == 3 and [s for s, _ in history] == sorted([s for s, _ in history], reverse=True)
+    assert (history[0][1][0] - history[1][1][0]).abs().max() > 0
+    # a second run starts clean and is deterministic
+    again = sample(env, patched, positive, negative, steps=3)
+    torch.testing.assert_close(again, out_patched)
+
+
+def test_weight_zero_without_mask_equals_s_plus_only(env, loaded, photo):
+    """γ = 0 and no mask: the visual branch vanishes, only the S+ text remains (runs twice identically)."""
+    subject = encode(env, loaded, photo)
+    patched, positive = apply(env, loaded, subject, weight=0.0, use_mask=False)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    a, b = sample(env, patched, positive, negative), sample(env, patched, positive, negative)
+    torch.testing.assert_close(a, b)
+
+
+BAD_INPUTS = [
+    (dict(prompt="a photo of a dog"), "has no '<subject>'"),
+    (dict(prompt="<subject> and <subject3>"), "unknown placeholder '<subject3>'"),
+    (dict(start_percent=0.8, end_percent=0.2), "must not be after"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_INPUTS)
+def test_bad_apply_inputs(env, loaded, photo, overrides, message):
+    subject = encode(env, loaded, photo)
+    with pytest.raises(ValueError, match=message):
+        apply(env, loaded, subject, **overrides)
+
+
+def test_bad_subject_inputs(env, loaded, photo):
+    with pytest.raises(ValueError, match="expected at least 16x16"):
+        encode(env, loaded, torch.rand(1, 1, 1, 3))
+    with pytest.raises(ValueError, match="mask is empty"):
+        encode(env, loaded, photo, mask=torch.zeros(photo.shape[1:3]))
+    with pytest.raises(ValueError, match="give a mask of the same size or aspect ratio"):
+        encode(env, loaded, photo, mask=torch.ones(10, 30))
+
+
+def test_image_variants_are_accepted(env, loaded, photo):
+    rgba = torch.cat([photo, torch.ones_like(photo[..., :1])], dim=-1)
+    rgba[:, :, : photo.shape[2] // 2, 3] = 0
+    gray = photo.mean(-1, keepdim=True)
+    big = torch.rand(1, 4096, 4096, 3)
+    small_mask = torch.zeros(photo.shape[1] // 2, photo.shape[2] // 2)
+    small_mask[10:50, 10:50] = 1
+    for image, mask in ((rgba, None), (gray, None), (big, None), (photo, small_mask)):
+        subject = encode(env, loaded, image, mask=mask)
+        assert subject.hidden.shape == (1, 3, 257, 1024) and torch.isfinite(subject.hidden).all()
+
+
+def test_clip_vision_width_mismatch(env, loaded, photo):
+    import dataclasses
+
+    from comfy_env import customcontrast_test_config
+    from customcontrast_core import checkpoint
+    from customcontrast_core.visual_kv import CustomContrastModel
+
+    config = dataclasses.replace(customcontrast_test_config(), clip_width=1280, clip_num_layers=32,
+                                 clip_layers=(11, 22, 32))
+    checkpoint.save(env.models / "customcontrast" / "vith.safetensors", CustomContrastModel(config))
+    vith = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute("vith.safetensors").result[0]
+    with pytest.raises(ValueError, match="the CLIP-vision model has width 1024, the CustomContrast checkpoint "
+                                         "expects 1280"):
+        encode(env, dict(loaded, customcontrast=vith), photo)
+
+
+def test_missing_checkpoint_names_the_folders(env):
+    with pytest.raises(FileNotFoundError, match="searched"):
+        env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute("nope.safetensors")
+
+
+def test_sd15_checkpoint_refused_on_sdxl_model(env, loaded):
+    import sys
+    from types import SimpleNamespace
+
+    apply_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__]
+    fake = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(unet_config={"context_dim": 2048})))
+    with pytest.raises(ValueError, match="checkpoint is for SD15, the MODEL is SDXL"):
+        apply_module.check_model(fake, loaded["customcontrast"])

@@ -1,0 +1,115 @@
+"""diffusers attention processors that run CustomContrast's cross-attention (Eq. 3) in training.
+
+The math is the core's ``customcontrast_attention`` — the same function the ComfyUI patch calls —
+so training and inference cannot drift. Per-forward inputs (per-group S+ contexts, visual tokens,
+placeholder slots) live in one ``ProcessorState`` shared by all processors of a UNet.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention
+from customcontrast_core.layers import CrossAttentionLayer
+from customcontrast_core.visual_kv import CustomContrastModel, KVProjection
+
+
+@dataclass
+class ProcessorState:
+    """What every patched layer of one UNet forward reads, and the maps they capture."""
+
+    contexts: Tensor | None = None          # (G, B, T, C) prompt encoded with each group's S+ token
+    visual_tokens: Tensor | None = None     # (B, m, C) TV-fused visual tokens (blank reference where dropped)
+    slots: tuple[tuple[int, ...], ...] = ()  # per row, placeholder positions in the context (empty: none)
+    gamma: float = 1.0
+    latent_hw: tuple[int, int] = (0, 0)
+    capture: bool = False
+    maps: dict[str, SubjectMaps] = field(default_factory=dict)   # layer name -> maps of the last forward
+    grids: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def reset(self) -> None:
+        self.maps.clear()
+        self.grids.clear()
+
+
+def layer_grid(latent_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
+    """Token grid of a layer: the latent grid divided by ``downsample`` (stride-2 convs round up)."""
+    h, w = latent_hw
+    for _ in range(int(math.log2(downsample))):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+class CustomContrastProcessor:
+    """Processor of one ``attn2`` module; a plain object so it adds no parameters to the UNet."""
+
+    def __init__(self, layer: CrossAttentionLayer, group: int, kv: KVProjection, state: ProcessorState,
+                 capture: bool) -> None:
+        self.layer, self.group, self.kv, self.state, self.capture = layer, group, kv, state, capture
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, temb: Tensor | None = None, *args, **kwargs) -> Tensor:
+        st = self.state
+        context = encoder_hidden_states if st.contexts is None else st.contexts[self.group]
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(context), attn.to_v(context)
+        capture = st.capture and self.capture
+        if st.visual_tokens is None:
+            out, maps = customcontrast_attention(q, k, v, heads=attn.heads, capture=False)
+        else:
+            out, maps = self._with_subject(q, k, v, attn.heads, capture)
+        if maps is not None:
+            st.maps[self.layer.name] = maps
+            st.grids[self.layer.name] = layer_grid(st.latent_hw, self.layer.downsample)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out / attn.rescale_output_factor
+
+    def _with_subject(self, q: Tensor, k: Tensor, v: Tensor, heads: int, capture: bool):
+        st = self.state
+        visual_k, visual_v = self.kv(st.visual_tokens.to(q.dtype))
+        slots = st.slots or ((),) * q.shape[0]
+        if len(set(slots)) == 1:   # the usual case: every prompt has its placeholder at the same position
+            branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, columns=slots[0])
+            out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture)
+            return out, (maps[0] if maps else None)
+        out = torch.empty_like(q)
+        text = torch.zeros(q.shape[:2], device=q.device) if capture else None
+        visual = torch.zeros(q.shape[:2], device=q.device) if capture else None
+        for where in sorted(set(slots)):
+            rows = torch.tensor([i for i, s in enumerate(slots) if s == where], device=q.device)
+            branch = SubjectBranch(visual_k[rows], visual_v[rows], gamma=st.gamma, columns=where)
+            part, maps = customcontrast_attention(q[rows], k[rows], v[rows], heads=heads, subjects=[branch],
+                                                  capture=capture)
+            out = out.index_copy(0, rows, part)
+            if capture:
+                text = text.index_copy(0, rows, maps[0].text)
+                visual = visual.index_copy(0, rows, maps[0].visual)
+        return out, (SubjectMaps(text=text, visual=visual) if capture else None)
+
+
+def install_processors(unet, model: CustomContrastModel, state: ProcessorState,
+                       capture_downsample: tuple[int, ...]) -> dict[str, CustomContrastProcessor]:
+    """Replaces every ``attn2`` processor of a diffusers UNet; self-attention keeps its own."""
+    config = model.config
+    processors = dict(unet.attn_processors)
+    installed = {}
+    for layer, group in zip(config.layers, config.layer_groups):
+        key = f"{layer.diffusers_name}.processor"
+        if key not in processors:
+            raise ValueError(f"the UNet has no cross-attention layer {layer.diffusers_name}; "
+                             f"is it a {config.base.upper()} UNet?")
+        installed[key] = CustomContrastProcessor(layer, group, model.visual_kv[layer.name], state,
+                                                 capture=layer.downsample in capture_downsample)
+    processors.update(installed)
+    unet.set_attn_processor(processors)
+    return installed
+
+
+def unet_kv_weights(unet, model: CustomContrastModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each layer's frozen ``to_k``/``to_v`` weights, to initialise the visual K/V (IP-Adapter practice)."""
+    modules = dict(unet.named_modules())
+    return {layer.name: (modules[layer.diffusers_name].to_k.weight, modules[layer.diffusers_name].to_v.weight)
+            for layer in model.config.layers}
