@@ -1,0 +1,194 @@
+"""Training samples: reference, target and positive views of one subject (DESIGN.md section 6).
+
+A sample of subject i: a *reference* view (segmented, augmented) for the encoder, a *target* view
+(another frame, full image) for the diffusion loss — reference != target is what stops
+copy-paste — and a *positive* view (another frame, segmented, random scale and position) for MACL.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from .manifest import SubjectRecord
+
+log = logging.getLogger(__name__)
+BACKGROUNDS = ("gray", "white", "noise")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How samples are cut from the subjects' views."""
+
+    reference_size: int = 224
+    target_size: int = 512
+    positive_scale: tuple[float, float] = (0.5, 1.0)   # subject size / canvas size for the positive view
+    hflip: bool = True
+    augment: bool = True
+    background: str = "gray"
+    placeholder: str = "<subject>"
+    caption_template: str = "a photo of a {placeholder} {cls}"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"background must be one of {BACKGROUNDS}, found {self.background!r}")
+        lo, hi = self.positive_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"positive_scale must satisfy 0 < low <= high <= 1, found {self.positive_scale}")
+        if "{placeholder}" not in self.caption_template:
+            raise ValueError("caption_template must contain {placeholder}")
+
+
+def load_view(image_path: str, mask_path: str | None) -> tuple[Tensor, Tensor]:
+    """An RGB view in [0, 1] and its mask. Shapes: -> (3, H, W), (1, H, W)."""
+    with Image.open(image_path) as img:
+        image = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    if mask_path is None:
+        return image, torch.ones(1, *image.shape[1:])
+    with Image.open(mask_path) as m:
+        mask = torch.from_numpy((np.asarray(m.convert("L")) > 127).astype(np.float32))[None]
+    if mask.shape[1:] != image.shape[1:]:
+        mask = F.interpolate(mask[None], size=image.shape[1:], mode="nearest")[0]
+    return image, mask
+
+
+def _resize(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
+    kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
+    return F.interpolate(x[None], size=(size, size), mode=mode, **kwargs)[0]
+
+
+def _bbox(mask: Tensor) -> tuple[int, int, int, int]:
+    ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
+    if len(ys) == 0:
+        return 0, 0, mask.shape[1], mask.shape[2]
+    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
+
+
+class SubjectDataset(Dataset):
+    """One item per subject; randomness seeded by (seed, epoch, index) so runs are reproducible."""
+
+    def __init__(self, records: Sequence[SubjectRecord], cfg: DataConfig) -> None:
+        if not records:
+            raise ValueError("SubjectDataset needs at least one subject")
+        self.records, self.cfg, self.epoch = list(records), cfg, 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> dict:
+        for offset in range(len(self.records)):
+            i = (index + offset) % len(self.records)
+            try:
+                return self._sample(i)
+            except (OSError, ValueError) as err:   # unreadable or corrupt file: skip, never fatal
+                log.warning("skipping subject %r (item %d): %s", self.records[i].subject, i, err)
+        raise RuntimeError(f"every one of the {len(self.records)} subjects is unreadable; check the manifest")
+
+    def _background(self, shape: tuple[int, ...], g: torch.Generator) -> Tensor:
+        if self.cfg.background == "white":
+            return torch.ones(shape)
+        if self.cfg.background == "noise":
+            return torch.rand(shape, generator=g)
+        return torch.full(shape, 0.5)
+
+    def _sample(self, i: int) -> dict:
+        cfg, record = self.cfg, self.records[i]
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch * 7919 + i)
+        n = len(record.images)
+        order = torch.randperm(n, generator=g).tolist() if cfg.augment else list(range(n))
+        ref_i, tgt_i = order[0], order[1 % n]
+        pos_i = order[2] if n > 2 else tgt_i
+        masks = record.masks or (None,) * n
+        ref, ref_m = load_view(record.images[ref_i], masks[ref_i])
+        tgt, tgt_m = load_view(record.images[tgt_i], masks[tgt_i])
+        pos, pos_m = load_view(record.images[pos_i], masks[pos_i])
+        reference, reference_mask = self._reference(ref, ref_m, g)
+        target, target_mask = self._target(tgt, tgt_m, g)
+        positive, positive_mask = self._positive(pos, pos_m, g)
+        caption = record.caption or cfg.caption_template.format(placeholder=cfg.placeholder, cls=record.cls)
+        if cfg.placeholder not in caption:
+            raise ValueError(f"caption {caption!r} of subject {record.subject!r} has no {cfg.placeholder!r}")
+        return {"reference": reference, "reference_mask": reference_mask, "target": target * 2 - 1,
+                "target_mask": target_mask, "positive": positive, "positive_mask": positive_mask,
+                "caption": caption, "subject_index": i,
+                "reference_path": record.images[ref_i], "target_path": record.images[tgt_i]}
+
+    def _flip(self, g: torch.Generator, *xs: Tensor) -> tuple[Tensor, ...]:
+        if self.cfg.augment and self.cfg.hflip and torch.rand(1, generator=g).item() < 0.5:
+            return tuple(x.flip(-1) for x in xs)
+        return xs
+
+    def _reference(self, image: Tensor, mask: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Segmented subject, square crop around it with a random margin and shift, flipped, resized."""
+        seg = image * mask + self._background(image.shape, g) * (1 - mask)
+        y0, x0, y1, x1 = _bbox(mask)
+        side = max(y1 - y0, x1 - x0)
+        margin = 1.1 + 0.4 * torch.rand(1, generator=g).item() if self.cfg.augment else 1.2
+        half = side * margin / 2
+        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        if self.cfg.augment:
+            cy += (torch.rand(1, generator=g).item() - 0.5) * 0.2 * side
+            cx += (torch.rand(1, generator=g).item() - 0.5) * 0.2 * side
+        crop, crop_m = self._square(seg, mask, cy, cx, half, g)
+        crop, crop_m = self._flip(g, crop, crop_m)
+        size = self.cfg.reference_size
+        if self.cfg.augment:   # light colour jitter: brightness and contrast
+            b, c = 1 + (torch.rand(2, generator=g) - 0.5) * 0.2
+            crop = ((crop - 0.5) * c + 0.5) * b
+        return _resize(crop, size).clamp(0, 1), (_resize(crop_m, size, "nearest") > 0.5).float()
+
+    def _square(self, image: Tensor, mask: Tensor, cy: float, cx: float, half: float,
+                g: torch.Generator) -> tuple[Tensor, Tensor]:
+        side = max(2, int(round(2 * half)))
+        canvas = self._background((3, side, side), g)
+        canvas_m = torch.zeros(1, side, side)
+        top, left = int(round(cy - half)), int(round(cx - half))
+        sy0, sx0 = max(0, top), max(0, left)
+        sy1, sx1 = min(image.shape[1], top + side), min(image.shape[2], left + side)
+        if sy1 > sy0 and sx1 > sx0:
+            canvas[:, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[:, sy0:sy1, sx0:sx1]
+            canvas_m[:, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = mask[:, sy0:sy1, sx0:sx1]
+        return canvas, canvas_m
+
+    def _target(self, image: Tensor, mask: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The full view, centre square crop, flipped, resized."""
+        h, w = image.shape[1:]
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        img, m = image[:, top:top + side, left:left + side], mask[:, top:top + side, left:left + side]
+        img, m = self._flip(g, img, m)
+        size = self.cfg.target_size
+        return _resize(img, size).clamp(0, 1), (_resize(m, size, "nearest") > 0.5).float()
+
+    def _positive(self, image: Tensor, mask: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """The segmented subject at a random scale and position on a background canvas."""
+        size = self.cfg.reference_size
+        y0, x0, y1, x1 = _bbox(mask)
+        subject, subject_m = image[:, y0:y1, x0:x1], mask[:, y0:y1, x0:x1]
+        lo, hi = self.cfg.positive_scale
+        scale = lo + (hi - lo) * torch.rand(1, generator=g).item() if self.cfg.augment else hi
+        longest = max(subject.shape[1:])
+        th = max(1, int(subject.shape[1] / longest * scale * size))
+        tw = max(1, int(subject.shape[2] / longest * scale * size))
+        subject = F.interpolate(subject[None], size=(th, tw), mode="bilinear", align_corners=False, antialias=True)[0]
+        subject_m = F.interpolate(subject_m[None], size=(th, tw), mode="nearest")[0]
+        top = int(torch.randint(0, size - th + 1, (1,), generator=g)) if self.cfg.augment else (size - th) // 2
+        left = int(torch.randint(0, size - tw + 1, (1,), generator=g)) if self.cfg.augment else (size - tw) // 2
+        canvas = self._background((3, size, size), g)
+        canvas_m = torch.zeros(1, size, size)
+        region = canvas[:, top:top + th, left:left + tw]
+        canvas[:, top:top + th, left:left + tw] = subject * subject_m + region * (1 - subject_m)
+        canvas_m[:, top:top + th, left:left + tw] = subject_m
+        canvas, canvas_m = self._flip(g, canvas, canvas_m)
+        return canvas.clamp(0, 1), canvas_m

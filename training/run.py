@@ -1,0 +1,69 @@
+"""``python -m training.run``: trains CustomContrast; the default is the tiny CPU preset.
+
+Examples:
+    python -m training.run                                   # tiny preset, CPU, ~2 minutes
+    python -m training.run --preset sd15 --config my.json    # real models from local paths
+    accelerate launch --num_processes 8 -m training.run --preset sd15 --config my.json
+    torchrun --nproc_per_node 8 -m training.run --preset sd15 --config my.json
+    python -m training.run --output-dir runs/tiny --resume latest
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import PRESETS, TrainConfig, get_train_preset
+
+
+def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, str | None]:
+    """Turns command-line flags into a frozen TrainConfig (preset, then --config JSON, then flags)."""
+    parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="starting configuration")
+    parser.add_argument("--config", type=Path, help="JSON file with TrainConfig fields overriding the preset")
+    parser.add_argument("--output-dir", help="where checkpoints, logs and the exported file go")
+    parser.add_argument("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--batch-size", type=int, help="distinct subjects per process and step")
+    parser.add_argument("--data", help="'synthetic' or a JSONL subject manifest")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override any TrainConfig field, e.g. --set lr=1e-4 --set augment=false")
+    args = parser.parse_args(argv)
+    cfg = get_train_preset(args.preset)
+    overrides: dict = {}
+    if args.config:
+        overrides.update(json.loads(args.config.read_text()))
+    for item in args.set:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    for flag in ("output_dir", "steps", "batch_size", "data", "seed"):
+        if getattr(args, flag) is not None:
+            overrides[flag] = getattr(args, flag)
+    merged = {**dataclasses.asdict(cfg), **overrides}
+    if isinstance(overrides.get("paths"), dict):
+        merged["paths"] = {**dataclasses.asdict(cfg.paths), **overrides["paths"]}
+    return TrainConfig.from_dict(merged), args.resume
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    """Runs training and returns the exported checkpoint path."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg, resume = parse_config(argv)
+    from .loop import train
+    path = train(cfg, resume=resume)
+    logging.getLogger(__name__).info("exported %s", path)
+    return path
+
+
+if __name__ == "__main__":
+    main()

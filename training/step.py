@@ -1,0 +1,135 @@
+"""One training step of Eq. 9: L_LDM + λ1 (L_CSCL + L_MACL) + λ2 L_loc (Sec. 3.3-3.4).
+
+``TrainingModule`` is the one ``nn.Module`` whose forward runs a whole step, so DDP (through
+accelerate or torchrun) wraps it and syncs exactly the trainable weights: the MFI-Encoder and
+the visual K/V. The frozen models are held outside its module tree.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from customcontrast_core.masks import combine_maps
+from customcontrast_core.visual_kv import CustomContrastModel
+
+from .config import TrainConfig
+from .losses import cscl_loss, gather_with_grad, localization_loss, macl_loss, sample_condition_dropout, total_loss
+from .models import FrozenModels, appearance_features, clip_hidden_states
+from .processors import ProcessorState, install_processors
+
+PLACEHOLDER = "<subject>"
+
+
+class TrainingModule(nn.Module):
+    """Trainable CustomContrast weights plus the step that trains them."""
+
+    def __init__(self, model: CustomContrastModel, frozen: FrozenModels, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.__dict__["frozen"] = frozen          # not a submodule: never trained, never synced
+        self.state = ProcessorState()
+        install_processors(frozen.unet, model, self.state, cfg.capture_downsample)
+
+    def forward(self, batch: Mapping[str, Tensor | list], generator: torch.Generator, *, rank: int = 0,
+                world: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
+        """Runs one step on this process's rows of a global batch of distinct subjects.
+
+        Random draws (dropout, timesteps, noise) are made for the whole global batch from a generator
+        that is identical on every process, and each process takes its rows: N processes with batch b
+        see exactly what one process with batch N*b sees.
+        """
+        cfg, frozen, encoder = self.cfg, self.frozen, self.model.encoder
+        layers = self.model.config.clip_layers
+        device = next(self.model.parameters()).device
+        reference, positive = batch["reference"].to(device), batch["positive"].to(device)
+        b = reference.shape[0]
+        mine = slice(rank * b, (rank + 1) * b)
+        drop_image, drop_text = (d[mine] for d in sample_condition_dropout(
+            b * world, generator=generator, p_image=cfg.drop_image, p_text=cfg.drop_text, p_both=cfg.drop_both))
+        timesteps = torch.randint(0, frozen.scheduler.config.num_train_timesteps, (b * world,),
+                                  generator=generator)[mine].to(device)
+
+        # subject encodings: the reference, its positive view at the same timestep, the blank reference
+        with torch.no_grad():
+            clip_ref = clip_hidden_states(frozen.clip_vision, reference, layers)
+            clip_pos = clip_hidden_states(frozen.clip_vision, positive, layers)
+            app_ref = appearance_features(frozen.appearance, reference).float()
+            app_pos = appearance_features(frozen.appearance, positive).float()
+        enc = encoder(clip_ref, timesteps.float())
+        enc_pos = encoder(clip_pos, timesteps.float())
+        splus, visual = enc.splus, enc.visual_tokens
+        if drop_image.any():
+            rows = drop_image.nonzero().squeeze(1).to(device)
+            with torch.no_grad():
+                clip_blank = clip_hidden_states(frozen.clip_vision, torch.zeros_like(reference[rows]), layers)
+            blank = encoder(clip_blank, timesteps[rows].float())
+            splus = splus.index_copy(0, rows, blank.splus)
+            visual = visual.index_copy(0, rows, blank.visual_tokens)
+
+        # prompts encoded once per S+ group, the placeholder replaced by that group's S+ token
+        captions = ["" if drop else caption for caption, drop in zip(batch["caption"], drop_text.tolist())]
+        tokens = frozen.text.tokenize(captions, PLACEHOLDER)
+        contexts, _ = frozen.text(tokens, splus)
+        contexts = rearrange(contexts, "(g b) t c -> g b t c", b=b)
+        added = self._added_conditions(tokens, b, device)
+
+        # diffusion reconstruction of the target view (another frame of the subject)
+        with torch.no_grad():
+            target = batch["target"].to(device, dtype=next(frozen.vae.parameters()).dtype)
+            dist = frozen.vae.encode(target).latent_dist
+            shape = (b * world, *dist.mean.shape[1:])
+            eps = torch.randn(shape, generator=generator)[mine].to(dist.mean)
+            latents = (dist.mean + dist.std * eps) * frozen.vae.config.scaling_factor
+        noise = torch.randn(shape, generator=generator)[mine].to(latents)
+        noisy = frozen.scheduler.add_noise(latents, noise, timesteps).to(latents)
+        state = self.state
+        state.reset()
+        state.contexts, state.visual_tokens, state.slots = contexts, visual, tokens.slots
+        state.latent_hw, state.capture = tuple(latents.shape[-2:]), True
+        pred = frozen.unet(noisy, timesteps, encoder_hidden_states=contexts[0], added_cond_kwargs=added).sample
+        ldm_target = noise if frozen.scheduler.config.prediction_type == "epsilon" \
+            else frozen.scheduler.get_velocity(latents, noise, timesteps).to(latents)
+        terms = {"ldm": F.mse_loss(pred.float(), ldm_target.float())}
+
+        # contrastive terms over the whole (all-process) batch
+        terms["cscl"] = cscl_loss(gather_with_grad(enc.visual_cls_embed.float()),
+                                  gather_with_grad(enc.text_cls_embed.float()), temperature=cfg.cscl_temperature)
+        terms["macl"] = macl_loss(gather_with_grad(enc.splus.float()), gather_with_grad(enc_pos.splus.float()),
+                                  gather_with_grad(app_ref), gather_with_grad(app_pos),
+                                  temperature=cfg.macl_temperature, r_min=cfg.r_min)
+        terms["loc"] = self._localization(batch["target_mask"].to(device), tokens.slots)
+        state.contexts = state.visual_tokens = None
+        # each process sees all negatives but back-propagates only its rows; DDP averages over processes,
+        # so the contrastive weight is scaled by the process count to give the single-process gradient
+        loss = total_loss(terms, lambda_contrast=cfg.lambda_contrast * world, lambda_loc=cfg.lambda_loc)
+        return loss, terms
+
+    def _added_conditions(self, tokens, b: int, device: torch.device) -> dict[str, Tensor] | None:
+        """SDXL's pooled text embedding and size/crop ids (original = target = training size, no crop)."""
+        unet = self.frozen.unet
+        if getattr(unet.config, "addition_embed_type", None) != "text_time":
+            return None
+        with torch.no_grad():
+            _, pooled = self.frozen.text(tokens)
+        size = self.cfg.target_size
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=pooled.dtype, device=device).expand(b, -1)
+        return {"text_embeds": pooled.to(device), "time_ids": time_ids}
+
+    def _localization(self, target_mask: Tensor, slots) -> Tensor:
+        """L_loc on the placeholder's text-attention map averaged over the capture layers (FastComposer form)."""
+        state = self.state
+        rows = [i for i, s in enumerate(slots) if s]
+        if not state.maps or not rows:
+            return target_mask.new_zeros(())
+        names = list(state.maps)
+        grid = max((state.grids[n] for n in names), key=lambda g: g[0] * g[1])
+        avg = combine_maps([state.maps[n].text for n in names], [state.grids[n] for n in names], grid)  # (B, H, W)
+        mask = F.interpolate(target_mask.float(), size=grid, mode="area") > 0.5                           # (B, 1, H, W)
+        index = torch.tensor(rows, device=avg.device)
+        return localization_loss(rearrange(avg[index], "b h w -> b (h w)"),
+                                 rearrange(mask[index], "b 1 h w -> b (h w)").float())
