@@ -5,3 +5,8 @@ from .synthetic import generate_synthetic
 
 __all__ = ["DataConfig", "SubjectDataset", "SubjectRecord", "generate_synthetic", "load_view", "read_manifest",
            "write_manifest"]
+from .builders import from_mvimgnet, from_openimages_csv, from_subject_folders, read_dreambench_classes  # noqa: E402
+from .masks import GroundingDinoBoxes, SamMasker, fill_masks  # noqa: E402
+
+__all__ += ["GroundingDinoBoxes", "SamMasker", "fill_masks", "from_mvimgnet", "from_openimages_csv",
+            "from_subject_folders", "read_dreambench_classes"]

@@ -1,0 +1,149 @@
+"""Manifest, procedural subjects, samples, builders and mask caching."""
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import (DataConfig, SubjectDataset, SubjectRecord, from_mvimgnet, from_openimages_csv,
+                           from_subject_folders, generate_synthetic, read_manifest, write_manifest)
+from training.data.masks import SamMasker, default_box
+
+DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
+
+
+def test_manifest_round_trip_and_errors(tmp_path):
+    records = [SubjectRecord("a", "dog", (str(tmp_path / "a0.png"), str(tmp_path / "a1.png")), None, "a <subject>")]
+    path = write_manifest(tmp_path / "m.jsonl", records)
+    assert read_manifest(path) == records
+    path.write_text('{"subject": "x", "class": "dog", "images": ["a.png", "b.png"]}\n{oops\n')
+    with pytest.raises(ValueError, match=r"m.jsonl:2: not valid JSON"):
+        read_manifest(path)
+    path.write_text('{"subject": "x", "images": ["a.png", "b.png"]}\n')
+    with pytest.raises(ValueError, match=r":1: missing field 'class'"):
+        read_manifest(path)
+    path.write_text('{"subject": "x", "class": "dog", "images": ["a.png"]}\n')
+    with pytest.raises(ValueError, match="at least 2 views"):
+        read_manifest(path)
+    assert len(read_manifest(path, allow_single=True)) == 1
+
+
+def test_synthetic_is_deterministic_with_exact_masks(tmp_path):
+    a = read_manifest(generate_synthetic(tmp_path / "a", num_subjects=4, views=3, size=48, seed=5))
+    b = read_manifest(generate_synthetic(tmp_path / "b", num_subjects=4, views=3, size=48, seed=5))
+    c = read_manifest(generate_synthetic(tmp_path / "c", num_subjects=4, views=3, size=48, seed=6))
+    for ra, rb, rc in zip(a, b, c):
+        assert all(Path(x).read_bytes() == Path(y).read_bytes() for x, y in zip(ra.images, rb.images))
+        assert any(Path(x).read_bytes() != Path(y).read_bytes() for x, y in zip(ra.images, rc.images))
+        views = [np.asarray(Image.open(p), dtype=float) for p in ra.images]
+        assert np.abs(views[0] - views[1]).mean() > 1   # views of one subject differ
+        for mask_path in ra.masks:
+            mask = np.asarray(Image.open(mask_path))
+            assert set(np.unique(mask)) <= {0, 255} and 0.02 < (mask > 0).mean() < 0.9
+
+
+@pytest.fixture()
+def records(tmp_path):
+    return read_manifest(generate_synthetic(tmp_path / "s", num_subjects=4, views=3, size=64, seed=0))
+
+
+def test_sample_fields_shapes_and_views(records):
+    dataset = SubjectDataset(records, DataConfig(reference_size=32, target_size=64))
+    sample = dataset[1]
+    assert sample["reference"].shape == sample["positive"].shape == (3, 32, 32)
+    assert sample["target"].shape == (3, 64, 64) and sample["target_mask"].shape == (1, 64, 64)
+    assert 0 <= sample["reference"].min() and sample["reference"].max() <= 1
+    assert -1 <= sample["target"].min() and sample["target"].max() <= 1
+    assert set(sample["target_mask"].unique().tolist()) <= {0.0, 1.0}
+    assert sample["reference_path"] != sample["target_path"]
+    assert sample["caption"] == f"a photo of a <subject> {records[1].cls}" and sample["subject_index"] == 1
+
+
+def test_samples_are_reproducible_and_change_with_epoch(records):
+    cfg = DataConfig(reference_size=32, target_size=64, seed=3)
+    a, b = SubjectDataset(records, cfg), SubjectDataset(records, cfg)
+    torch.testing.assert_close(a[2]["reference"], b[2]["reference"])
+    b.set_epoch(1)
+    assert not torch.equal(a[2]["reference"], b[2]["reference"])
+
+
+def test_corrupt_item_is_skipped_and_logged(records, caplog):
+    Path(records[0].images[0]).write_bytes(b"not a png")
+    dataset = SubjectDataset(records, DataConfig(reference_size=32, target_size=64, augment=False))
+    with caplog.at_level(logging.WARNING):
+        sample = dataset[0]
+    assert sample["subject_index"] == 1 and "skipping subject 'subject_0000'" in caplog.text
+    for record in records:
+        Path(record.images[0]).write_bytes(b"broken")
+    with pytest.raises(RuntimeError, match="every one of the 4 subjects is unreadable"):
+        dataset[0]
+
+
+@pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="shared DreamBench photos not found")
+def test_dreambench_folder_builder():
+    records = from_subject_folders(DREAMBENCH)
+    assert len(records) == 30 and sum(len(r.images) for r in records) == 158
+    classes = {r.subject: r.cls for r in records}
+    assert classes["dog6"] == "dog" and classes["bear_plushie"] == "stuffed animal"
+    sample = SubjectDataset(records, DataConfig(reference_size=32, target_size=64))[0]
+    assert sample["reference"].shape == (3, 32, 32)
+
+
+def test_mvimgnet_and_openimages_builders(tmp_path):
+    for obj, n in (("obj1", 3), ("obj2", 1)):
+        (tmp_path / "mv" / "7" / obj / "images").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / "mv" / "7" / obj / "images" / f"{i:03d}.jpg")
+    (tmp_path / "mv" / "7" / "obj1" / "images" / "broken.jpg").write_bytes(b"x")
+    records = from_mvimgnet(tmp_path / "mv", class_names={"7": "chair"})
+    assert [(r.subject, r.cls, len(r.images)) for r in records] == [("7/obj1", "chair", 3)]
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "img" / "abc.jpg")
+    Image.new("L", (8, 8), 255).save(tmp_path / "msk" / "abc_m01_x.png")
+    (tmp_path / "oi.csv").write_text("MaskPath,ImageID,LabelName,BoxID\nabc_m01_x.png,abc,/m/01,x\n"
+                                     "missing.png,nope,/m/02,y\n")
+    oi = from_openimages_csv(tmp_path / "oi.csv", tmp_path / "img", tmp_path / "msk", label_names={"/m/01": "cat"})
+    assert [(r.cls, len(r.images), r.masks is not None) for r in oi] == [("cat", 1, True)]
+
+
+class FakePredictor:
+    def __init__(self):
+        self.calls, self.boxes = 0, []
+
+    def set_image(self, rgb):
+        self.shape = rgb.shape
+
+    def predict(self, box, multimask_output):
+        self.calls += 1
+        self.boxes.append(box.tolist())
+        mask = np.zeros(self.shape[:2], dtype=bool)
+        x0, y0, x1, y1 = box
+        mask[y0:y1, x0:x1] = True
+        return mask[None], np.array([0.9]), None
+
+
+def test_sam_masks_are_cached_and_use_the_box(tmp_path):
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 20), (10, 200, 30)).save(image)
+    masker = SamMasker.__new__(SamMasker)
+    masker.predictor, masker.model_type, masker.cache_dir = FakePredictor(), "vit_b", tmp_path / "cache"
+    first = masker(image)
+    second = masker(image)
+    assert first == second and masker.predictor.calls == 1
+    assert masker.predictor.boxes == [list(default_box(40, 20))]
+    masker(image, (5, 5, 10, 10))
+    assert masker.predictor.calls == 2
+    mask = np.asarray(Image.open(masker(image, (5, 5, 10, 10))))
+    assert mask[7, 7] == 255 and mask[0, 0] == 0
+
+
+def test_sam_random_init_runs_on_one_image(tmp_path):
+    """The real segment-anything predictor, built from its registry without weights."""
+    image = tmp_path / "y.png"
+    Image.new("RGB", (64, 48), (120, 30, 30)).save(image)
+    masker = SamMasker(None, "vit_b", cache_dir=tmp_path / "cache")
+    out = np.asarray(Image.open(masker(image)))
+    assert out.shape == (48, 64) and set(np.unique(out)) <= {0, 255}
