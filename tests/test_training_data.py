@@ -30,6 +30,13 @@ def test_manifest_round_trip_and_errors(tmp_path):
     assert len(read_manifest(path, allow_single=True)) == 1
 
 
+def test_relative_output_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    records = read_manifest(generate_synthetic("runs/x/data", num_subjects=2, views=2, size=16, seed=0))
+    assert all(Path(p).is_file() for r in records for p in r.images + r.masks)
+    assert '"subject_0000/view_0.png"' in Path("runs/x/data/manifest.jsonl").read_text()
+
+
 def test_synthetic_is_deterministic_with_exact_masks(tmp_path):
     a = read_manifest(generate_synthetic(tmp_path / "a", num_subjects=4, views=3, size=48, seed=5))
     b = read_manifest(generate_synthetic(tmp_path / "b", num_subjects=4, views=3, size=48, seed=5))

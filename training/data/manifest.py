@@ -33,7 +33,7 @@ class SubjectRecord:
             raise ValueError(f"subject {self.subject!r} has no images")
 
     def to_json(self, root: Path) -> str:
-        rel = lambda p: os.path.relpath(p, root) if Path(p).is_absolute() else p  # noqa: E731
+        rel = lambda p: os.path.relpath(Path(p).resolve(), root.resolve())  # noqa: E731
         return json.dumps({"subject": self.subject, "class": self.cls, "images": [rel(p) for p in self.images],
                            "masks": [rel(p) for p in self.masks] if self.masks else None, "caption": self.caption})
 

@@ -93,7 +93,7 @@ def generate_synthetic(out_dir: str | Path, *, num_subjects: int, views: int = 4
     """Writes ``num_subjects`` subjects × ``views`` views (PNG + mask) and their manifest; returns its path."""
     if num_subjects < 2 or views < 2:
         raise ValueError(f"need at least 2 subjects and 2 views, found {num_subjects} subjects, {views} views")
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()
     records = []
     for s in range(num_subjects):
         rng = np.random.default_rng([seed, s])
