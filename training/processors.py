@@ -14,6 +14,7 @@ from torch import Tensor
 
 from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention
 from customcontrast_core.layers import CrossAttentionLayer
+from customcontrast_core.masks import resize_mask
 from customcontrast_core.visual_kv import CustomContrastModel, KVProjection
 
 
@@ -25,6 +26,7 @@ class ProcessorState:
     visual_tokens: Tensor | None = None     # (B, m, C) TV-fused visual tokens (blank reference where dropped)
     slots: tuple[tuple[int, ...], ...] = ()  # per row, placeholder positions in the context (empty: none)
     gamma: float = 1.0
+    mask: Tensor | None = None               # (B, H, W) subject mask from the previous step (inference); None: M = 1
     latent_hw: tuple[int, int] = (0, 0)
     capture: bool = False
     maps: dict[str, SubjectMaps] = field(default_factory=dict)   # layer name -> maps of the last forward
@@ -71,8 +73,9 @@ class CustomContrastProcessor:
         st = self.state
         visual_k, visual_v = self.kv(st.visual_tokens.to(q.dtype))
         slots = st.slots or ((),) * q.shape[0]
+        mask = None if st.mask is None else resize_mask(st.mask.to(q.device), layer_grid(st.latent_hw, self.layer.downsample))
         if len(set(slots)) == 1:   # the usual case: every prompt has its placeholder at the same position
-            branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, columns=slots[0])
+            branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=slots[0])
             out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture)
             return out, (maps[0] if maps else None)
         out = torch.empty_like(q)
@@ -80,7 +83,8 @@ class CustomContrastProcessor:
         visual = torch.zeros(q.shape[:2], device=q.device) if capture else None
         for where in sorted(set(slots)):
             rows = torch.tensor([i for i, s in enumerate(slots) if s == where], device=q.device)
-            branch = SubjectBranch(visual_k[rows], visual_v[rows], gamma=st.gamma, columns=where)
+            branch = SubjectBranch(visual_k[rows], visual_v[rows], gamma=st.gamma, columns=where,
+                                   mask=None if mask is None else mask[rows])
             part, maps = customcontrast_attention(q[rows], k[rows], v[rows], heads=heads, subjects=[branch],
                                                   capture=capture)
             out = out.index_copy(0, rows, part)

@@ -1,0 +1,1 @@
+"""DreamBench evaluation: protocol, generation, metrics and reports."""

@@ -1,0 +1,101 @@
+"""Evaluation metrics from local weights: CLIP-T, CLIP-I (open_clip) and DINO-I (transformers DINO ViT)."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..models import CLIP_MEAN, CLIP_STD, ImageEncoder
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
+    """Shapes: a (N, D), b (M, D) -> (N, M) cosine similarities."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).T
+
+
+def paired_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Mean cosine of row i of a with row i of b. Shapes: (N, D), (N, D) -> scalar."""
+    return (F.normalize(a.float(), dim=-1) * F.normalize(b.float(), dim=-1)).sum(-1).mean()
+
+
+def mean_pairwise(gen: Tensor, ref: Tensor, *, exclude_diagonal: bool = False) -> Tensor:
+    """Mean cosine over all (generated, reference) pairs; the diagonal is left out for a set against itself."""
+    sim = cosine_matrix(gen, ref)
+    if exclude_diagonal:
+        n = sim.shape[0]
+        if n < 2:
+            return torch.tensor(float("nan"))
+        return (sim.sum() - sim.diagonal().sum()) / (n * n - n)
+    return sim.mean()
+
+
+def crop_to_mask(image: Tensor, mask: Tensor, background: float = 0.5) -> Tensor:
+    """The subject on a uniform background, cropped to a square around its mask.
+
+    Shapes: image (3, H, W) in [0, 1], mask (H, W) -> (3, S, S); an empty mask returns the image.
+    """
+    if mask.max() <= 0:
+        return image
+    m = (mask > 0.5).float()
+    seg = image * m + background * (1 - m)
+    ys, xs = torch.nonzero(m, as_tuple=True)
+    y0, y1, x0, x1 = int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+    side = max(y1 - y0, x1 - x0)
+    canvas = torch.full((3, side, side), background)
+    oy, ox = (side - (y1 - y0)) // 2, (side - (x1 - x0)) // 2
+    canvas[:, oy:oy + y1 - y0, ox:ox + x1 - x0] = seg[:, y0:y1, x0:x1]
+    return canvas
+
+
+class ClipScorer:
+    """open_clip image and text embeddings (CLIP-T, CLIP-I)."""
+
+    def __init__(self, model_name: str = "ViT-B-32", weights: str | None = None, device: str = "cpu") -> None:
+        import open_clip
+        self.model = open_clip.create_model(model_name, pretrained=weights or None).to(device).eval()
+        self.tokenizer = open_clip.get_tokenizer(model_name)
+        size = self.model.visual.image_size
+        self.encoder = ImageEncoder(self.model.visual, size[0] if isinstance(size, (tuple, list)) else size,
+                                    CLIP_MEAN, CLIP_STD)
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: Sequence[Tensor]) -> Tensor:
+        x = torch.stack([F.interpolate(i[None], size=(self.encoder.size,) * 2, mode="bilinear", antialias=True,
+                                       align_corners=False)[0] for i in images])
+        return self.model.encode_image(self.encoder.preprocess(x).to(self.device)).float().cpu()
+
+    @torch.no_grad()
+    def texts(self, texts: Sequence[str]) -> Tensor:
+        return self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float().cpu()
+
+
+class DinoScorer:
+    """DINO ViT class token of the last hidden state (DINO-I)."""
+
+    def __init__(self, model_dir: str | None = None, device: str = "cpu", *, tiny: bool = False) -> None:
+        from transformers import ViTConfig, ViTModel
+        if model_dir:
+            self.model = ViTModel.from_pretrained(model_dir, local_files_only=True, add_pooling_layer=False)
+        elif tiny:
+            torch.manual_seed(0)
+            self.model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            intermediate_size=64, image_size=32, patch_size=8), add_pooling_layer=False)
+        else:
+            raise FileNotFoundError("DINO-I needs a local DINO ViT folder (e.g. dino-vits16); nothing is downloaded")
+        self.model.to(device).eval()
+        self.size = int(self.model.config.image_size)
+        self.device = device
+
+    @torch.no_grad()
+    def images(self, images: Sequence[Tensor]) -> Tensor:
+        x = torch.stack([F.interpolate(i[None], size=(self.size,) * 2, mode="bicubic", antialias=True,
+                                       align_corners=False)[0].clamp(0, 1) for i in images])
+        mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None]
+        std = torch.tensor(IMAGENET_STD)[None, :, None, None]
+        out = self.model(pixel_values=((x - mean) / std).to(self.device))
+        return out.last_hidden_state[:, 0].float().cpu()
