@@ -38,6 +38,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     lambda_contrast: float = 1e-2         # λ1 of Eq. 9
     lambda_loc: float = 1e-3              # λ2 of Eq. 9
+    contrastive_terms: tuple[str, ...] = ("cscl", "macl")   # which of Eq. 9's contrastive terms are trained
     cscl_temperature: float = 1.0         # as printed in Eq. 4 (no temperature)
     macl_temperature: float = 0.07
     r_min: float = 0.05                   # clamp of the appearance cosine r in MACL's α = 1/r
@@ -59,6 +60,9 @@ class TrainConfig:
         if isinstance(self.paths, dict):
             object.__setattr__(self, "paths", ModelPaths(**self.paths))
         object.__setattr__(self, "capture_downsample", tuple(self.capture_downsample))
+        object.__setattr__(self, "contrastive_terms", tuple(self.contrastive_terms))
+        if not set(self.contrastive_terms) <= {"cscl", "macl"}:
+            raise ValueError(f"contrastive_terms must be a subset of ('cscl', 'macl'), got {self.contrastive_terms}")
         positive = ("steps", "batch_size", "grad_accum", "target_size", "reference_size", "save_every", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:

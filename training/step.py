@@ -106,7 +106,8 @@ class TrainingModule(nn.Module):
         state.contexts = state.visual_tokens = None
         # each process sees all negatives but back-propagates only its rows; DDP averages over processes,
         # so the contrastive weight is scaled by the process count to give the single-process gradient
-        loss = total_loss(terms, lambda_contrast=cfg.lambda_contrast * world, lambda_loc=cfg.lambda_loc)
+        trained = {k: v for k, v in terms.items() if k not in ("cscl", "macl") or k in cfg.contrastive_terms}
+        loss = total_loss(trained, lambda_contrast=cfg.lambda_contrast * world, lambda_loc=cfg.lambda_loc)
         return loss, terms
 
     def _added_conditions(self, tokens, b: int, device: torch.device) -> dict[str, Tensor] | None:
