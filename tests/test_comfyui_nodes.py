@@ -196,3 +196,57 @@ def test_sd15_checkpoint_refused_on_sdxl_model(env, loaded):
     fake = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(unet_config={"context_dim": 2048})))
     with pytest.raises(ValueError, match="checkpoint is for SD15, the MODEL is SDXL"):
         apply_module.check_model(fake, loaded["customcontrast"])
+
+
+def test_cfg_one_batch_two_and_two_chained_apply_nodes(env, loaded, photo):
+    """cfg 1 (no uncond chunk), a batch of 2 latents, and a second Apply on the already patched model."""
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    patched, positive = apply(env, loaded, subject)
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    out = env.nodes.common_ksampler(patched, 0, 2, 1.0, "euler", "normal", positive, negative, latent)[0]["samples"]
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    patch = patched.model_options["transformer_options"]["customcontrast"][-1]
+    assert len(patch.last_masks) == 2 and patch.last_masks[0][1][0].shape[0] == 2   # one mask per latent
+
+    chained, positive2 = apply(env, dict(loaded, model=patched), subject, prompt="<subject> in the snow", weight=0.5)
+    replaces = chained.model_options["transformer_options"]["patches_replace"]["attn2"]
+    assert len(replaces) == 16 and all(len(r.patches) == 2 for r in replaces.values())
+    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].patches) == 1
+    both = sample(env, chained, positive2, negative)
+    only_second = sample(env, apply(env, loaded, subject, prompt="<subject> in the snow", weight=0.5)[0],
+                         positive2, negative)
+    assert torch.isfinite(both).all() and (both - only_second).abs().max() > 1e-4   # the first patch still acts
+
+
+class FakeIPAdapterReplace:
+    """The duck type of ComfyUI_IPAdapter_plus' Attn2Replace: callback and kwargs lists, add()."""
+
+    def __init__(self, callback, **kwargs):
+        self.callback, self.kwargs = [callback], [kwargs]
+
+    def add(self, callback, **kwargs):
+        self.callback.append(callback)
+        self.kwargs.append(kwargs)
+
+
+def test_ipadapter_callbacks_are_adopted_and_can_chain_after(env, loaded, photo):
+    import sys
+
+    patch_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply", ".patch")]
+    offset = lambda out, q, k, v, extra_options, **kw: torch.full_like(out, kw["weight"])  # noqa: E731
+    before = loaded["model"].clone()
+    before.set_model_attn2_replace(FakeIPAdapterReplace(offset, weight=0.25, sigma_start=1e9, sigma_end=0.0),
+                                   "input", 1, 0)
+    patched, _ = apply(env, dict(loaded, model=before), encode(env, loaded, photo))
+    replace = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    assert isinstance(replace, patch_module.Attn2Replace) and len(replace.callback) == 1
+    # IPAdapter applied after CustomContrast calls add() on our object: its output is added in its sigma window
+    replace.add(offset, weight=0.5, sigma_start=3.0, sigma_end=1.0)
+    q, k, v = torch.randn(1, 16, 320), torch.randn(1, 77, 320), torch.randn(1, 77, 320)
+    options = {"n_heads": 8, "sigmas": torch.tensor([2.0]), "block": ("input", 1), "block_index": 0,
+               "cond_or_uncond": [1], "activations_shape": [1, 320, 4, 4]}
+    plain = patch_module.Attn2Replace()(q, k, v, options)
+    torch.testing.assert_close(replace(q, k, v, options) - plain, torch.full_like(plain, 0.75))
+    options["sigmas"] = torch.tensor([5.0])    # outside the second callback's window
+    torch.testing.assert_close(replace(q, k, v, options) - plain, torch.full_like(plain, 0.25))

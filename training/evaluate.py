@@ -68,9 +68,24 @@ def build(args, extra: dict):
     frozen = build_from_paths(info.config, ModelPaths(**extra.get("paths", {})))
     masker = None
     if extra.get("sam"):
-        from .data.masks import SamMasker
-        masker = SamMasker(extra["sam"], extra.get("sam_type", "vit_b"), cache_dir=args.out / "masks")
+        from .data.masks import GroundingDinoBoxes, SamMasker
+        sam = SamMasker(extra["sam"], extra.get("sam_type", "vit_b"), cache_dir=args.out / "masks")
+        boxes = GroundingDinoBoxes(extra["grounding_dino"]) if extra.get("grounding_dino") else None
+        masker = sam if boxes is None else _BoxedMasker(sam, boxes, {s.name: s.cls for s in
+                                                                     load_subjects(args.subjects_root)})
     return frozen, model, ClipScorer("ViT-B-32", extra.get("clip_weights")), DinoScorer(extra.get("dino_dir")), masker
+
+
+class _BoxedMasker:
+    """SAM prompted by GroundingDINO's box for the class word (whole image when nothing is found)."""
+
+    def __init__(self, sam, boxes, classes: dict[str, str]) -> None:
+        self.sam, self.boxes, self.classes = sam, boxes, classes   # subject folder name -> class word
+
+    def __call__(self, path: Path) -> Path:
+        cls = self.classes.get(Path(path).parent.name)   # references and generations both sit in <subject>/
+        box = self.boxes(path, cls) if cls else None
+        return self.sam(path, box)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
