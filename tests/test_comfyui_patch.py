@@ -138,3 +138,20 @@ def test_uncond_rows_use_blank_visual_tokens_and_base_text(env):
     cond, _ = comfy_forward(unet, patch, x, torch.tensor([500.0]), context, 5.0)
     torch.testing.assert_close(both[1:], cond, atol=1e-5, rtol=1e-5)   # batching with uncond changes nothing
     assert (both[0] - cond[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_unet_matches_fp32(env, dtype):
+    """q/k/v arrive in the UNet's dtype; the patch computes in fp32 and returns the UNet's dtype."""
+    config = get_preset("tiny")
+    torch.manual_seed(0)
+    unet = comfy_twin(tiny_unet(config), config)
+    model = CustomContrastModel(config).eval()
+    context = torch.randn(1, 77, config.context_dim)
+    patch, _ = make_patch(model, config, context, 5.0)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
+    full, _ = comfy_forward(unet, patch, x, t, context, 5.0)
+    patch.cache[5.0].contexts = patch.cache[5.0].contexts.to(dtype)
+    half, calls = comfy_forward(unet.to(dtype), patch, x.to(dtype), t, context.to(dtype), 5.0)
+    assert half.dtype == dtype and len(calls) == 16
+    assert (half.float() - full).abs().max() < 0.1 * full.abs().max()

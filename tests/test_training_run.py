@@ -68,3 +68,10 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert state.find_checkpoint(root, "latest") == before
     assert not [p for p in root.iterdir() if p.name.startswith(".")]      # no half-written folder left
     assert (before / "trainable.safetensors").is_file()
+
+
+def test_bf16_autocast_keeps_fp32_trainable_weights(tmp_path):
+    path = train(tmp_path, "bf16", 2, "--set", 'mixed_precision="bf16"')
+    rows = [json.loads(line) for line in (tmp_path / "bf16" / "logs" / "history.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert all(t.dtype == torch.float32 for t in weights(path).values())

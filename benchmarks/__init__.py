@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks (print ratios, write JSON)."""
