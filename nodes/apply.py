@@ -89,7 +89,7 @@ def install(model, patch: SubjectPatch, customcontrast: LoadedCustomContrast):
 
 def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], prompt: str, weight: float,
                          start_percent: float, end_percent: float, use_mask: bool, mask_mode: str,
-                         mask_threshold: float, attn_mask=None):
+                         mask_threshold: float, attn_mask=None, splus_buckets: int = 0):
     """Builds the patch of one Apply node; returns the patched MODEL and the positive CONDITIONING."""
     if start_percent > end_percent:
         raise ValueError(f"start_percent ({start_percent}) must not be after end_percent ({end_percent})")
@@ -109,7 +109,7 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
         gamma=weight, sigma_start=float(sampling.percent_to_sigma(start_percent)),
         sigma_end=float(sampling.percent_to_sigma(end_percent)), use_mask=use_mask,
         mask=MaskConfig(mode=mask_mode, threshold=mask_threshold, topk_ratio=mask_threshold),
-        user_mask=user_mask)
+        user_mask=user_mask, splus_buckets=splus_buckets)
     encoder = customcontrast.model.encoder
     with torch.no_grad():
         first = sampling.timestep(sampling.sigma_max.reshape(1)).float()
@@ -151,6 +151,9 @@ class CustomContrastApply(io.ComfyNode):
                                tooltip="soft: keep values above the threshold; topk: keep the top fraction."),
                 io.Float.Input("mask_threshold", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="soft: values below are set to 0; topk: the fraction of the image kept."),
+                io.Int.Input("splus_buckets", default=0, min=0, max=1000, optional=True,
+                             tooltip="0: re-encode S+ at every step (paper). N > 0: encode S+ once per each of "
+                                     "N timestep ranges and reuse it (faster, approximate)."),
                 SUBJECT.Input("subject2", optional=True, tooltip="A second subject, for <subject2>."),
                 SUBJECT.Input("subject3", optional=True, tooltip="A third subject, for <subject3>."),
                 io.Mask.Input("attn_mask", optional=True, tooltip="Where the subject may appear; intersected "
@@ -162,9 +165,10 @@ class CustomContrastApply(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, customcontrast, subject, prompt, weight, start_percent, end_percent, use_mask,
-                mask_mode, mask_threshold, subject2=None, subject3=None, attn_mask=None) -> io.NodeOutput:
+                mask_mode, mask_threshold, subject2=None, subject3=None, attn_mask=None,
+                splus_buckets=0) -> io.NodeOutput:
         subjects = [s for s in (subject, subject2, subject3) if s is not None]
         patched, positive = apply_customcontrast(model, clip, customcontrast, subjects, prompt, weight,
                                                  start_percent, end_percent, use_mask, mask_mode,
-                                                 mask_threshold, attn_mask)
+                                                 mask_threshold, attn_mask, splus_buckets)
         return io.NodeOutput(patched, positive)

@@ -34,6 +34,7 @@ class ApplySettings:
     mask: MaskConfig = MaskConfig()
     capture_downsample: tuple[int, ...] = (2, 4)   # 16x16 and 32x32 layers at 512 px
     user_mask: Tensor | None = None       # (1 or B, H, W) intersected with the propagated mask
+    splus_buckets: int = 0                # 0: S+ re-encoded at every new sigma (paper); N: N timestep buckets
 
     def __post_init__(self) -> None:
         if self.sigma_end > self.sigma_start:
@@ -92,23 +93,34 @@ class SubjectPatch:
     def active(self, sigma: float) -> bool:
         return self.settings.sigma_end <= sigma <= self.settings.sigma_start
 
+    def _cache_key(self, sigma: float) -> tuple[float, Tensor]:
+        """The cache key and the timestep to encode: the sigma's own, or the centre of its bucket."""
+        t = self.timestep_of(torch.tensor([sigma])).float()
+        n = self.settings.splus_buckets
+        if n <= 0:
+            return sigma, t
+        width = 1000.0 / n
+        bucket = min(int(t.item() // width), n - 1)
+        return float(-1 - bucket), torch.tensor([(bucket + 0.5) * width])   # negative keys: never a real sigma
+
     def encodings(self, sigma: float, device: torch.device) -> Encodings:
-        """S+ contexts and visual tokens for one sigma, computed once per sampling run."""
-        if sigma in self.cache:
-            return self.cache[sigma]
+        """S+ contexts and visual tokens for one sigma (or its bucket), computed once per sampling run."""
+        key, timestep = self._cache_key(sigma)
+        if key in self.cache:
+            return self.cache[key]
         encoder = self.model.encoder
         dtype = next(encoder.parameters()).dtype
         with torch.no_grad():
             if self._images is None or self._images[0].features.device != device:
                 self._images = [encoder.encode_image(h.to(device, dtype)) for h in self.subjects]
                 self._blank = encoder.encode_image(self.blank.to(device, dtype))
-            t = self.timestep_of(torch.tensor([sigma])).to(device, dtype)
+            t = timestep.to(device, dtype)
             subject = [encoder.encode_timestep(image, t) for image in self._images]
             blank = encoder.encode_timestep(self._blank, t)
             contexts, _ = encode_splus(self.clip, self.prompt, [s.splus[0] for s in subject])
         enc = Encodings(contexts=contexts.to(device), visual=[s.visual_tokens for s in subject],
                         blank_visual=[blank.visual_tokens] * len(subject))
-        self.cache[sigma] = enc
+        self.cache[key] = enc
         return enc
 
     def _begin(self, extra_options: dict) -> float:

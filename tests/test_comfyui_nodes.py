@@ -250,3 +250,16 @@ def test_ipadapter_callbacks_are_adopted_and_can_chain_after(env, loaded, photo)
     torch.testing.assert_close(replace(q, k, v, options) - plain, torch.full_like(plain, 0.75))
     options["sigmas"] = torch.tensor([5.0])    # outside the second callback's window
     torch.testing.assert_close(replace(q, k, v, options) - plain, torch.full_like(plain, 0.25))
+
+
+def test_splus_buckets_encode_once_per_bucket(env, loaded, photo):
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    exact, positive = apply(env, loaded, subject)
+    fast, positive_fast = apply(env, loaded, subject, splus_buckets=1)
+    a = sample(env, exact, positive, negative, steps=3)
+    b = sample(env, fast, positive_fast, negative, steps=3)
+    exact_patch = exact.model_options["transformer_options"]["customcontrast"][-1]
+    fast_patch = fast.model_options["transformer_options"]["customcontrast"][-1]
+    assert len(exact_patch.cache) == 3 and len(fast_patch.cache) == 1    # text-encoder calls per run
+    assert torch.isfinite(b).all() and (a - b).abs().max() > 0              # approximate, documented
