@@ -76,6 +76,11 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one global state per process; a second train() in the same process (tests, notebooks,
+    # the ablation) may ask for another precision, so the mixed-precision state is reset (the process group is kept)
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
