@@ -9,5 +9,5 @@ if _ROOT not in sys.path:
 
 async def comfy_entrypoint():
     """Returns the CustomContrast ComfyExtension (ComfyUI V3 node API)."""
-    from .nodes import CustomContrastExtension
+    from .nodes.extension import CustomContrastExtension
     return CustomContrastExtension()

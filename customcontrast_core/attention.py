@@ -6,9 +6,10 @@ For one cross-attention layer with queries Q from the latent,
         + sum_s gamma_s * M_s ⊙ softmax(Q K_s^T * scale) V_s
 
 where K_t, V_t come from the prompt encoded with this layer's S+ token and K_s, V_s are the subject's
-visual tokens projected by W_k^v, W_v^v. The text branch is computed explicitly in fp32 (77-ish keys:
-cheap) so that the placeholder probabilities can be biased and captured; the log-bias is the same as
-multiplying the placeholder's probability by M and renormalising each row.
+visual tokens projected by W_k^v, W_v^v. The log-bias is the same as multiplying the placeholder's
+probability by M and renormalising each row. Layers whose maps are captured compute the text branch
+explicitly in fp32 (77-ish keys: cheap) to read the placeholder probabilities; the others run fused
+SDPA with the bias as a float attention mask (same function, the inputs' precision).
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def _placeholder_bias(
 ) -> Tensor | None:
     """Builds the additive log max(M, eps) bias on every subject's placeholder columns (Eq. 3).
 
-    Shapes: -> (B, N, T) fp32, or None when no subject has both a mask and columns.
+    Shapes: -> (B, N, T) fp32, or None when no subject has both a mask and columns. Columns are
+    written one integer index at a time: no index tensor is copied to the device.
     """
     bias = None
     for subject in subjects:
@@ -116,9 +118,29 @@ def _placeholder_bias(
             bias = torch.zeros(batch, queries, keys, device=device)
         log_mask = torch.log(subject.mask.to(device=device, dtype=torch.float32).clamp_min(eps))
         log_mask = log_mask.expand(batch, queries) * _row_weights(subject, batch, device)   # (B, N)
-        columns = torch.tensor(subject.columns, device=device)
-        bias[:, :, columns] += rearrange(log_mask, "b n -> b n 1")
+        for column in subject.columns:
+            bias[:, :, column] += log_mask
     return bias
+
+
+def _text_branch(qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None, scale: float,
+                 probabilities: bool) -> tuple[Tensor, Tensor | None]:
+    """Text cross-attention with the additive placeholder bias.
+
+    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), bias (B, N, T) or None -> out (B, N, H*D) and, when
+    asked, the probabilities (B, H, N, T) fp32. Without probabilities it runs fused SDPA in the
+    inputs' dtype (the bias as a float attention mask), else explicit fp32.
+    """
+    if not probabilities:
+        mask = None if bias is None else rearrange(bias, "b i j -> b 1 i j").to(qh.dtype)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        return rearrange(out, "b h n d -> b n (h d)"), None
+    sim = einsum(qh.float(), kh.float(), "b h i d, b h j d -> b h i j") * scale                # (B, H, N, T)
+    if bias is not None:
+        sim = sim + rearrange(bias, "b i j -> b 1 i j")
+    probs = sim.softmax(dim=-1)
+    out = einsum(probs, vh.float(), "b h i j, b h j d -> b h i d")
+    return rearrange(out, "b h n d -> b n (h d)"), probs
 
 
 def _visual_branch(
@@ -126,16 +148,15 @@ def _visual_branch(
 ) -> tuple[Tensor, Tensor | None]:
     """Attends the latent queries to one subject's visual tokens (Eq. 3, second term).
 
-    Shapes: q (B, N, H*D), qh (B, H, N, D) fp32 -> out (B, N, H*D) fp32, map (B, N) fp32 or None.
+    Shapes: q (B, N, H*D), qh (B, H, N, D) (fp32 when capturing) -> out (B, N, H*D) fp32, map (B, N)
+    fp32 or None.
     """
     batch = q.shape[0]
     vk = rearrange(subject.visual_k, "b s (h d) -> b h s d", h=heads).to(q.device)
     vv = rearrange(subject.visual_v, "b s (h d) -> b h s d", h=heads).to(q.device)
     vk, vv = vk.expand(batch, -1, -1, -1), vv.expand(batch, -1, -1, -1)
     if not capture:
-        out = F.scaled_dot_product_attention(
-            rearrange(q, "b n (h d) -> b h n d", h=heads), vk.to(q.dtype), vv.to(q.dtype), scale=scale
-        )
+        out = F.scaled_dot_product_attention(qh.to(q.dtype), vk.to(q.dtype), vv.to(q.dtype), scale=scale)
         return rearrange(out, "b h n d -> b n (h d)").float(), None
 
     # explicit fp32 logits: the output normalises over visual tokens, the map over space
@@ -174,23 +195,18 @@ def customcontrast_attention(
     batch, queries, inner = q.shape
     scale = (inner // heads) ** -0.5 if scale is None else scale
 
-    # text branch, explicit fp32 with the placeholder log-bias
-    qh = rearrange(q.float(), "b n (h d) -> b h n d", h=heads)
-    kh = rearrange(k.float(), "b t (h d) -> b h t d", h=heads)
-    vh = rearrange(v.float(), "b t (h d) -> b h t d", h=heads)
-    sim = einsum(qh, kh, "b h i d, b h j d -> b h i j") * scale                          # (B, H, N, T)
+    # text branch with the placeholder log-bias (explicit fp32 only where its probabilities are captured)
+    qh, kh, vh = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
     bias = _placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device)
-    if bias is not None:
-        sim = sim + rearrange(bias, "b i j -> b 1 i j")
-    probs = sim.softmax(dim=-1)
-    out = rearrange(einsum(probs, vh, "b h i j, b h j d -> b h i d"), "b h n d -> b n (h d)")
+    out, probs = _text_branch(qh, kh, vh, bias, scale, probabilities=capture)
+    out = out.float()
 
     # visual branches, each under its own mask
     maps: list[SubjectMaps] | None = [] if capture else None
     for subject in subjects:
         if subject.gamma == 0 and not capture:
             continue
-        visual, where = _visual_branch(q, qh, subject, heads, scale, capture)
+        visual, where = _visual_branch(q, qh.float() if capture else qh, subject, heads, scale, capture)
         if subject.gamma != 0:
             weight = subject.gamma
             if subject.mask is not None:
@@ -199,8 +215,7 @@ def customcontrast_attention(
         if maps is not None:
             text = torch.zeros(batch, queries, device=q.device)
             if subject.columns:
-                columns = torch.tensor(subject.columns, device=q.device)
-                text = reduce(probs[..., columns], "b h n c -> b n", "sum") / heads
+                text = sum(reduce(probs[..., c], "b h n -> b n", "sum") for c in subject.columns) / heads
                 text = text * _row_weights(subject, batch, q.device)
             maps.append(SubjectMaps(text=text, visual=where))
     return out.to(q.dtype), maps

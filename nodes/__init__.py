@@ -1,16 +1,5 @@
-"""ComfyUI nodes of CustomContrast (V3 API); imported only by ComfyUI through ``comfy_entrypoint``."""
-from comfy_api.latest import ComfyExtension, io
+"""ComfyUI nodes of CustomContrast (V3 API).
 
-from .apply import CustomContrastApply
-from .loader import CustomContrastLoader
-from .preview import CustomContrastMaskPreview
-from .subject import CustomContrastEncodeSubject
-
-NODES = [CustomContrastLoader, CustomContrastEncodeSubject, CustomContrastApply, CustomContrastMaskPreview]
-
-
-class CustomContrastExtension(ComfyExtension):
-    """Registers every CustomContrast node."""
-
-    async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return NODES
+``extension`` registers the nodes (imported by ComfyUI through ``comfy_entrypoint``); ``install``
+and ``patch`` hold the patching logic and import no ComfyUI module at import time.
+"""

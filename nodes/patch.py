@@ -20,7 +20,8 @@ from customcontrast_core.masks import MaskConfig, intersect_user_mask, resize_ma
 from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel
 
-from .text_encode import PlaceholderPrompt, encode_splus, reorder_for
+from .encodings import PROMPTS_PER_CALL, Encodings, encode_timesteps, encoding_key, window
+from .text_encode import PlaceholderPrompt, reorder_for
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,18 @@ class ApplySettings:
 
 
 @dataclass
-class Encodings:
-    """Everything one sigma needs, on the sampling device."""
+class _Evaluation:
+    """What every layer of one model evaluation shares, computed by its first layer (no per-layer syncs)."""
 
-    contexts: Tensor                 # (G, L, C) prompt with each group's S+ tokens (all subjects)
-    visual: list[Tensor]             # per subject (1, m, C) TV-fused visual tokens
-    blank_visual: list[Tensor]       # per subject (1, m, C) for uncond rows (blank reference)
+    sigmas: Tensor                   # extra_options["sigmas"] of this evaluation (held: identity is the key)
+    sigma: float
+    context: Tensor | None = None    # the context whose cond rows were checked
+    chunks: tuple[int, ...] = ()
+    swap: Tensor | None = None       # (B,) bool: rows whose context is the Apply node's prompt
+    swapped_chunks: tuple[int, ...] = ()
+    kinds: Tensor | None = None      # (B,) long: 0 for cond rows, 1 for uncond rows
+    masks: dict = field(default_factory=dict)   # (subject, grid) -> (B, N) layer mask
+    encodings: Encodings | None = None
 
 
 @dataclass
@@ -66,13 +73,19 @@ class SubjectPatch:
     cache: dict[float, Encodings] = field(default_factory=dict)
     tracker: MaskTracker | None = None
     last_masks: list[tuple[float, list[Tensor]]] = field(default_factory=list)
+    encode_calls: int = 0                    # batched text-encoder calls since the last reset
     _images: list[ImageFeatures] | None = None
     _blank: ImageFeatures | None = None
-    _swapped: Tensor | None = None
-    _sigma: float | None = None
+    _eval: _Evaluation | None = None
+    _schedule: tuple[Tensor | None, list[float]] = (None, [])
+    _base: dict = field(default_factory=dict)
+    _keys: dict = field(default_factory=dict)   # sigma -> (cache key, timestep): timestep_of reads the device
 
     def __post_init__(self) -> None:
         self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects))
+        config = self.model.config
+        group_of = {layer.name: group for layer, group in zip(config.layers, config.layer_groups)}
+        self.groups = {key: group_of[layer.name] for key, layer in self.layers.items()}
 
     def __deepcopy__(self, memo) -> "SubjectPatch":
         return self   # ModelPatcher.clone deep-copies model_options: share weights and state
@@ -85,7 +98,9 @@ class SubjectPatch:
             self.last_masks = self.tracker.history()
         self.cache.clear()
         self.tracker.reset()
-        self._sigma = None
+        self.encode_calls = 0
+        self._eval = None
+        self._schedule = (None, [])
 
     def finish(self) -> None:
         self.last_masks = self.tracker.history()
@@ -93,74 +108,113 @@ class SubjectPatch:
     def active(self, sigma: float) -> bool:
         return self.settings.sigma_end <= sigma <= self.settings.sigma_start
 
-    def _cache_key(self, sigma: float) -> tuple[float, Tensor]:
-        """The cache key and the timestep to encode: the sigma's own, or the centre of its bucket."""
-        t = self.timestep_of(torch.tensor([sigma])).float()
-        n = self.settings.splus_buckets
-        if n <= 0:
-            return sigma, t
-        width = 1000.0 / n
-        bucket = min(int(t.item() // width), n - 1)
-        return float(-1 - bucket), torch.tensor([(bucket + 0.5) * width])   # negative keys: never a real sigma
+    def _schedule_of(self, extra_options: dict) -> list[float]:
+        """The run's sigmas as floats (one device read per run), or [] when ComfyUI gives none."""
+        sigmas = extra_options.get("sample_sigmas")
+        if sigmas is None:
+            return []
+        if sigmas is not self._schedule[0]:
+            self._schedule = (sigmas, [float(s) for s in sigmas.detach().flatten().cpu()])
+        return self._schedule[1]
 
-    def encodings(self, sigma: float, device: torch.device) -> Encodings:
-        """S+ contexts and visual tokens for one sigma (or its bucket), computed once per sampling run."""
-        key, timestep = self._cache_key(sigma)
+    def encodings(self, sigma: float, device: torch.device, extra_options: dict | None = None) -> Encodings:
+        """S+ contexts and visual tokens of one sigma (or its bucket); encoded with the next sigmas of the
+        schedule in one batched call when the sigma is not cached yet (see ``encodings.py``)."""
+        buckets = self.settings.splus_buckets
+        key, _ = self._key(sigma)
         if key in self.cache:
             return self.cache[key]
         encoder = self.model.encoder
         dtype = next(encoder.parameters()).dtype
-        with torch.no_grad():
-            if self._images is None or self._images[0].features.device != device:
+        if self._images is None or self._images[0].features.device != device:
+            with torch.no_grad():
                 self._images = [encoder.encode_image(h.to(device, dtype)) for h in self.subjects]
                 self._blank = encoder.encode_image(self.blank.to(device, dtype))
-            t = timestep.to(device, dtype)
-            subject = [encoder.encode_timestep(image, t) for image in self._images]
-            blank = encoder.encode_timestep(self._blank, t)
-            contexts, _ = encode_splus(self.clip, self.prompt, [s.splus[0] for s in subject])
-        enc = Encodings(contexts=contexts.to(device), visual=[s.visual_tokens for s in subject],
-                        blank_visual=[blank.visual_tokens] * len(subject))
-        self.cache[key] = enc
-        return enc
+        schedule = self._schedule_of(extra_options or {}) if buckets <= 0 else []
+        per_call = max(1, PROMPTS_PER_CALL // self.model.config.num_groups)
+        sigmas = window(sigma, schedule, self.active, per_call)
+        keys = {}
+        for s in sigmas:
+            k, t = self._key(s)
+            if k not in self.cache:
+                keys.setdefault(k, t)
+        if buckets <= 0:   # the run only moves to smaller sigmas (Restart samplers re-encode on the way up)
+            for old in [k for k in self.cache if k > sigma]:
+                del self.cache[old]
+        fresh = encode_timesteps(encoder, self.clip, self.prompt, self._images, self._blank,
+                                 list(keys.values()), device)
+        self.encode_calls += 1
+        self.cache.update(zip(keys, fresh))
+        return self.cache[key]
 
-    def _begin(self, extra_options: dict) -> float:
-        sigma = float(extra_options["sigmas"].detach().flatten()[0])
-        if sigma != self._sigma:
-            self._sigma = sigma
-            if self.settings.use_mask:
+    def _key(self, sigma: float) -> tuple[float, float]:
+        if sigma not in self._keys:
+            self._keys[sigma] = encoding_key(sigma, self.timestep_of, self.settings.splus_buckets)
+        return self._keys[sigma]
+
+    def _encodings_of(self, ev: _Evaluation, device: torch.device, extra_options: dict) -> Encodings:
+        """The evaluation's encodings, looked up once by its first layer."""
+        if ev.encodings is None:
+            ev.encodings = self.encodings(ev.sigma, device, extra_options)
+        return ev.encodings
+
+    def _evaluation(self, extra_options: dict) -> _Evaluation:
+        """This evaluation's shared state; starts a new one (and the mask tracker's step) when sigmas change."""
+        sigmas = extra_options["sigmas"]
+        if self._eval is None or sigmas is not self._eval.sigmas:
+            sigma = float(sigmas.detach().flatten()[0])
+            previous = self._eval.sigma if self._eval is not None else None
+            self._eval = _Evaluation(sigmas=sigmas, sigma=sigma)
+            if sigma != previous and self.settings.use_mask:
                 self.tracker.begin(sigma)
-        return sigma
+        return self._eval
+
+    def _base_for(self, context: Tensor) -> Tensor:
+        key = (context.device, context.dtype, context.shape[1])
+        if key not in self._base:
+            self._base[key] = reorder_for(self.base_context.to(context.device, context.dtype), context.shape[1])[0]
+        return self._base[key]
+
+    def _check_rows(self, ev: _Evaluation, context: Tensor, chunks: tuple[int, ...]) -> None:
+        """Finds the cond chunks that carry this Apply node's prompt (once per evaluation and context)."""
+        if ev.context is context and ev.chunks == chunks:
+            return
+        b = context.shape[0] // len(chunks)
+        base = self._base_for(context)
+        swapped = tuple(i for i, kind in enumerate(chunks) if kind == 0 and torch.allclose(
+            context[i * b:(i + 1) * b], base.expand(b, -1, -1), atol=1e-2, rtol=1e-2))
+        swap = torch.zeros(len(chunks), dtype=torch.bool)
+        swap[list(swapped)] = True
+        kinds = torch.tensor([0 if kind == 0 else 1 for kind in chunks])
+        ev.context, ev.chunks, ev.swapped_chunks = context, chunks, swapped
+        ev.swap = swap.repeat_interleave(b).to(context.device, non_blocking=True)
+        ev.kinds = kinds.repeat_interleave(b).to(context.device, non_blocking=True)
+        ev.masks.clear()
 
     # attn2_patch: swap the cond context for this layer's S+ prompt
 
     def swap_context(self, n: Tensor, context: Tensor, value: Tensor | None, extra_options: dict):
         key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
-        self._swapped = None
-        layer = self.layers.get(key)
-        if layer is None:
+        if key not in self.layers:
             return n, context, value
-        sigma = self._begin(extra_options)
-        if not self.active(sigma):
+        ev = self._evaluation(extra_options)
+        if not self.active(ev.sigma):
             return n, context, value
-        chunks = extra_options["cond_or_uncond"]
-        b = context.shape[0] // len(chunks)
-        base = reorder_for(self.base_context.to(context.device, context.dtype), context.shape[1])[0]
-        swap = torch.zeros(context.shape[0], dtype=torch.bool, device=context.device)
-        for i, kind in enumerate(chunks):
-            rows = slice(i * b, (i + 1) * b)
-            if kind == 0 and torch.allclose(context[rows], base.expand(b, -1, -1), atol=1e-2, rtol=1e-2):
-                swap[rows] = True
-        if not swap.any():
+        self._check_rows(ev, context, tuple(extra_options["cond_or_uncond"]))
+        if not ev.swapped_chunks:
             return n, context, value
-        enc = self.encodings(sigma, context.device)
-        group = self.model.config.layer_groups[[l.name for l in self.model.config.layers].index(layer.name)]
-        ours = reorder_for(enc.contexts[group:group + 1], context.shape[1]).to(context.dtype)
-        swapped = torch.where(swap[:, None, None], ours.expand_as(context), context)
+        enc = self._encodings_of(ev, context.device, extra_options)
+        group, length = self.groups[key], context.shape[1]
+        prepared = (group, length, context.dtype)
+        if prepared not in enc.prepared:
+            enc.prepared[prepared] = reorder_for(enc.contexts[group:group + 1], length).to(context.dtype)
+        ours = enc.prepared[prepared]
+        swap = ev.swap[:, None, None]
+        swapped = torch.where(swap, ours.expand_as(context), context)
         if value is not None and value is not context and value.shape == context.shape:
-            value = torch.where(swap[:, None, None], ours.expand_as(value), value)
+            value = torch.where(swap, ours.expand_as(value), value)
         else:
             value = swapped   # ComfyUI passes value = context: V must come from the S+ prompt too
-        self._swapped = swap
         return n, swapped, value
 
     # attn2 replace: text attention with placeholder bias + masked visual branches
@@ -168,38 +222,44 @@ class SubjectPatch:
     def attention(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor | None:
         key = (extra_options["block"][0], extra_options["block"][1], extra_options["block_index"])
         layer = self.layers.get(key)
-        if layer is None or self._sigma is None or not self.active(self._sigma):
+        ev = self._eval
+        if layer is None or ev is None or not self.active(ev.sigma):
             return None
-        enc = self.encodings(self._sigma, q.device)
-        chunks = extra_options["cond_or_uncond"]
+        chunks = tuple(extra_options["cond_or_uncond"])
+        if ev.kinds is None or ev.chunks != chunks or ev.kinds.shape[0] != q.shape[0]:
+            return None   # the swap did not see this batch: leave the layer alone
+        enc = self._encodings_of(ev, q.device, extra_options)
         b = q.shape[0] // len(chunks)
-        cond_rows = torch.tensor([kind == 0 for kind in chunks for _ in range(b)], device=q.device)
-        text_rows = self._swapped if self._swapped is not None else torch.zeros_like(cond_rows)
+        text_rows = ev.swap
         h, w = extra_options["activations_shape"][-2:]
-        masks = self.tracker.mask_for(self._sigma) if self.settings.use_mask else None
+        masks = self.tracker.mask_for(ev.sigma) if self.settings.use_mask else None
         repeats = k.shape[1] // self.prompt.length
+        projection = self.model.visual_kv[layer.name]
+        weight_dtype = self.model.encoder.proj_in.weight.dtype
         branches = []
         for s in range(len(self.subjects)):
-            tokens = torch.cat([(enc.visual[s] if kind == 0 else enc.blank_visual[s]).expand(b, -1, -1)
-                                for kind in chunks]).to(q.dtype)
-            visual_k, visual_v = self.model.visual_kv[layer.name](tokens.to(self.model.encoder.proj_in.weight.dtype))
-            mask = self._layer_mask(masks[s] if masks else None, (h, w), b, len(chunks), q.device)
+            tokens = torch.cat([enc.visual[s], enc.blank_visual[s]]).to(q.device, weight_dtype)   # (2, m, C)
+            visual_k, visual_v = (x.index_select(0, ev.kinds).to(q.dtype) for x in projection(tokens))
+            mask = self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device)
             columns = tuple(c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s))
-            branches.append(SubjectBranch(visual_k.to(q.dtype), visual_v.to(q.dtype), gamma=self.settings.gamma,
+            branches.append(SubjectBranch(visual_k, visual_v, gamma=self.settings.gamma,
                                           mask=mask, columns=columns, text_rows=text_rows))
-        capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample and bool(text_rows.any())
+        capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
+            and bool(ev.swapped_chunks)
         out, maps = customcontrast_attention(q, k, v, heads=extra_options["n_heads"], subjects=branches,
                                              eps=self.settings.mask.eps, capture=capture)
         if maps:
             for s, m in enumerate(maps):
-                self.tracker.add(s, _per_latent(m, text_rows, b), (h, w))
+                self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
         return out
 
-    def _layer_mask(self, mask: Tensor | None, grid: tuple[int, int], b: int, n_chunks: int,
-                    device: torch.device) -> Tensor | None:
+    def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
+                    n_chunks: int, device: torch.device) -> Tensor | None:
         user = self.settings.user_mask
         if mask is None and user is None:
             return None
+        if (subject, grid) in ev.masks:
+            return ev.masks[(subject, grid)]
         if mask is None:
             mask = torch.ones(1, *grid, device=device)
         mask = mask.to(device)
@@ -207,14 +267,14 @@ class SubjectPatch:
             mask = intersect_user_mask(mask, user.to(device))
         flat = resize_mask(mask, grid)                          # (B or 1, N)
         flat = flat.expand(b, -1) if flat.shape[0] == 1 else flat[:b]
-        return flat.repeat(n_chunks, 1)
+        ev.masks[(subject, grid)] = flat = flat.repeat(n_chunks, 1)
+        return flat
 
 
-def _per_latent(maps: SubjectMaps, text_rows: Tensor, b: int) -> SubjectMaps:
+def _per_latent(maps: SubjectMaps, chunks: tuple[int, ...], b: int) -> SubjectMaps:
     """Averages the maps of the swapped (cond) chunks into one map per latent. Shapes: (B_total, N) -> (B, N)."""
-    rows = text_rows.view(-1, b)[:, 0]
-    text = maps.text.view(-1, b, maps.text.shape[-1])[rows].mean(0)
-    visual = maps.visual.view(-1, b, maps.visual.shape[-1])[rows].mean(0)
+    text = torch.stack([maps.text[i * b:(i + 1) * b] for i in chunks]).mean(0)
+    visual = torch.stack([maps.visual[i * b:(i + 1) * b] for i in chunks]).mean(0)
     return SubjectMaps(text=text, visual=visual)
 
 

@@ -150,3 +150,19 @@ def test_bad_inputs_raise_value_error_naming_shapes():
         customcontrast_attention(q, k, v, heads=heads, subjects=[SubjectBranch(vk, vv, columns=(T,))])
     with pytest.raises(ValueError, match="divisible"):
         customcontrast_attention(q, k, v, heads=3)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_fused_path_equals_explicit_capture_path(dtype, tol):
+    """Layers that capture no maps run fused SDPA with the bias as a float mask: same output as the explicit path."""
+    heads = 4
+    q, k, v = (x.to(dtype) for x in _inputs(heads, seed=8))
+    g = torch.Generator().manual_seed(9)
+    mask = torch.rand(B, N, generator=g)
+    mask[1, :5] = 0.0
+    vk, vv = (x.to(dtype) for x in _visual(heads, seed=10))
+    subject = SubjectBranch(vk, vv, gamma=0.8, mask=mask, columns=(3, 7), text_rows=torch.tensor([True, False]))
+    fused, none = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=False)
+    explicit, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=True)
+    assert none is None and len(maps) == 1 and fused.dtype == dtype
+    assert (fused.float() - explicit.float()).abs().max() < tol

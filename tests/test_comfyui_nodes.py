@@ -261,5 +261,40 @@ def test_splus_buckets_encode_once_per_bucket(env, loaded, photo):
     b = sample(env, fast, positive_fast, negative, steps=3)
     exact_patch = exact.model_options["transformer_options"]["customcontrast"][-1]
     fast_patch = fast.model_options["transformer_options"]["customcontrast"][-1]
-    assert len(exact_patch.cache) == 3 and len(fast_patch.cache) == 1    # text-encoder calls per run
+    # exact: the 3 timesteps of the schedule in one batched text-encoder call; buckets: 1 timestep, 1 call
+    assert exact_patch.encode_calls == 1 and len(exact_patch.cache) == 3
+    assert fast_patch.encode_calls == 1 and len(fast_patch.cache) == 1
     assert torch.isfinite(b).all() and (a - b).abs().max() > 0              # approximate, documented
+
+
+def test_schedule_batched_encoding_equals_one_timestep_per_call(env, loaded, photo, monkeypatch):
+    """The paper-exact mode encodes the run's timesteps in batches: same samples as one call per timestep."""
+    import sys
+    patch_module = sys.modules[next(n for n in sys.modules if n.endswith("comfyui-customcontrast.nodes.patch"))]
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    batched, positive = apply(env, loaded, subject)
+    a = sample(env, batched, positive, negative, steps=4)
+    monkeypatch.setattr(patch_module, "PROMPTS_PER_CALL", 1)
+    single, positive_single = apply(env, loaded, subject)
+    b = sample(env, single, positive_single, negative, steps=4)
+    calls = [m.model_options["transformer_options"]["customcontrast"][-1].encode_calls for m in (batched, single)]
+    assert calls == [1, 4]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_timestep_lookups_once_per_sigma_not_per_layer(env, loaded, photo):
+    """model_sampling.timestep reads the device: it must run once per sigma, never once per layer call."""
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    patched, positive = apply(env, loaded, subject)
+    patch = patched.model_options["transformer_options"]["customcontrast"][-1]
+    seen = []
+    original = patch.timestep_of
+
+    def counting(sigma):
+        seen.append(float(sigma.reshape(-1)[0]))
+        return original(sigma)
+    patch.timestep_of = counting
+    sample(env, patched, positive, negative, steps=3)
+    assert len(seen) == 3 and len(set(seen)) == 3   # 3 sigmas, each looked up once (not 16 layers x 2 x 3 steps)

@@ -1,0 +1,86 @@
+"""Sampling time of a CustomContrast-patched MODEL vs the same MODEL unpatched, through ComfyUI's sampler.
+
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cuda            # 512 px SD1.5, 1024 px SDXL
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cpu --size 64 --steps 3   # CPU smoke
+
+Random full-size SD1.5 / SDXL UNets and text encoders (ComfyUI's own modules), a random full-size
+CustomContrast checkpoint, one subject; whole sampling runs (euler, normal, CFG) timed warm and
+round-robin: plain, patched in the default mode (paper-exact S+ per timestep, encoded a window of
+the schedule at a time), patched with S+ timestep buckets, patched without the mask propagation.
+Prints the ratios and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .common import interleaved, machine, peak_memory_gb, reset_peak, write_json
+
+
+def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps: int, cfg: float,
+                 repeats: int, buckets: int) -> dict:
+    from . import comfy_runtime as rt
+
+    install = rt.extension()
+    models = rt.build_models(family, device, dtype)
+    loaded, subject = rt.customcontrast(family, device, dtype)
+    negative = rt.encode(models.clip, "")
+    plain_positive = rt.encode(models.clip, rt.PLAIN_PROMPT)
+
+    def patched(**kw):
+        args = dict(weight=1.0, start_percent=0.0, end_percent=1.0, use_mask=True, mask_mode="soft",
+                    mask_threshold=0.2)
+        args.update(kw)
+        return install.apply_customcontrast(models.model, models.clip, loaded, [subject], rt.PROMPT, **args)
+
+    default, positive = patched()
+    bucketed, positive_b = patched(splus_buckets=buckets)
+    unmasked, positive_u = patched(use_mask=False)
+    run = rt.sampler(models, steps, cfg, size)
+    variants = {
+        "plain": lambda: run(models.model, plain_positive, negative),
+        "default": lambda: run(default, positive, negative),
+        f"buckets_{buckets}": lambda: run(bucketed, positive_b, negative),
+        "default_no_mask": lambda: run(unmasked, positive_u, negative),
+    }
+    reset_peak(device)
+    times = interleaved(variants, repeats, device)
+    plain = times["plain"]["median"]
+    patch = default.model_options["transformer_options"]["customcontrast"][-1]
+    return {
+        "family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype),
+        "seconds": times, "ratio": {name: t["median"] / plain for name, t in times.items()},
+        "text_encoder_calls_per_run": {"default": patch.encode_calls},
+        "peak_memory_gb": peak_memory_gb(device),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--families", default="sd15,sdxl")
+    p.add_argument("--size", type=int, default=0, help="image side in px (default: 512 SD1.5, 1024 SDXL)")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--cfg", type=float, default=7.0)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--buckets", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/comfy.json"))
+    args = p.parse_args()
+    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    result = {"machine": machine(args.device), "path": "ComfyUI sampler", "families": {}}
+    for family in args.families.split(","):
+        size = args.size or (1024 if family == "sdxl" else 512)
+        r = bench_family(family, args.device, dtype, size, args.steps, args.cfg, args.repeats, args.buckets)
+        result["families"][family] = r
+        write_json(args.out, result)
+        ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["ratio"].items() if k != "plain")
+        print(f"[comfy] {family} {size}px {args.steps} steps cfg {args.cfg}: plain {r['seconds']['plain']['median']:.3f}s"
+              f"  {ratios}  peak {r['peak_memory_gb']}", flush=True)
+        torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""ComfyUI in process for the benchmarks: random full-size SD1.5/SDXL models and the CustomContrast patch.
+
+Only ``comfy.*`` is imported (not ComfyUI's server, node registry or front end), and this extension is
+imported under its own package name, as ComfyUI's custom-node loader does. Weights are random:
+speed and memory do not depend on them.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType, SimpleNamespace
+
+import torch
+
+from customcontrast_core import CustomContrastModel, get_preset
+
+from .common import randomize_
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = "customcontrast_ext"
+PROMPT = "a photo of <subject> on the beach"
+PLAIN_PROMPT = "a photo of dog on the beach"
+
+
+def load_comfy(device: str) -> ModuleType:
+    """Imports ComfyUI's ``comfy`` package from COMFYUI_PATH; raises with the reason when it cannot."""
+    root = os.environ.get("COMFYUI_PATH")
+    if not root or not Path(root, "comfy").is_dir():
+        raise RuntimeError(f"COMFYUI_PATH must point at a ComfyUI checkout (a folder with comfy/), found {root!r}")
+    if root not in sys.path:
+        sys.path.insert(0, str(Path(root).resolve()))
+    import comfy.cli_args
+    comfy.cli_args.args.cpu = device == "cpu"
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    return comfy
+
+
+def extension() -> ModuleType:
+    """This repository imported as a custom-node package; returns its ``nodes.install`` module."""
+    if PACKAGE not in sys.modules:
+        spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py",
+                                                      submodule_search_locations=[str(REPO)])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules[PACKAGE] = package
+        spec.loader.exec_module(package)
+    return importlib.import_module(f"{PACKAGE}.nodes.install")
+
+
+def _unet_config(family: str, dtype: torch.dtype) -> dict:
+    common = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                  dtype=dtype, in_channels=4, model_channels=320, use_temporal_attention=False,
+                  use_temporal_resblock=False)
+    if family == "sd15":
+        return dict(common, adm_in_channels=None, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                    channel_mult=[1, 2, 4, 4], transformer_depth_middle=1, use_linear_in_transformer=False,
+                    context_dim=768, num_heads=8, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+    return dict(common, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2],
+                transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+                use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+                transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
+
+
+def build_models(family: str, device: str, dtype: torch.dtype, seed: int = 0) -> SimpleNamespace:
+    """A random full-size ComfyUI MODEL (ModelPatcher) and CLIP of the family."""
+    comfy = load_comfy(device)
+    import comfy.model_detection
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    config = comfy.model_detection.model_config_from_unet_config(_unet_config(family, dtype))
+    if config is None:
+        raise RuntimeError(f"this ComfyUI does not recognise the {family} UNet config")
+    config.set_inference_dtype(dtype, None)
+    base = config.get_model({}, device=mm.get_torch_device())
+    randomize_(base.diffusion_model, seed)
+    model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
+                                             offload_device=mm.unet_offload_device())
+    clip = comfy.sd.CLIP(target=config.clip_target())
+    randomize_(clip.cond_stage_model, seed + 1)
+    return SimpleNamespace(model=model, clip=clip, family=family)
+
+
+@dataclass
+class BenchSubject:
+    """The fields of the Encode Subject node's SUBJECT that Apply reads."""
+
+    hidden: torch.Tensor
+    blank: torch.Tensor
+    width: int
+    layers: tuple[int, ...]
+
+
+def customcontrast(family: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random full-size CustomContrast model of the family, wrapped as the Loader node returns it."""
+    comfy = load_comfy(device)
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    torch.manual_seed(seed)
+    model = CustomContrastModel(get_preset(family)).to(dtype).eval()
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    config = model.config
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = (1, len(config.clip_layers), 257, config.clip_width)   # ViT-H/14 at 224 px: 256 patches + CLS
+    subject = BenchSubject(hidden=torch.randn(shape, generator=g), blank=torch.randn(shape, generator=g),
+                           width=config.clip_width, layers=config.clip_layers)
+    return SimpleNamespace(model=model, patcher=patcher), subject
+
+
+def encode(clip, text: str) -> list:
+    cond, pooled = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True)
+    return [[cond, {"pooled_output": pooled}]]
+
+
+def sampler(models: SimpleNamespace, steps: int, cfg: float, size: int, seed: int = 0):
+    """Returns run(model, positive, negative) -> latent, through ComfyUI's own sampler (euler, normal)."""
+    import comfy.sample
+
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    noise = comfy.sample.prepare_noise(latent, seed)
+
+    def run(model, positive, negative):
+        return comfy.sample.sample(model, noise, steps, cfg, "euler", "normal", positive, negative, latent,
+                                   disable_pbar=True, seed=seed)
+    return run

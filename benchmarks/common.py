@@ -1,0 +1,91 @@
+"""Timing, memory and report helpers shared by the benchmark scripts."""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_runs(fn: Callable[[], object], repeats: int, device: str, warmup: int = 1) -> dict[str, float]:
+    """Runs ``fn`` ``warmup`` times, then times ``repeats`` warm runs: median, min, max, spread (seconds)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    return {"median": median, "min": min(times), "max": max(times), "spread": (max(times) - min(times)) / median,
+            "repeats": repeats}
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str, warmup: int = 1) -> dict[str, dict]:
+    """Times several variants round-robin (A B C A B C ...) so that clock drift hits all of them alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, values in times.items():
+        median = statistics.median(values)
+        out[name] = {"median": median, "min": min(values), "max": max(values),
+                     "spread": (max(values) - min(values)) / median, "repeats": repeats}
+    return out
+
+
+def peak_memory_gb(device: str) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def machine(device: str) -> dict[str, object]:
+    """The machine the numbers come from."""
+    info: dict[str, object] = {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+                               "cpu": platform.processor() or platform.machine()}
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def write_json(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+
+
+def randomize_(module: torch.nn.Module, seed: int = 0, std: float = 0.02) -> torch.nn.Module:
+    """Random weights for a model built without initialisation: normal(0, std) matrices, unit scales, zero biases."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return module

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs every benchmark at the target settings and writes JSON (and a log) into OUT_DIR.
+#   bash benchmarks/run_all.sh [OUT_DIR]        # COMFYUI_PATH set: the ComfyUI-sampler benchmarks run too
+# Each benchmark has its own time limit, so one failure does not stop the others.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results}
+py=${PYTHON:-python3}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$py" -m "$@" || echo "!! $1 exited with $?"; }
+if [ -n "${COMFYUI_PATH:-}" ]; then
+    run 110 benchmarks.bench_comfy --families sd15 --repeats 5 --out "$out/comfy_sd15.json"
+fi
+run 150 benchmarks.bench_training --repeats 5 --out "$out/training.json"
+if [ -n "${COMFYUI_PATH:-}" ]; then
+    run 190 benchmarks.bench_comfy --families sdxl --repeats 2 --out "$out/comfy_sdxl.json"
+fi
+run 45 benchmarks.bench_encode --out "$out/encode.json"
+run 45 benchmarks.bench_sampling --device "${DEVICE:-cuda}" --latent 64 --repeats 10 --out "$out/sampling_processors.json"

@@ -1,0 +1,129 @@
+"""Patching a ComfyUI MODEL with CustomContrast: checks, the patch install, and the Apply node's work.
+
+Imports no ComfyUI module at import time (``comfy`` is imported inside the functions), so scripts
+such as the benchmarks can drive it with ComfyUI's sampler without loading the node API.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from customcontrast_core.layers import CrossAttentionLayer
+from customcontrast_core.masks import MaskConfig
+from customcontrast_core.prompt import placeholder_words
+
+from .patch import ApplySettings, Attn2Replace, SubjectPatch
+from .text_encode import encode_base, tokenize_prompt
+
+if TYPE_CHECKING:
+    from .loader import LoadedCustomContrast
+    from .subject import Subject
+
+STATE_KEY = "customcontrast"
+
+
+def model_family(model) -> str:
+    """'sd15' or 'sdxl' from the loaded UNet's context width (768 / 2048)."""
+    context = model.model.model_config.unet_config.get("context_dim")
+    family = {768: "sd15", 2048: "sdxl"}.get(context)
+    if family is None:
+        raise ValueError(f"CustomContrast supports SD1.5 (context 768) and SDXL (context 2048) models; "
+                         f"this MODEL has context width {context}")
+    return family
+
+
+def unet_cross_attention_keys(model) -> list[tuple[str, int, int]]:
+    """Every ``attn2`` block key of the loaded UNet, in execution order (middle block id 0)."""
+    from comfy.ldm.modules.attention import SpatialTransformer
+
+    unet = model.model.diffusion_model
+    keys = []
+    for name, blocks in (("input", unet.input_blocks), ("middle", [unet.middle_block]), ("output", unet.output_blocks)):
+        for number, block in enumerate(blocks):
+            for module in block:
+                if isinstance(module, SpatialTransformer):
+                    keys += [(name, 0 if name == "middle" else number, i) for i in range(len(module.transformer_blocks))]
+    return keys
+
+
+def check_model(model, customcontrast: LoadedCustomContrast) -> dict[tuple, CrossAttentionLayer]:
+    """Refuses a checkpoint of another family or a UNet whose cross-attention layers differ."""
+    family = model_family(model)
+    config = customcontrast.model.config
+    if family != config.base:
+        raise ValueError(f"this CustomContrast checkpoint is for {config.base.upper()}, the MODEL is "
+                         f"{family.upper()}: load the {family} checkpoint")
+    keys = unet_cross_attention_keys(model)
+    expected = [layer.comfy_key for layer in config.layers]
+    if keys != expected:
+        raise ValueError(f"the MODEL has {len(keys)} cross-attention layers, the checkpoint was trained for "
+                         f"{len(expected)} ({config.base.upper()}); distilled variants are not supported")
+    return {layer.comfy_key: layer for layer in config.layers}
+
+
+def install(model, patch: SubjectPatch, customcontrast: LoadedCustomContrast):
+    """Clones the MODEL and installs the context swap, one attn2 replace per layer and the run wrapper."""
+    import comfy.patcher_extension as ext
+
+    patched = model.clone()
+    patched.set_model_attn2_patch(patch.swap_context)
+    existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
+    for key in patch.layers:
+        current = existing.get(key)
+        if isinstance(current, Attn2Replace):
+            replace = current.with_patch(patch)
+        elif current is not None and hasattr(current, "callback") and hasattr(current, "kwargs"):
+            replace = Attn2Replace([patch], current.callback, current.kwargs)   # IPAdapter_plus chained before us
+        else:
+            replace = Attn2Replace([patch])
+        patched.set_model_attn2_replace(replace, *key)
+
+    def outer_sample(executor, *args, **kwargs):
+        patch.reset()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            patch.finish()
+
+    tag = f"{STATE_KEY}_{id(patch)}"
+    patched.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, tag, outer_sample)
+    patched.set_additional_models(tag, [customcontrast.patcher, patch.clip.patcher])
+    options = patched.model_options.setdefault("transformer_options", {})
+    options[STATE_KEY] = [*options.get(STATE_KEY, []), patch]
+    return patched
+
+
+def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], prompt: str, weight: float,
+                         start_percent: float, end_percent: float, use_mask: bool, mask_mode: str,
+                         mask_threshold: float, attn_mask=None, splus_buckets: int = 0):
+    """Builds the patch of one Apply node; returns the patched MODEL and the positive CONDITIONING."""
+    if start_percent > end_percent:
+        raise ValueError(f"start_percent ({start_percent}) must not be after end_percent ({end_percent})")
+    layers = check_model(model, customcontrast)
+    config = customcontrast.model.config
+    for s in subjects:
+        if s.width != config.clip_width or s.layers != config.clip_layers:
+            raise ValueError(f"a SUBJECT was encoded for CLIP width {s.width} / layers {s.layers}, this checkpoint "
+                             f"expects {config.clip_width} / {config.clip_layers}: re-encode it with this checkpoint")
+    words = placeholder_words(len(subjects))
+    tokens = tokenize_prompt(clip, prompt, words, config.base, config.token_widths)
+    sampling = model.get_model_object("model_sampling")
+    user_mask = None if attn_mask is None else (attn_mask[None] if attn_mask.ndim == 2 else attn_mask).float()
+    if user_mask is not None and user_mask.max() <= 0:
+        raise ValueError("attn_mask is empty (all zero): the subject would be masked out everywhere")
+    settings = ApplySettings(
+        gamma=weight, sigma_start=float(sampling.percent_to_sigma(start_percent)),
+        sigma_end=float(sampling.percent_to_sigma(end_percent)), use_mask=use_mask,
+        mask=MaskConfig(mode=mask_mode, threshold=mask_threshold, topk_ratio=mask_threshold),
+        user_mask=user_mask, splus_buckets=splus_buckets)
+    encoder = customcontrast.model.encoder
+    with torch.no_grad():
+        first = sampling.timestep(sampling.sigma_max.reshape(1)).float()
+        splus = [encoder(s.hidden.to(next(encoder.parameters())), first).splus[0] for s in subjects]
+    base_context, pooled = encode_base(clip, tokens, splus)
+    patch = SubjectPatch(model=customcontrast.model, clip=clip, subjects=[s.hidden for s in subjects],
+                         blank=subjects[0].blank, prompt=tokens, base_context=base_context, layers=layers,
+                         settings=settings, timestep_of=lambda sigma: sampling.timestep(sigma).float())
+    conditioning = [[base_context, {"pooled_output": pooled} if pooled is not None else {}]]
+    return install(model, patch, customcontrast), conditioning
