@@ -17,4 +17,5 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
     run 190 benchmarks.bench_comfy --families sdxl --repeats 2 --out "$out/comfy_sdxl.json"
 fi
 run 45 benchmarks.bench_encode --out "$out/encode.json"
+run 120 benchmarks.bench_layer_overhead --out "$out/layer_overhead_cpu.json"
 run 45 benchmarks.bench_sampling --device "${DEVICE:-cuda}" --latent 64 --repeats 10 --out "$out/sampling_processors.json"

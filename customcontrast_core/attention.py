@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange, reduce
+from einops import rearrange, reduce
 from torch import Tensor
 
-__all__ = ["SubjectBranch", "SubjectMaps", "customcontrast_attention", "plain_attention"]
+__all__ = ["SubjectBranch", "SubjectMaps", "customcontrast_attention", "placeholder_bias", "plain_attention"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -102,13 +102,15 @@ def _row_weights(subject: SubjectBranch, batch: int, device: torch.device) -> Te
     return rearrange(subject.text_rows.to(device=device, dtype=torch.float32), "b -> b 1")
 
 
-def _placeholder_bias(
+def placeholder_bias(
     subjects: Sequence[SubjectBranch], batch: int, queries: int, keys: int, eps: float, device: torch.device
 ) -> Tensor | None:
     """Builds the additive log max(M, eps) bias on every subject's placeholder columns (Eq. 3).
 
     Shapes: -> (B, N, T) fp32, or None when no subject has both a mask and columns. Columns are
-    written one integer index at a time: no index tensor is copied to the device.
+    written one integer index at a time: no index tensor is copied to the device. The result depends
+    only on the masks, columns and text rows, so a caller may compute it once for several layers of
+    the same grid and pass it to :func:`customcontrast_attention` as ``bias``.
     """
     bias = None
     for subject in subjects:
@@ -123,6 +125,14 @@ def _placeholder_bias(
     return bias
 
 
+def _heads(x: Tensor, heads: int) -> Tensor:
+    return rearrange(x, "b n (h d) -> b h n d", h=heads)
+
+
+def _merge(x: Tensor) -> Tensor:
+    return rearrange(x, "b h n d -> b n (h d)")
+
+
 def _text_branch(qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None, scale: float,
                  probabilities: bool) -> tuple[Tensor, Tensor | None]:
     """Text cross-attention with the additive placeholder bias.
@@ -133,37 +143,34 @@ def _text_branch(qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None, scale:
     """
     if not probabilities:
         mask = None if bias is None else rearrange(bias, "b i j -> b 1 i j").to(qh.dtype)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
-        return rearrange(out, "b h n d -> b n (h d)"), None
-    sim = einsum(qh.float(), kh.float(), "b h i d, b h j d -> b h i j") * scale                # (B, H, N, T)
+        return _merge(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)), None
+    sim = torch.matmul(qh.float(), kh.float().transpose(-1, -2))                               # (B, H, N, T)
     if bias is not None:
-        sim = sim + rearrange(bias, "b i j -> b 1 i j")
+        sim = torch.add(rearrange(bias, "b i j -> b 1 i j"), sim, alpha=scale)
+    else:
+        sim = sim * scale
     probs = sim.softmax(dim=-1)
-    out = einsum(probs, vh.float(), "b h i j, b h j d -> b h i d")
-    return rearrange(out, "b h n d -> b n (h d)"), probs
+    return _merge(torch.matmul(probs, vh.float())), probs
 
 
-def _visual_branch(
-    q: Tensor, qh: Tensor, subject: SubjectBranch, heads: int, scale: float, capture: bool
-) -> tuple[Tensor, Tensor | None]:
+def _visual_branch(qh: Tensor, subject: SubjectBranch, heads: int, scale: float,
+                   capture: bool) -> tuple[Tensor, Tensor | None]:
     """Attends the latent queries to one subject's visual tokens (Eq. 3, second term).
 
-    Shapes: q (B, N, H*D), qh (B, H, N, D) (fp32 when capturing) -> out (B, N, H*D) fp32, map (B, N)
-    fp32 or None.
+    Shapes: qh (B, H, N, D) (fp32 when capturing) -> out (B, N, H*D) in qh's dtype, map (B, N) fp32
+    or None.
     """
-    batch = q.shape[0]
-    vk = rearrange(subject.visual_k, "b s (h d) -> b h s d", h=heads).to(q.device)
-    vv = rearrange(subject.visual_v, "b s (h d) -> b h s d", h=heads).to(q.device)
-    vk, vv = vk.expand(batch, -1, -1, -1), vv.expand(batch, -1, -1, -1)
+    batch = qh.shape[0]
+    vk = _heads(subject.visual_k.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1)
+    vv = _heads(subject.visual_v.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1)
     if not capture:
-        out = F.scaled_dot_product_attention(qh.to(q.dtype), vk.to(q.dtype), vv.to(q.dtype), scale=scale)
-        return rearrange(out, "b h n d -> b n (h d)").float(), None
+        return _merge(F.scaled_dot_product_attention(qh, vk, vv, scale=scale)), None
 
-    # explicit fp32 logits: the output normalises over visual tokens, the map over space
-    sim = einsum(qh, vk.float(), "b h i d, b h j d -> b h i j") * scale                  # (B, H, N, S)
-    out = einsum(sim.softmax(dim=-1), vv.float(), "b h i j, b h j d -> b h i d")
-    where = reduce(sim.softmax(dim=2), "b h i j -> b i", "mean")                          # (B, N)
-    return rearrange(out, "b h n d -> b n (h d)"), where
+    # explicit logits: the output normalises over visual tokens, the map over space
+    sim = torch.matmul(qh, vk.transpose(-1, -2)) * scale                                      # (B, H, N, S)
+    out = torch.matmul(sim.softmax(dim=-1), vv)
+    where = reduce(sim.softmax(dim=2), "b h i j -> b i", "mean")                                # (B, N)
+    return _merge(out), where
 
 
 # Public API
@@ -178,6 +185,7 @@ def customcontrast_attention(
     eps: float = 1e-6,
     capture: bool = False,
     scale: float | None = None,
+    bias: Tensor | None = None,
 ) -> tuple[Tensor, list[SubjectMaps] | None]:
     """Computes masked text cross-attention plus each subject's masked visual branch (Eq. 3, Sec. 3.4).
 
@@ -187,36 +195,47 @@ def customcontrast_attention(
     The text softmax gets log max(M, eps) added on each subject's placeholder columns (only in its
     text_rows); a subject's visual output is weighted by gamma * M (M broadcast over heads and
     channels). Subjects sharing a column multiply their masks. A branch with gamma = 0 is skipped
-    unless maps are captured. `scale` defaults to D ** -0.5.
+    unless maps are captured. `scale` defaults to D ** -0.5. `bias` (B, N, T) fp32 is
+    :func:`placeholder_bias` of the same subjects, when the caller already has it.
+
+    Layers that capture maps compute in fp32; the others stay in q's dtype (fused SDPA for both
+    branches, the visual output added with one fused multiply-add).
     """
     _check_inputs(q, k, v, heads, subjects)
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
     batch, queries, inner = q.shape
     scale = (inner // heads) ** -0.5 if scale is None else scale
+    if bias is None:
+        bias = placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device)
+    elif tuple(bias.shape) != (batch, queries, k.shape[1]):
+        raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}), got {tuple(bias.shape)}")
 
-    # text branch with the placeholder log-bias (explicit fp32 only where its probabilities are captured)
-    qh, kh, vh = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
-    bias = _placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device)
-    out, probs = _text_branch(qh, kh, vh, bias, scale, probabilities=capture)
-    out = out.float()
+    qh = _heads(q.float() if capture else q, heads)
+    out, probs = _text_branch(qh, _heads(k, heads), _heads(v, heads), bias, scale, probabilities=capture)
 
     # visual branches, each under its own mask
     maps: list[SubjectMaps] | None = [] if capture else None
     for subject in subjects:
         if subject.gamma == 0 and not capture:
             continue
-        visual, where = _visual_branch(q, qh.float() if capture else qh, subject, heads, scale, capture)
+        visual, where = _visual_branch(qh, subject, heads, scale, capture)
         if subject.gamma != 0:
-            weight = subject.gamma
-            if subject.mask is not None:
-                weight = weight * rearrange(subject.mask.to(q.device, torch.float32), "b n -> b n 1")
-            out = out + weight * visual
+            if subject.mask is None:
+                out = torch.add(out, visual, alpha=subject.gamma)
+            else:
+                weight = rearrange(subject.mask.to(q.device, out.dtype), "b n -> b n 1")
+                out = torch.addcmul(out, weight, visual, value=subject.gamma)
         if maps is not None:
-            text = torch.zeros(batch, queries, device=q.device)
-            if subject.columns:
-                text = sum(reduce(probs[..., c], "b h n -> b n", "sum") for c in subject.columns) / heads
-                text = text * _row_weights(subject, batch, q.device)
+            if not subject.columns:
+                text = torch.zeros(batch, queries, device=q.device)
+            else:
+                placeholder = probs[..., subject.columns[0]]                      # (B, H, N), integer index
+                for column in subject.columns[1:]:
+                    placeholder = placeholder + probs[..., column]
+                text = reduce(placeholder, "b h n -> b n", "mean")
+                if subject.text_rows is not None:
+                    text = text * _row_weights(subject, batch, q.device)
             maps.append(SubjectMaps(text=text, visual=where))
     return out.to(q.dtype), maps
 

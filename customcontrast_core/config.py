@@ -9,6 +9,17 @@ from typing import Any
 from .layers import BASE_CHANNELS, BASE_LAYER_COUNT, CrossAttentionLayer, default_layer_groups, layer_table
 
 
+def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
+    """Builds a dataclass from a plain dict, refusing unknown fields by name (configs read from JSON)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} must be a JSON object (a dict), found {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} fields {unknown}; expected a subset of {sorted(known)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class EncoderConfig:
     """Everything needed to rebuild an MFI-Encoder and its visual K/V projections (Sec. 3.2, 4.1)."""
@@ -87,11 +98,7 @@ class EncoderConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
         """Rebuilds a config from a plain dict, rejecting unknown fields."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown encoder config fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "encoder config")
 
 
 def _preset(base: str, channels: tuple[int, ...] | None = None, **kwargs: Any) -> EncoderConfig:

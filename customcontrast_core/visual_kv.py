@@ -51,6 +51,22 @@ class VisualKV(nn.ModuleDict):
                 target.weight.copy_(source)
 
 
+    def fused(self) -> tuple[Tensor, dict[str, tuple[int, int]]]:
+        """Every layer's ``W_k^v`` and ``W_v^v`` stacked into one matrix, for one projection of all layers.
+
+        All layers read the same visual tokens, so ``tokens @ W.T`` gives each layer's K and V as slices
+        of the last axis: layer ``name`` has K at ``[o, o + inner)`` and V at ``[o + inner, o + 2 inner)``.
+        Shapes: -> W (sum over layers of 2 * inner, context_dim), name -> (o, inner).
+        """
+        weights, slices, offset = [], {}, 0
+        for name, proj in self.items():
+            inner = proj.to_k.weight.shape[0]
+            weights += [proj.to_k.weight, proj.to_v.weight]
+            slices[name] = (offset, inner)
+            offset += 2 * inner
+        return torch.cat(weights), slices
+
+
 class CustomContrastModel(nn.Module):
     """The MFI-Encoder plus the visual K/V of every layer: exactly what one checkpoint file holds."""
 

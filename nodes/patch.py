@@ -11,9 +11,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention
+from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention, placeholder_bias
 from customcontrast_core.encoder import ImageFeatures
 from customcontrast_core.layers import CrossAttentionLayer
 from customcontrast_core.masks import MaskConfig, intersect_user_mask, resize_mask
@@ -54,7 +55,9 @@ class _Evaluation:
     swapped_chunks: tuple[int, ...] = ()
     kinds: Tensor | None = None      # (B,) long: 0 for cond rows, 1 for uncond rows
     masks: dict = field(default_factory=dict)   # (subject, grid) -> (B, N) layer mask
+    biases: dict = field(default_factory=dict)  # (grid, keys) -> (B, N, T) placeholder log-bias
     encodings: Encodings | None = None
+    visual_kv: list[Tensor] | None = None       # per subject (B, m, sum 2*inner): every layer's K|V
 
 
 @dataclass
@@ -80,6 +83,7 @@ class SubjectPatch:
     _schedule: tuple[Tensor | None, list[float]] = (None, [])
     _base: dict = field(default_factory=dict)
     _keys: dict = field(default_factory=dict)   # sigma -> (cache key, timestep): timestep_of reads the device
+    _fused: tuple = (None, None, {})             # (weights' identity, stacked W, layer -> slice)
 
     def __post_init__(self) -> None:
         self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects))
@@ -190,6 +194,8 @@ class SubjectPatch:
         ev.swap = swap.repeat_interleave(b).to(context.device, non_blocking=True)
         ev.kinds = kinds.repeat_interleave(b).to(context.device, non_blocking=True)
         ev.masks.clear()
+        ev.biases.clear()
+        ev.visual_kv = None
 
     # attn2_patch: swap the cond context for this layer's S+ prompt
 
@@ -230,27 +236,49 @@ class SubjectPatch:
             return None   # the swap did not see this batch: leave the layer alone
         enc = self._encodings_of(ev, q.device, extra_options)
         b = q.shape[0] // len(chunks)
-        text_rows = ev.swap
         h, w = extra_options["activations_shape"][-2:]
         masks = self.tracker.mask_for(ev.sigma) if self.settings.use_mask else None
         repeats = k.shape[1] // self.prompt.length
-        projection = self.model.visual_kv[layer.name]
-        weight_dtype = self.model.encoder.proj_in.weight.dtype
+        if ev.visual_kv is None:
+            ev.visual_kv = self._project_visual(enc, ev.kinds, q.dtype, q.device)
+        offset, inner = self._fused[2][layer.name]
         branches = []
         for s in range(len(self.subjects)):
-            tokens = torch.cat([enc.visual[s], enc.blank_visual[s]]).to(q.device, weight_dtype)   # (2, m, C)
-            visual_k, visual_v = (x.index_select(0, ev.kinds).to(q.dtype) for x in projection(tokens))
+            kv = ev.visual_kv[s]
             mask = self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device)
             columns = tuple(c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s))
-            branches.append(SubjectBranch(visual_k, visual_v, gamma=self.settings.gamma,
-                                          mask=mask, columns=columns, text_rows=text_rows))
+            branches.append(SubjectBranch(kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner],
+                                          gamma=self.settings.gamma, mask=mask, columns=columns, text_rows=ev.swap))
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
+        bias_key = ((h, w), k.shape[1])
+        if bias_key not in ev.biases:
+            ev.biases[bias_key] = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1],
+                                                   self.settings.mask.eps, q.device)
         out, maps = customcontrast_attention(q, k, v, heads=extra_options["n_heads"], subjects=branches,
-                                             eps=self.settings.mask.eps, capture=capture)
+                                             eps=self.settings.mask.eps, capture=capture, bias=ev.biases[bias_key])
         if maps:
             for s, m in enumerate(maps):
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
+        return out
+
+    def _project_visual(self, enc: Encodings, kinds: Tensor, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """Every layer's visual K|V for this evaluation's rows in one matmul per subject (cond rows: the subject,
+        uncond rows: the blank reference). Shapes: -> per subject (B, m, sum over layers of 2 * inner)."""
+        visual_kv = self.model.visual_kv
+        first = next(iter(visual_kv.values())).to_k.weight
+        identity = (first.device, first.dtype, first.data_ptr())
+        if self._fused[0] != identity:
+            with torch.no_grad():
+                weight, slices = visual_kv.fused()
+            self._fused = (identity, weight, slices)
+        weight = self._fused[1]
+        out = []
+        for visual, blank in zip(enc.visual, enc.blank_visual):
+            tokens = torch.cat([visual, blank]).to(weight.device, weight.dtype)        # (2, m, C)
+            with torch.no_grad():
+                projected = F.linear(tokens, weight)
+            out.append(projected.index_select(0, kinds).to(device, dtype))
         return out
 
     def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
@@ -273,6 +301,9 @@ class SubjectPatch:
 
 def _per_latent(maps: SubjectMaps, chunks: tuple[int, ...], b: int) -> SubjectMaps:
     """Averages the maps of the swapped (cond) chunks into one map per latent. Shapes: (B_total, N) -> (B, N)."""
+    if len(chunks) == 1:
+        rows = slice(chunks[0] * b, (chunks[0] + 1) * b)
+        return SubjectMaps(text=maps.text[rows], visual=maps.visual[rows])
     text = torch.stack([maps.text[i * b:(i + 1) * b] for i in chunks]).mean(0)
     visual = torch.stack([maps.visual[i * b:(i + 1) * b] for i in chunks]).mean(0)
     return SubjectMaps(text=text, visual=visual)

@@ -137,6 +137,8 @@ def reorder_for(contexts: Tensor, length: int) -> Tensor:
     """Repeats a context to an LCM-padded batch length, as ComfyUI's CONDCrossAttn.concat does."""
     if length % contexts.shape[-2]:
         raise ValueError(f"batch context length {length} is not a multiple of the prompt's {contexts.shape[-2]}")
+    if length == contexts.shape[-2]:
+        return contexts
     return contexts.repeat(*([1] * (contexts.ndim - 2)), length // contexts.shape[-2], 1)
 
 

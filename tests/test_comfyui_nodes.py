@@ -192,7 +192,7 @@ def test_sd15_checkpoint_refused_on_sdxl_model(env, loaded):
     import sys
     from types import SimpleNamespace
 
-    apply_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__]
+    apply_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply", ".install")]
     fake = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(unet_config={"context_dim": 2048})))
     with pytest.raises(ValueError, match="checkpoint is for SD15, the MODEL is SDXL"):
         apply_module.check_model(fake, loaded["customcontrast"])

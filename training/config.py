@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from customcontrast_core.config import dataclass_from_dict
+
 
 @dataclass(frozen=True)
 class ModelPaths:
@@ -83,11 +85,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown training config fields {unknown}; expected a subset of {sorted(known)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "training config")
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":

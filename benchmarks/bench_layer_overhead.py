@@ -1,0 +1,133 @@
+"""Host-side cost of the patched cross-attention layers: microseconds and operator calls per layer.
+
+    python -m benchmarks.bench_layer_overhead                 # SD1.5 (16 layers) and SDXL (70) tables, CPU
+    python -m benchmarks.bench_layer_overhead --out benchmarks/results/layer_overhead_cpu.json
+
+On a fast GPU a 512 px SD1.5 step is bound by launching kernels from Python (the H100 numbers in the
+README: 52 ms per plain CFG step), so what the patch costs there is mostly host time per layer:
+Python, einops parsing and one dispatcher call per operator. This benchmark isolates exactly that on
+the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = every layer's ``swap_context`` +
+``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of
+plain SDPA calls; once with mask capture and masks (default), once without. It also counts the ATen
+operators dispatched per layer (each one is at least one kernel launch on a GPU, views aside).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from customcontrast_core import CustomContrastModel, get_preset
+
+from .common import machine, write_json
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _patch(family: str, use_mask: bool):
+    from nodes.encodings import Encodings
+    from nodes.patch import ApplySettings, SubjectPatch
+    from nodes.text_encode import PlaceholderPrompt
+
+    config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
+    model = CustomContrastModel(config).eval()
+    prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4)]], base=config.base,
+                               widths=config.token_widths)
+    base = torch.randn(1, 77, config.context_dim)
+    patch = SubjectPatch(model=model, clip=None, subjects=[torch.zeros(1)], blank=torch.zeros(1), prompt=prompt,
+                         base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
+                         settings=ApplySettings(use_mask=use_mask), timestep_of=lambda s: s * 100)
+    for sigma in range(1, 200):
+        patch.cache[float(sigma)] = Encodings(contexts=torch.randn(config.num_groups, 77, config.context_dim),
+                                              visual=[torch.randn(1, config.num_visual_tokens, config.context_dim)],
+                                              blank_visual=[torch.zeros(1, config.num_visual_tokens, config.context_dim)])
+    return patch, config, base
+
+
+def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4):
+    """One model evaluation (cond + uncond, batch 1 each) through every patched layer. Returns nothing."""
+    context = torch.cat([base, torch.randn_like(base)])
+    sigmas = torch.tensor([sigma, sigma])
+    with torch.no_grad():
+        for layer in config.layers:
+            side = max(1, grid // layer.downsample)
+            inner = config.block_out_channels[min(len(config.block_out_channels) - 1, layer.downsample.bit_length() - 1)]
+            options = {"block": layer.comfy_key[:2], "block_index": layer.comfy_key[2], "cond_or_uncond": [0, 1],
+                       "sigmas": sigmas, "n_heads": heads, "activations_shape": [2, inner, side, side]}
+            n = torch.randn(2, side * side, inner)
+            _, ctx, value = patch.swap_context(n, context, context, options)
+            q = torch.randn(2, side * side, inner)
+            k = torch.randn(2, 77, inner)
+            patch.attention(q, k, k, options)
+
+
+def _plain(config, base, grid: int = 8, heads: int = 4):
+    with torch.no_grad():
+        for layer in config.layers:
+            side = max(1, grid // layer.downsample)
+            inner = config.block_out_channels[min(len(config.block_out_channels) - 1, layer.downsample.bit_length() - 1)]
+            q = torch.randn(2, side * side, inner)
+            k = torch.randn(2, 77, inner)
+            F.scaled_dot_product_attention(q.view(2, -1, heads, inner // heads).transpose(1, 2),
+                                           k.view(2, -1, heads, inner // heads).transpose(1, 2),
+                                           k.view(2, -1, heads, inner // heads).transpose(1, 2))
+
+
+def measure(family: str, use_mask: bool, evaluations: int) -> dict:
+    patch, config, base = _patch(family, use_mask)
+    sigmas = [float(s) for s in range(evaluations + 20, 0, -1)]
+    for s in sigmas[:5]:
+        _evaluation(patch, config, base, s)
+    patched, plain = [], []
+    for s in sigmas[5:5 + evaluations]:
+        start = time.perf_counter()
+        _evaluation(patch, config, base, s)
+        patched.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        _plain(config, base)
+        plain.append(time.perf_counter() - start)
+    with _CountOps() as ops_patched:
+        _evaluation(patch, config, base, sigmas[-1])
+    with _CountOps() as ops_plain:
+        _plain(config, base)
+    layers = len(config.layers)
+    per_layer = (statistics.median(patched) - statistics.median(plain)) / layers
+    return {"layers": layers, "use_mask": use_mask,
+            "patched_eval_ms": 1000 * statistics.median(patched), "plain_eval_ms": 1000 * statistics.median(plain),
+            "extra_us_per_layer": 1e6 * per_layer,
+            "ops_per_layer_patched": ops_patched.count / layers, "ops_per_layer_plain": ops_plain.count / layers}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--evaluations", type=int, default=40)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_overhead.json"))
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    result = {"machine": machine("cpu"), "results": []}
+    for family in ("sd15", "sdxl"):
+        for use_mask in (True, False):
+            r = dict(family=family, **measure(family, use_mask, args.evaluations))
+            result["results"].append(r)
+            print(f"[overhead] {family} mask={use_mask}: +{r['extra_us_per_layer']:.0f} us/layer host time, "
+                  f"{r['ops_per_layer_patched']:.0f} ops/layer (plain SDPA layer: {r['ops_per_layer_plain']:.0f})",
+                  flush=True)
+    write_json(args.out, result)
+    print(f"-> {args.out}")
+
+
+if __name__ == "__main__":
+    main()
