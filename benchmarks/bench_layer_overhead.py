@@ -38,9 +38,11 @@ class _CountOps(TorchDispatchMode):
 
 
 def _patch(family: str, use_mask: bool):
-    from nodes.encodings import Encodings
-    from nodes.patch import ApplySettings, SubjectPatch
-    from nodes.text_encode import PlaceholderPrompt
+    from .comfy_runtime import extension
+
+    patch_module = extension("nodes.patch")
+    ApplySettings, SubjectPatch = patch_module.ApplySettings, patch_module.SubjectPatch
+    Encodings, PlaceholderPrompt = patch_module.Encodings, patch_module.PlaceholderPrompt
 
     config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
     model = CustomContrastModel(config).eval()

@@ -1,25 +1,32 @@
-"""Sampling cost of CustomContrast vs the plain model, side by side in one process (training processors).
+"""Sampling cost of CustomContrast vs the plain model through the training processors (no ComfyUI needed).
 
-    .venv/bin/python -m benchmarks.bench_sampling --out benchmarks/results/sampling_cpu.json
-    .venv/bin/python -m benchmarks.bench_sampling --device cuda --latent 64 --repeats 10   # 512 px on a GPU
+    python -m benchmarks.bench_sampling --device cuda                      # 512 px, 30 CFG steps, fp16
+    python -m benchmarks.bench_sampling --device cpu --latent 16 --steps 2 # CPU: 128 px, 2 steps, fp32
 
-Builds full-size SD1.5 architectures with random weights (UNet, CLIP-L text encoder, a ViT-H/14-width
-CLIP-vision stand-in is not needed: the subject's image features are computed once per run, outside
-the timed loop), then times one CFG denoising step: the plain UNet vs the patched one in the paper-exact
-mode (S+ re-encoded at this timestep: 16 prompts through CLIP-L, visual branch, mask capture).
-Reports median and spread of warm runs, the ratio, and peak memory on CUDA; writes JSON.
+Full-size SD1.5 architectures with random weights (diffusers UNet, CLIP-L text encoder, the ``sd15``
+MFI-Encoder). The subject's image features are computed once per run, outside the timed loop (see
+``bench_encode`` for their cost). A run is ``--steps`` CFG evaluations of the UNet (cond + uncond in
+one batch); the sampler's own arithmetic is negligible and left out. Variants, timed round-robin:
+
+- ``plain``: the unpatched UNet;
+- ``exact_per_step``: the paper's loop, S+ encoded at each step (16 prompts through CLIP-L), visual
+  branch, mask capture;
+- ``exact_batched``: the same computation with every step's S+ prompts encoded up front in batches of
+  256 prompts (what the ComfyUI nodes do by default, over the sampler's schedule).
+
+With ``COMFYUI_PATH`` set, ``bench_comfy`` measures the same through ComfyUI's own sampler.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from einops import rearrange
+
+from .common import interleaved, machine, peak_memory_gb, reset_peak, write_json
+
+PROMPTS_PER_CALL = 256
 
 
 def build(device: str, dtype: torch.dtype):
@@ -27,7 +34,6 @@ def build(device: str, dtype: torch.dtype):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from customcontrast_core import CustomContrastModel, get_preset
-    from training.processors import ProcessorState, install_processors, unet_kv_weights
     from training.text import OpenClipTokenizer, TextEncoderStack
 
     torch.manual_seed(0)
@@ -36,69 +42,85 @@ def build(device: str, dtype: torch.dtype):
                                         num_attention_heads=12, max_position_embeddings=77,
                                         bos_token_id=49406, eos_token_id=49407, pad_token_id=0)).to(device, dtype).eval()
     stack = TextEncoderStack([text], [OpenClipTokenizer()], base="sd15")
-    model = CustomContrastModel(get_preset("sd15")).to(device).eval()
-    model.visual_kv.load_from_unet({k: (a.float(), b.float()) for k, (a, b) in unet_kv_weights(unet, model).items()})
-    model.to(dtype)
-    return unet, stack, model, ProcessorState, install_processors
-
-
-def time_it(fn, repeats: int, device: str) -> list[float]:
-    fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return times
+    model = CustomContrastModel(get_preset("sd15")).to(device, dtype).eval()
+    return unet, stack, model
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--latent", type=int, default=16, help="latent side (64 = 512 px)")
+    from training.processors import ProcessorState, install_processors
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--latent", type=int, default=64, help="latent side (64 = 512 px)")
+    p.add_argument("--steps", type=int, default=30)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/sampling.json"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/sampling_processors.json"))
     args = p.parse_args()
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
-    unet, text, model, ProcessorState, install_processors = build(args.device, dtype)
-    x = torch.randn(2, 4, args.latent, args.latent, device=args.device, dtype=dtype)
-    t = torch.tensor(500, device=args.device)
+    device = args.device
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    unet, text, model = build(device, dtype)
+    encoder = model.encoder
+    x = torch.randn(2, 4, args.latent, args.latent, device=device, dtype=dtype)
+    timesteps = torch.linspace(999, 0, args.steps, device=device)
     tokens = text.tokenize(["a photo of a <subject> dog on the beach"], "<subject>")
-    negative, _ = text(text.tokenize([""], "<subject>"))
-    plain_ctx = torch.cat([negative, text(tokens)[0]])
-    clip_hidden = torch.randn(1, 3, 257, 1280, device=args.device, dtype=dtype)
+    plain_tokens = text.tokenize(["a photo of a dog on the beach"], "<subject>")
+    clip_hidden = torch.randn(1, 3, 257, 1280, device=device, dtype=dtype)
 
     with torch.no_grad():
-        image = model.encoder.encode_image(clip_hidden)
-        plain = time_it(lambda: unet(x, t, encoder_hidden_states=plain_ctx).sample, args.repeats, args.device)
+        negative, _ = text(text.tokenize([""], "<subject>"))
+        plain_ctx = torch.cat([negative, text(plain_tokens)[0]])
+        image = encoder.encode_image(clip_hidden)
+        blank = encoder.encode_image(torch.zeros_like(clip_hidden))
+        groups = model.config.num_groups
         state = ProcessorState()
-        install_processors(unet, model, state, capture_downsample=(2, 4))
 
-        def patched_step():
-            enc = model.encoder.encode_timestep(image, t.float().reshape(1))
-            cond, _ = text(tokens, enc.splus)                                  # 16 prompts through CLIP-L
+        def plain_run():
+            state.visual_tokens = state.contexts = None
+            for t in timesteps:
+                unet(x, t, encoder_hidden_states=plain_ctx)
+
+        def encode(ts: torch.Tensor):
+            """Shapes: ts (n,) -> contexts (n, G, 77, C), visual (n, m, C), blank visual (n, m, C)."""
+            n = ts.shape[0]
+            expand = lambda f: type(f)(features=f.features.expand(n, -1, -1), visual=f.visual.expand(n, -1, -1),
+                                       visual_cls=f.visual_cls.expand(n, -1))
+            enc = encoder.encode_timestep(expand(image), ts.to(dtype))
+            empty = encoder.encode_timestep(expand(blank), ts.to(dtype))
+            cond, _ = text(text.tokenize(["a photo of a <subject> dog on the beach"] * n, "<subject>"), enc.splus)
+            return rearrange(cond, "(g n) t c -> n g t c", n=n), enc.visual_tokens, empty.visual_tokens
+
+        def step(t, contexts, visual, empty):
             state.reset()
-            state.contexts = rearrange(torch.stack([negative.expand_as(cond), cond]), "two g t c -> g two t c")
-            state.visual_tokens = torch.cat([enc.visual_tokens * 0, enc.visual_tokens])
+            state.contexts = torch.stack([negative.expand_as(contexts), contexts], dim=1)    # (G, 2, 77, C)
+            state.visual_tokens = torch.stack([empty, visual])
             state.slots, state.latent_hw, state.capture = ((), tokens.slots[0]), (args.latent, args.latent), True
-            return unet(x, t, encoder_hidden_states=plain_ctx).sample
-        patched = time_it(patched_step, args.repeats, args.device)
-    result = {
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "threads": torch.get_num_threads(), "latent": args.latent, "dtype": str(dtype), "repeats": args.repeats,
-        "plain_step_s": {"median": statistics.median(plain), "min": min(plain), "max": max(plain)},
-        "patched_exact_step_s": {"median": statistics.median(patched), "min": min(patched), "max": max(patched)},
-        "ratio_exact": statistics.median(patched) / statistics.median(plain),
-        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
-    print(f"plain {result['plain_step_s']['median']:.3f}s  patched (exact) {result['patched_exact_step_s']['median']:.3f}s"
-          f"  ratio {result['ratio_exact']:.2f}x  -> {args.out}")
+            unet(x, t, encoder_hidden_states=plain_ctx)
+
+        def exact_per_step():
+            for t in timesteps:
+                contexts, visual, empty = encode(t.reshape(1))
+                step(t, contexts[0], visual[0], empty[0])
+
+        def exact_batched():
+            per_call = max(1, PROMPTS_PER_CALL // groups)
+            for start in range(0, args.steps, per_call):
+                ts = timesteps[start:start + per_call]
+                contexts, visual, empty = encode(ts)
+                for i, t in enumerate(ts):
+                    step(t, contexts[i], visual[i], empty[i])
+
+        install_processors(unet, model, state, capture_downsample=(2, 4))
+        reset_peak(device)
+        times = interleaved({"plain": plain_run, "exact_per_step": exact_per_step, "exact_batched": exact_batched},
+                            args.repeats, device)
+    plain = times["plain"]["median"]
+    result = {"machine": machine(device), "path": "training processors (diffusers UNet)", "latent": args.latent,
+              "steps": args.steps, "dtype": str(dtype), "seconds": times,
+              "ratio": {name: t["median"] / plain for name, t in times.items()},
+              "peak_memory_gb": peak_memory_gb(device)}
+    write_json(args.out, result)
+    ratios = "  ".join(f"{k} {v:.3f}x" for k, v in result["ratio"].items() if k != "plain")
+    print(f"[processors] sd15 latent {args.latent} {args.steps} steps: plain {plain:.3f}s  {ratios}  -> {args.out}")
 
 
 if __name__ == "__main__":

@@ -41,15 +41,16 @@ def load_comfy(device: str) -> ModuleType:
     return comfy
 
 
-def extension() -> ModuleType:
-    """This repository imported as a custom-node package; returns its ``nodes.install`` module."""
+def extension(module: str = "nodes.install") -> ModuleType:
+    """This repository imported as a custom-node package (never as the top-level ``nodes``, which is
+    ComfyUI's own module); returns one of its modules, ``nodes.install`` by default."""
     if PACKAGE not in sys.modules:
         spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py",
                                                       submodule_search_locations=[str(REPO)])
         package = importlib.util.module_from_spec(spec)
         sys.modules[PACKAGE] = package
         spec.loader.exec_module(package)
-    return importlib.import_module(f"{PACKAGE}.nodes.install")
+    return importlib.import_module(f"{PACKAGE}.{module}")
 
 
 def _unet_config(family: str, dtype: torch.dtype) -> dict:

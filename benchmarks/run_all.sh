@@ -18,4 +18,4 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
 fi
 run 45 benchmarks.bench_encode --out "$out/encode.json"
 run 120 benchmarks.bench_layer_overhead --out "$out/layer_overhead_cpu.json"
-run 45 benchmarks.bench_sampling --device "${DEVICE:-cuda}" --latent 64 --repeats 10 --out "$out/sampling_processors.json"
+run 90 benchmarks.bench_sampling --repeats 3 --out "$out/sampling_processors.json"

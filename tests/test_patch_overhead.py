@@ -1,0 +1,34 @@
+"""Operator counts of the sampling patch: deterministic regression guards for its per-layer cost.
+
+Counting dispatched ATen operators (not timing them) is exact and machine-independent; on a GPU each
+non-view operator is a kernel launch, which is what bounds a fast GPU's sampling speed.
+"""
+import pytest
+import torch
+
+from benchmarks.bench_layer_overhead import measure
+from customcontrast_core import CustomContrastModel, get_preset
+
+
+@pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 85), ("sd15", False, 35),
+                                                   ("sdxl", True, 95), ("sdxl", False, 33)])
+def test_operators_per_patched_layer_stay_bounded(family, use_mask, limit):
+    result = measure(family, use_mask, evaluations=2)
+    assert result["layers"] == {"sd15": 16, "sdxl": 70}[family]
+    assert result["ops_per_layer_plain"] < result["ops_per_layer_patched"] <= limit
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sdxl"])
+def test_fused_visual_kv_equals_each_layers_projection(preset):
+    torch.manual_seed(0)
+    model = CustomContrastModel(get_preset(preset)).eval()
+    tokens = torch.randn(2, 4, model.config.context_dim)
+    weight, slices = model.visual_kv.fused()
+    projected = torch.nn.functional.linear(tokens, weight)
+    assert list(slices) == [layer.name for layer in model.config.layers]
+    for name, proj in model.visual_kv.items():
+        offset, inner = slices[name]
+        k, v = proj(tokens)
+        torch.testing.assert_close(projected[..., offset:offset + inner], k, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(projected[..., offset + inner:offset + 2 * inner], v, rtol=1e-5, atol=1e-6)
+    assert weight.shape[0] == sum(2 * layer.inner_dim for layer in model.config.layers)
