@@ -133,44 +133,64 @@ def _merge(x: Tensor) -> Tensor:
     return rearrange(x, "b h n d -> b n (h d)")
 
 
-def _text_branch(qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None, scale: float,
-                 probabilities: bool) -> tuple[Tensor, Tensor | None]:
-    """Text cross-attention with the additive placeholder bias.
+def _text_branch(qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """Text cross-attention with the additive placeholder bias, fused SDPA in the inputs' dtype.
 
-    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), bias (B, N, T) or None -> out (B, N, H*D) and, when
-    asked, the probabilities (B, H, N, T) fp32. Without probabilities it runs fused SDPA in the
-    inputs' dtype (the bias as a float attention mask), else explicit fp32.
+    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), bias (B, N, T) fp32 or None -> (B, N, H*D).
     """
-    if not probabilities:
-        mask = None if bias is None else rearrange(bias, "b i j -> b 1 i j").to(qh.dtype)
-        return _merge(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)), None
-    sim = torch.matmul(qh.float(), kh.float().transpose(-1, -2))                               # (B, H, N, T)
-    if bias is not None:
-        sim = torch.add(rearrange(bias, "b i j -> b 1 i j"), sim, alpha=scale)
-    else:
-        sim = sim * scale
-    probs = sim.softmax(dim=-1)
-    return _merge(torch.matmul(probs, vh.float())), probs
+    mask = None if bias is None else rearrange(bias, "b i j -> b 1 i j").to(qh.dtype)
+    return _merge(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale))
 
 
-def _visual_branch(qh: Tensor, subject: SubjectBranch, heads: int, scale: float,
-                   capture: bool) -> tuple[Tensor, Tensor | None]:
-    """Attends the latent queries to one subject's visual tokens (Eq. 3, second term).
-
-    Shapes: qh (B, H, N, D) (fp32 when capturing) -> out (B, N, H*D) in qh's dtype, map (B, N) fp32
-    or None.
-    """
+def _visual_branch(qh: Tensor, subject: SubjectBranch, heads: int, scale: float) -> Tensor:
+    """One subject's visual attention (Eq. 3, second term), fused SDPA. Shapes: qh (B, H, N, D) -> (B, N, H*D)."""
     batch = qh.shape[0]
     vk = _heads(subject.visual_k.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1)
     vv = _heads(subject.visual_v.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1)
-    if not capture:
-        return _merge(F.scaled_dot_product_attention(qh, vk, vv, scale=scale)), None
+    return _merge(F.scaled_dot_product_attention(qh, vk, vv, scale=scale))
 
-    # explicit logits: the output normalises over visual tokens, the map over space
-    sim = torch.matmul(qh, vk.transpose(-1, -2)) * scale                                      # (B, H, N, S)
-    out = torch.matmul(sim.softmax(dim=-1), vv)
-    where = reduce(sim.softmax(dim=2), "b h i j -> b i", "mean")                                # (B, N)
-    return _merge(out), where
+
+def _placeholder_map(probs: Tensor, subject: SubjectBranch) -> Tensor:
+    """The placeholder's text-attention probability, mean over heads. Shapes: probs (B, H, N, T) -> (B, N)."""
+    batch, _, queries, _ = probs.shape
+    if not subject.columns:
+        return torch.zeros(batch, queries, device=probs.device)
+    placeholder = probs[..., subject.columns[0]]                                  # (B, H, N), integer index
+    for column in subject.columns[1:]:
+        placeholder = placeholder + probs[..., column]
+    text = reduce(placeholder, "b h n -> b n", "mean")
+    return text if subject.text_rows is None else text * _row_weights(subject, batch, probs.device)
+
+
+def _captured(qh: Tensor, kh: Tensor, vh: Tensor, subjects: Sequence[SubjectBranch], bias: Tensor | None,
+              scale: float) -> tuple[Tensor, list[SubjectMaps]]:
+    """Text and visual branches of one layer in two matmuls, explicit fp32, with the maps (Sec. 3.4).
+
+    Logits of the queries against [K_t; K_v1; ...] are computed at once; the text part gets the bias
+    and its own softmax, each subject's part its own softmax (over its tokens for the output, over
+    space for the map), weighted by gamma * M; then one matmul with [V_t; V_v1; ...] sums the branches.
+    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), fp32 -> (B, N, H*D) fp32, one SubjectMaps per subject.
+    """
+    batch, heads, _, _ = qh.shape
+    text_keys = kh.shape[2]
+    vks = [_heads(s.visual_k.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1) for s in subjects]
+    vvs = [_heads(s.visual_v.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1) for s in subjects]
+    sim = torch.matmul(qh, torch.cat([kh, *vks], dim=2).transpose(-1, -2)) * scale        # (B, H, N, T + S...)
+    text = sim[..., :text_keys]
+    if bias is not None:
+        text = text + rearrange(bias, "b i j -> b 1 i j")
+    probs = [text.softmax(dim=-1)]
+    maps, offset = [], text_keys
+    for subject, vk in zip(subjects, vks):
+        part = sim[..., offset:offset + vk.shape[2]]                                       # (B, H, N, S)
+        offset += vk.shape[2]
+        weight = subject.gamma if subject.mask is None else \
+            rearrange(subject.mask.to(qh.device, torch.float32), "b n -> b 1 n 1") * subject.gamma
+        probs.append(part.softmax(dim=-1) * weight)
+        maps.append(SubjectMaps(text=_placeholder_map(probs[0], subject),
+                                visual=reduce(part.softmax(dim=2), "b h i j -> b i", "mean")))
+    out = torch.matmul(torch.cat(probs, dim=-1), torch.cat([vh, *vvs], dim=2))
+    return _merge(out), maps
 
 
 # Public API
@@ -198,8 +218,8 @@ def customcontrast_attention(
     unless maps are captured. `scale` defaults to D ** -0.5. `bias` (B, N, T) fp32 is
     :func:`placeholder_bias` of the same subjects, when the caller already has it.
 
-    Layers that capture maps compute in fp32; the others stay in q's dtype (fused SDPA for both
-    branches, the visual output added with one fused multiply-add).
+    Layers that capture maps compute every branch explicitly in fp32 in two matmuls; the others
+    stay in q's dtype (fused SDPA per branch, the visual output added with one fused multiply-add).
     """
     _check_inputs(q, k, v, heads, subjects)
     if eps <= 0:
@@ -211,33 +231,22 @@ def customcontrast_attention(
     elif tuple(bias.shape) != (batch, queries, k.shape[1]):
         raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}), got {tuple(bias.shape)}")
 
-    qh = _heads(q.float() if capture else q, heads)
-    out, probs = _text_branch(qh, _heads(k, heads), _heads(v, heads), bias, scale, probabilities=capture)
-
-    # visual branches, each under its own mask
-    maps: list[SubjectMaps] | None = [] if capture else None
+    if capture:
+        out, maps = _captured(_heads(q.float(), heads), _heads(k.float(), heads), _heads(v.float(), heads),
+                              subjects, bias, scale)
+        return out.to(q.dtype), maps
+    qh = _heads(q, heads)
+    out = _text_branch(qh, _heads(k, heads), _heads(v, heads), bias, scale)
     for subject in subjects:
-        if subject.gamma == 0 and not capture:
+        if subject.gamma == 0:
             continue
-        visual, where = _visual_branch(qh, subject, heads, scale, capture)
-        if subject.gamma != 0:
-            if subject.mask is None:
-                out = torch.add(out, visual, alpha=subject.gamma)
-            else:
-                weight = rearrange(subject.mask.to(q.device, out.dtype), "b n -> b n 1")
-                out = torch.addcmul(out, weight, visual, value=subject.gamma)
-        if maps is not None:
-            if not subject.columns:
-                text = torch.zeros(batch, queries, device=q.device)
-            else:
-                placeholder = probs[..., subject.columns[0]]                      # (B, H, N), integer index
-                for column in subject.columns[1:]:
-                    placeholder = placeholder + probs[..., column]
-                text = reduce(placeholder, "b h n -> b n", "mean")
-                if subject.text_rows is not None:
-                    text = text * _row_weights(subject, batch, q.device)
-            maps.append(SubjectMaps(text=text, visual=where))
-    return out.to(q.dtype), maps
+        visual = _visual_branch(qh, subject, heads, scale)
+        if subject.mask is None:
+            out = torch.add(out, visual, alpha=subject.gamma)
+        else:
+            weight = rearrange(subject.mask.to(q.device, out.dtype), "b n -> b n 1")
+            out = torch.addcmul(out, weight, visual, value=subject.gamma)
+    return out, None
 
 
 def plain_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float | None = None) -> Tensor:

@@ -6,6 +6,7 @@ the visual K/V. The frozen models are held outside its module tree.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from customcontrast_core.encoder import SubjectEncoding
 from customcontrast_core.masks import combine_maps
 from customcontrast_core.visual_kv import CustomContrastModel
 
@@ -22,6 +24,13 @@ from .models import FrozenModels, appearance_features, clip_hidden_states
 from .processors import ProcessorState, install_processors
 
 PLACEHOLDER = "<subject>"
+
+
+def _split(encoding: SubjectEncoding, b: int) -> tuple[SubjectEncoding, SubjectEncoding]:
+    """Splits an encoding of 2B rows into its first and last B rows (views)."""
+    fields = {f.name: getattr(encoding, f.name) for f in dataclasses.fields(encoding)}
+    return (SubjectEncoding(**{k: v[:b] for k, v in fields.items()}),
+            SubjectEncoding(**{k: v[b:] for k, v in fields.items()}))
 
 
 class TrainingModule(nn.Module):
@@ -54,14 +63,14 @@ class TrainingModule(nn.Module):
         timesteps = torch.randint(0, frozen.scheduler.config.num_train_timesteps, (b * world,),
                                   generator=generator)[mine].to(device)
 
-        # subject encodings: the reference, its positive view at the same timestep, the blank reference
+        # subject encodings: the reference and its positive view at the same timestep, each frozen and
+        # trainable encoder run once on both (per-sample models: same values, half the calls), then
+        # the blank reference for image-dropped rows
         with torch.no_grad():
-            clip_ref = clip_hidden_states(frozen.clip_vision, reference, layers)
-            clip_pos = clip_hidden_states(frozen.clip_vision, positive, layers)
-            app_ref = appearance_features(frozen.appearance, reference).float()
-            app_pos = appearance_features(frozen.appearance, positive).float()
-        enc = encoder(clip_ref, timesteps.float())
-        enc_pos = encoder(clip_pos, timesteps.float())
+            views = torch.cat([reference, positive])                                   # (2B, 3, H, W)
+            clip_both = clip_hidden_states(frozen.clip_vision, views, layers)
+            app_ref, app_pos = appearance_features(frozen.appearance, views).float().chunk(2)
+        enc, enc_pos = _split(encoder(clip_both, timesteps.float().repeat(2)), b)
         splus, visual = enc.splus, enc.visual_tokens
         if drop_image.any():
             rows = drop_image.nonzero().squeeze(1).to(device)
