@@ -1,7 +1,7 @@
 """``python -m training.run``: trains CustomContrast; the default is the tiny CPU preset.
 
 Examples:
-    python -m training.run                                   # tiny preset, CPU, ~2 minutes
+    python -m training.run                                   # tiny preset, CPU, under a minute
     python -m training.run --preset sd15 --config my.json    # real models from local paths
     accelerate launch --num_processes 8 -m training.run --preset sd15 --config my.json
     torchrun --nproc_per_node 8 -m training.run --preset sd15 --config my.json
