@@ -5,7 +5,7 @@ both) with identical seeds and steps, then encodes held-out procedural subjects 
 training) from every view and measures view retrieval (top-1, mAP), the intra/inter-subject cosine
 distance ratio, for S+ tokens and for the visual CLS; several seeds, mean and spread.
 
-    python -m training.ablation                 # default: 2 seeds x 4 variants x 120 steps (~10 min, 2 cores)
+    python -m training.ablation                 # default: 2 seeds x 4 variants x 120 steps (~3 min, 2 cores)
     python -m training.ablation --quick         # pipeline check
 """
 from __future__ import annotations
