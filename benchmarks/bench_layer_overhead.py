@@ -59,8 +59,9 @@ def _patch(family: str, use_mask: bool):
     return patch, config, base
 
 
-def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4):
-    """One model evaluation (cond + uncond, batch 1 each) through every patched layer. Returns nothing."""
+def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4, outputs: list | None = None):
+    """One model evaluation (cond + uncond, batch 1 each) through every patched layer; appends each layer's
+    output to ``outputs`` when given."""
     context = torch.cat([base, torch.randn_like(base)])
     sigmas = torch.tensor([sigma, sigma])
     with torch.no_grad():
@@ -73,7 +74,9 @@ def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4
             _, ctx, value = patch.swap_context(n, context, context, options)
             q = torch.randn(2, side * side, inner)
             k = torch.randn(2, 77, inner)
-            patch.attention(q, k, k, options)
+            out = patch.attention(q, k, k, options)
+            if outputs is not None:
+                outputs.append(out)
 
 
 def _plain(config, base, grid: int = 8, heads: int = 4):

@@ -25,6 +25,9 @@ from .encodings import PROMPTS_PER_CALL, Encodings, encode_timesteps, encoding_k
 from .text_encode import PlaceholderPrompt, reorder_for
 
 
+FUSED_WEIGHT_BYTES = 128 * 2**20   # largest stacked copy of the visual K/V weights kept for one-matmul projection
+
+
 @dataclass(frozen=True)
 class ApplySettings:
     """User controls of one Apply node."""
@@ -239,16 +242,13 @@ class SubjectPatch:
         h, w = extra_options["activations_shape"][-2:]
         masks = self.tracker.mask_for(ev.sigma) if self.settings.use_mask else None
         repeats = k.shape[1] // self.prompt.length
-        if ev.visual_kv is None:
-            ev.visual_kv = self._project_visual(enc, ev.kinds, q.dtype, q.device)
-        offset, inner = self._fused[2][layer.name]
         branches = []
         for s in range(len(self.subjects)):
-            kv = ev.visual_kv[s]
+            visual_k, visual_v = self._visual_kv(ev, enc, layer.name, s, q.dtype, q.device)
             mask = self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device)
             columns = tuple(c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s))
-            branches.append(SubjectBranch(kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner],
-                                          gamma=self.settings.gamma, mask=mask, columns=columns, text_rows=ev.swap))
+            branches.append(SubjectBranch(visual_k, visual_v, gamma=self.settings.gamma, mask=mask, columns=columns,
+                                          text_rows=ev.swap))
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
         bias_key = ((h, w), k.shape[1])
@@ -262,24 +262,46 @@ class SubjectPatch:
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
         return out
 
-    def _project_visual(self, enc: Encodings, kinds: Tensor, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
-        """Every layer's visual K|V for this evaluation's rows in one matmul per subject (cond rows: the subject,
-        uncond rows: the blank reference). Shapes: -> per subject (B, m, sum over layers of 2 * inner)."""
+    def _fused_weight(self) -> tuple[Tensor, dict[str, tuple[int, int]]] | None:
+        """Every layer's visual K/V weights stacked (``VisualKV.fused``), cached while the weights stay put;
+        None when the copy would exceed FUSED_WEIGHT_BYTES (SDXL: ~680 MB in fp16, never duplicated)."""
         visual_kv = self.model.visual_kv
         first = next(iter(visual_kv.values())).to_k.weight
         identity = (first.device, first.dtype, first.data_ptr())
         if self._fused[0] != identity:
-            with torch.no_grad():
-                weight, slices = visual_kv.fused()
-            self._fused = (identity, weight, slices)
-        weight = self._fused[1]
-        out = []
-        for visual, blank in zip(enc.visual, enc.blank_visual):
-            tokens = torch.cat([visual, blank]).to(weight.device, weight.dtype)        # (2, m, C)
-            with torch.no_grad():
-                projected = F.linear(tokens, weight)
-            out.append(projected.index_select(0, kinds).to(device, dtype))
-        return out
+            size = sum(p.numel() * p.element_size() for p in visual_kv.parameters())
+            if size > FUSED_WEIGHT_BYTES:
+                self._fused = (identity, None, {})
+            else:
+                with torch.no_grad():
+                    weight, slices = visual_kv.fused()
+                self._fused = (identity, weight, slices)
+        return None if self._fused[1] is None else self._fused[1:]
+
+    def _visual_kv(self, ev: _Evaluation, enc: Encodings, name: str, subject: int, dtype: torch.dtype,
+                   device: torch.device) -> tuple[Tensor, Tensor]:
+        """One layer's visual K and V for this evaluation's rows (cond rows: the subject, uncond rows: the blank
+        reference). With the stacked weights, every layer is projected in one matmul per evaluation and each
+        layer takes slices. Shapes: -> (B, m, inner) twice."""
+        fused = self._fused_weight()
+        if fused is not None:
+            weight, slices = fused
+            if ev.visual_kv is None:
+                ev.visual_kv = []
+                for visual, blank in zip(enc.visual, enc.blank_visual):
+                    tokens = torch.cat([visual, blank]).to(weight.device, weight.dtype)      # (2, m, C)
+                    with torch.no_grad():
+                        projected = F.linear(tokens, weight)                                # (2, m, sum 2*inner)
+                    ev.visual_kv.append(projected.to(device, dtype).index_select(0, ev.kinds))
+            offset, inner = slices[name]
+            kv = ev.visual_kv[subject]
+            return kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner]
+        projection = self.model.visual_kv[name]
+        weight = projection.to_k.weight
+        tokens = torch.cat([enc.visual[subject], enc.blank_visual[subject]]).to(weight.device, weight.dtype)
+        with torch.no_grad():
+            k, v = projection(tokens)
+        return k.to(device, dtype).index_select(0, ev.kinds), v.to(device, dtype).index_select(0, ev.kinds)
 
     def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
                     n_chunks: int, device: torch.device) -> Tensor | None:

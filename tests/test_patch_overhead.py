@@ -32,3 +32,24 @@ def test_fused_visual_kv_equals_each_layers_projection(preset):
         torch.testing.assert_close(projected[..., offset:offset + inner], k, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(projected[..., offset + inner:offset + 2 * inner], v, rtol=1e-5, atol=1e-6)
     assert weight.shape[0] == sum(2 * layer.inner_dim for layer in model.config.layers)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl"])
+def test_stacked_and_per_layer_visual_projection_give_the_same_layers(family, monkeypatch):
+    """Large checkpoints (SDXL) project per layer instead of keeping a stacked copy of the weights: same outputs."""
+    from benchmarks.bench_layer_overhead import _evaluation, _patch
+    from benchmarks.comfy_runtime import extension
+
+    outputs = {}
+    for limit in (2**40, 0):
+        monkeypatch.setattr(extension("nodes.patch"), "FUSED_WEIGHT_BYTES", limit)
+        torch.manual_seed(0)
+        patch, config, base = _patch(family, True)
+        outputs[limit] = []
+        for sigma in (9.0, 8.0, 7.0):        # masks from the first evaluation act in the later ones
+            torch.manual_seed(int(sigma))
+            _evaluation(patch, config, base, sigma, outputs=outputs[limit])
+        assert (patch._fused[1] is None) == (limit == 0)
+    assert len(outputs[0]) == 3 * len(config.layers) and all(isinstance(o, torch.Tensor) for o in outputs[0])
+    for fused, per_layer in zip(outputs[2**40], outputs[0]):
+        torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
