@@ -82,10 +82,8 @@ def main() -> None:
         def encode(ts: torch.Tensor):
             """Shapes: ts (n,) -> contexts (n, G, 77, C), visual (n, m, C), blank visual (n, m, C)."""
             n = ts.shape[0]
-            expand = lambda f: type(f)(features=f.features.expand(n, -1, -1), visual=f.visual.expand(n, -1, -1),
-                                       visual_cls=f.visual_cls.expand(n, -1))
-            enc = encoder.encode_timestep(expand(image), ts.to(dtype))
-            empty = encoder.encode_timestep(expand(blank), ts.to(dtype))
+            enc = encoder.encode_timestep(image.expand(n), ts.to(dtype))
+            empty = encoder.encode_timestep(blank.expand(n), ts.to(dtype))
             cond, _ = text(text.tokenize(["a photo of a <subject> dog on the beach"] * n, "<subject>"), enc.splus)
             return rearrange(cond, "(g n) t c -> n g t c", n=n), enc.visual_tokens, empty.visual_tokens
 

@@ -7,9 +7,9 @@ For one cross-attention layer with queries Q from the latent,
 
 where K_t, V_t come from the prompt encoded with this layer's S+ token and K_s, V_s are the subject's
 visual tokens projected by W_k^v, W_v^v. The log-bias is the same as multiplying the placeholder's
-probability by M and renormalising each row. Layers whose maps are captured compute the text branch
-explicitly in fp32 (77-ish keys: cheap) to read the placeholder probabilities; the others run fused
-SDPA with the bias as a float attention mask (same function, the inputs' precision).
+probability by M and renormalising each row. Layers whose maps are captured compute both branches
+explicitly in fp32 (77 + m keys: cheap) to read the probabilities; the others run fused SDPA per
+branch with the bias as a float attention mask (same function, the inputs' precision).
 """
 from __future__ import annotations
 

@@ -20,6 +20,16 @@ class ImageFeatures:
     visual: Tensor       # (B, m, width) visual tokens f_v
     visual_cls: Tensor   # (B, width) visual CLS token
 
+    def expand(self, n: int) -> "ImageFeatures":
+        """The features of one image as n rows (views, no copy), e.g. to encode n timesteps at once.
+
+        Shapes: (1, ...) -> (n, ...).
+        """
+        if self.features.shape[0] != 1:
+            raise ValueError(f"expand needs the features of one image (batch 1), found batch {self.features.shape[0]}")
+        return ImageFeatures(features=self.features.expand(n, -1, -1), visual=self.visual.expand(n, -1, -1),
+                             visual_cls=self.visual_cls.expand(n, -1))
+
 
 @dataclass(frozen=True, eq=False)
 class SubjectEncoding:

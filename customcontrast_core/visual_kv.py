@@ -50,7 +50,6 @@ class VisualKV(nn.ModuleDict):
                                      f"{tuple(target.weight.shape)}, found {tuple(source.shape)}")
                 target.weight.copy_(source)
 
-
     def fused(self) -> tuple[Tensor, dict[str, tuple[int, int]]]:
         """Every layer's ``W_k^v`` and ``W_v^v`` stacked into one matrix, for one projection of all layers.
 

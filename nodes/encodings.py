@@ -56,11 +56,6 @@ def window(sigma: float, schedule: Sequence[float], wanted: Callable[[float], bo
     return [sigma, *sorted(set(later), reverse=True)][:max(1, size)]
 
 
-def _expand(image: ImageFeatures, n: int) -> ImageFeatures:
-    return ImageFeatures(features=image.features.expand(n, -1, -1), visual=image.visual.expand(n, -1, -1),
-                         visual_cls=image.visual_cls.expand(n, -1))
-
-
 def encode_timesteps(encoder, clip, prompt, images: Sequence[ImageFeatures], blank: ImageFeatures,
                      timesteps: Sequence[float], device: torch.device) -> list[Encodings]:
     """Encodes several timesteps in one MFI-Encoder call and one text-encoder call.
@@ -71,8 +66,8 @@ def encode_timesteps(encoder, clip, prompt, images: Sequence[ImageFeatures], bla
     dtype = images[0].features.dtype
     t = torch.tensor(list(timesteps), dtype=torch.float32).to(device, dtype)
     with torch.no_grad():
-        subject = [encoder.encode_timestep(_expand(image, n), t) for image in images]
-        empty = encoder.encode_timestep(_expand(blank, n), t)
+        subject = [encoder.encode_timestep(image.expand(n), t) for image in images]
+        empty = encoder.encode_timestep(blank.expand(n), t)
         splus = [rearrange(s.splus, "n g d -> (n g) d") for s in subject]
         contexts, _ = encode_splus(clip, prompt, splus)                          # (n*G, L, C)
     contexts = rearrange(contexts.to(device), "(n g) l c -> n g l c", n=n)

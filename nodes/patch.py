@@ -7,6 +7,7 @@ key (after them), which runs the core's ``customcontrast_attention``.
 """
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -19,13 +20,49 @@ from customcontrast_core.encoder import ImageFeatures
 from customcontrast_core.layers import CrossAttentionLayer
 from customcontrast_core.masks import MaskConfig, intersect_user_mask, resize_mask
 from customcontrast_core.propagation import MaskTracker
-from customcontrast_core.visual_kv import CustomContrastModel
+from customcontrast_core.visual_kv import CustomContrastModel, VisualKV
 
 from .encodings import PROMPTS_PER_CALL, Encodings, encode_timesteps, encoding_key, window
 from .text_encode import PlaceholderPrompt, reorder_for
 
 
 FUSED_WEIGHT_BYTES = 128 * 2**20   # largest stacked copy of the visual K/V weights kept for one-matmul projection
+
+
+class _SigmaOf:
+    """``extra_options["sigmas"]`` as a float, read from the device once per tensor: every layer of one model
+    evaluation is handed the same tensor, so the per-layer patches never wait for the GPU."""
+
+    def __init__(self) -> None:
+        self._tensor: Tensor | None = None
+        self._value = 0.0
+
+    def __call__(self, extra_options: dict) -> float:
+        sigmas = extra_options["sigmas"]
+        if sigmas is not self._tensor:
+            self._tensor, self._value = sigmas, float(sigmas.detach().flatten()[0])
+        return self._value
+
+
+sigma_of = _SigmaOf()
+
+_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # VisualKV -> (identity, W or None, slices)
+
+
+def stacked_visual_kv(visual_kv: VisualKV) -> tuple[Tensor, dict[str, tuple[int, int]]] | None:
+    """Every layer's visual K/V weights stacked (``VisualKV.fused``), one copy per loaded checkpoint however
+    many Apply nodes use it, rebuilt when ComfyUI moves or casts the weights; None when the copy would
+    exceed FUSED_WEIGHT_BYTES (SDXL: ~680 MB in fp16, never duplicated)."""
+    first = next(iter(visual_kv.values())).to_k.weight
+    identity = (first.device, first.dtype, first.data_ptr(), FUSED_WEIGHT_BYTES)
+    cached = _STACKED.get(visual_kv)
+    if cached is None or cached[0] != identity:
+        weight, slices = None, {}
+        if sum(p.numel() * p.element_size() for p in visual_kv.parameters()) <= FUSED_WEIGHT_BYTES:
+            with torch.no_grad():
+                weight, slices = visual_kv.fused()
+        cached = _STACKED[visual_kv] = (identity, weight, slices)
+    return None if cached[1] is None else (cached[1], cached[2])
 
 
 @dataclass(frozen=True)
@@ -86,7 +123,6 @@ class SubjectPatch:
     _schedule: tuple[Tensor | None, list[float]] = (None, [])
     _base: dict = field(default_factory=dict)
     _keys: dict = field(default_factory=dict)   # sigma -> (cache key, timestep): timestep_of reads the device
-    _fused: tuple = (None, None, {})             # (weights' identity, stacked W, layer -> slice)
 
     def __post_init__(self) -> None:
         self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects))
@@ -169,7 +205,7 @@ class SubjectPatch:
         """This evaluation's shared state; starts a new one (and the mask tracker's step) when sigmas change."""
         sigmas = extra_options["sigmas"]
         if self._eval is None or sigmas is not self._eval.sigmas:
-            sigma = float(sigmas.detach().flatten()[0])
+            sigma = sigma_of(extra_options)
             previous = self._eval.sigma if self._eval is not None else None
             self._eval = _Evaluation(sigmas=sigmas, sigma=sigma)
             if sigma != previous and self.settings.use_mask:
@@ -262,28 +298,12 @@ class SubjectPatch:
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
         return out
 
-    def _fused_weight(self) -> tuple[Tensor, dict[str, tuple[int, int]]] | None:
-        """Every layer's visual K/V weights stacked (``VisualKV.fused``), cached while the weights stay put;
-        None when the copy would exceed FUSED_WEIGHT_BYTES (SDXL: ~680 MB in fp16, never duplicated)."""
-        visual_kv = self.model.visual_kv
-        first = next(iter(visual_kv.values())).to_k.weight
-        identity = (first.device, first.dtype, first.data_ptr())
-        if self._fused[0] != identity:
-            size = sum(p.numel() * p.element_size() for p in visual_kv.parameters())
-            if size > FUSED_WEIGHT_BYTES:
-                self._fused = (identity, None, {})
-            else:
-                with torch.no_grad():
-                    weight, slices = visual_kv.fused()
-                self._fused = (identity, weight, slices)
-        return None if self._fused[1] is None else self._fused[1:]
-
     def _visual_kv(self, ev: _Evaluation, enc: Encodings, name: str, subject: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[Tensor, Tensor]:
         """One layer's visual K and V for this evaluation's rows (cond rows: the subject, uncond rows: the blank
         reference). With the stacked weights, every layer is projected in one matmul per evaluation and each
         layer takes slices. Shapes: -> (B, m, inner) twice."""
-        fused = self._fused_weight()
+        fused = stacked_visual_kv(self.model.visual_kv)
         if fused is not None:
             weight, slices = fused
             if ev.visual_kv is None:
@@ -363,7 +383,7 @@ class Attn2Replace:
             out = _plain(q, k, v, extra_options)
         out = out.to(q.dtype)
         if self.callback:
-            sigma = float(extra_options["sigmas"].detach().flatten()[0])
+            sigma = sigma_of(extra_options)
             for callback, kwargs in zip(self.callback, self.kwargs):
                 if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", float("inf")):
                     out = out + callback(out, q, k, v, extra_options, **kwargs)
