@@ -6,7 +6,8 @@
 Random full-size SD1.5 / SDXL UNets and text encoders (ComfyUI's own modules), a random full-size
 CustomContrast checkpoint, one subject; whole sampling runs (euler, normal, CFG) timed warm and
 round-robin: plain, patched in the default mode (paper-exact S+ per timestep, encoded a window of
-the schedule at a time), patched with S+ timestep buckets, patched without the mask propagation.
+the schedule at a time), patched with S+ timestep buckets, patched without the mask propagation, and
+on CUDA the default and bucketed modes with each layer replayed as a CUDA graph.
 Prints the ratios and writes JSON.
 """
 from __future__ import annotations
@@ -45,15 +46,25 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
         f"buckets_{buckets}": lambda: run(bucketed, positive_b, negative),
         "default_no_mask": lambda: run(unmasked, positive_u, negative),
     }
+    if device.startswith("cuda"):
+        graphed, positive_g = patched(cuda_graphs=True)
+        graphed_b, positive_gb = patched(cuda_graphs=True, splus_buckets=buckets)
+        variants["cuda_graphs"] = lambda: run(graphed, positive_g, negative)
+        variants[f"cuda_graphs_buckets_{buckets}"] = lambda: run(graphed_b, positive_gb, negative)
     reset_peak(device)
     times = interleaved(variants, repeats, device)
     plain = times["plain"]["median"]
     patch = default.model_options["transformer_options"]["customcontrast"][-1]
+    agreement = {}
+    if "cuda_graphs" in variants:   # same seed: the graph replays must give the eager run's latent
+        eager, replayed = run(default, positive, negative).float(), run(graphed, positive_g, negative).float()
+        agreement = {"cuda_graphs_vs_default_max_abs": float((replayed - eager).abs().max()),
+                     "cuda_graphs_vs_default_rel_l2": float((replayed - eager).norm() / eager.norm().clamp_min(1e-12))}
     return {
         "family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype),
         "seconds": times, "ratio": {name: t["median"] / plain for name, t in times.items()},
         "text_encoder_calls_per_run": {"default": patch.encode_calls},
-        "peak_memory_gb": peak_memory_gb(device),
+        "peak_memory_gb": peak_memory_gb(device), **agreement,
     }
 
 

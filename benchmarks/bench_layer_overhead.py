@@ -10,6 +10,8 @@ the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = every layer
 ``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of
 ``plain_attention`` calls; once with mask capture and masks (default), once without. It also counts
 the ATen operators dispatched per layer (each one is at least one kernel launch on a GPU, views aside).
+With ``--device cuda`` the same evaluations run on the GPU (tiny tensors: launch-bound), with and
+without the CUDA-graph mode (``ApplySettings.cuda_graphs``).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ class _CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _patch(family: str, use_mask: bool):
+def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"):
+    """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; graphs: "off", "cuda" or "emulate"."""
     from .comfy_runtime import extension
 
     patch_module = extension("nodes.patch")
@@ -44,17 +47,21 @@ def _patch(family: str, use_mask: bool):
     Encodings, PlaceholderPrompt = patch_module.Encodings, patch_module.PlaceholderPrompt
 
     config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
-    model = CustomContrastModel(config).eval()
+    model = CustomContrastModel(config).eval().to(device)
     prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4)]], base=config.base,
                                widths=config.token_widths)
-    base = torch.randn(1, 77, config.context_dim)
+    base = torch.randn(1, 77, config.context_dim, device=device)
     patch = SubjectPatch(model=model, clip=None, subjects=[torch.zeros(1)], blank=torch.zeros(1), prompt=prompt,
                          base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
-                         settings=ApplySettings(use_mask=use_mask), timestep_of=lambda s: s * 100)
+                         settings=ApplySettings(use_mask=use_mask, cuda_graphs=graphs == "cuda"),
+                         timestep_of=lambda s: s * 100)
+    if graphs == "emulate":
+        patch.graphs = patch_module.LayerGraphs(emulate=True)
     for sigma in range(1, 200):
-        patch.cache[float(sigma)] = Encodings(contexts=torch.randn(config.num_groups, 77, config.context_dim),
-                                              visual=[torch.randn(1, config.num_visual_tokens, config.context_dim)],
-                                              blank_visual=[torch.zeros(1, config.num_visual_tokens, config.context_dim)])
+        shape = (1, config.num_visual_tokens, config.context_dim)
+        patch.cache[float(sigma)] = Encodings(
+            contexts=torch.randn(config.num_groups, 77, config.context_dim, device=device),
+            visual=[torch.randn(shape, device=device)], blank_visual=[torch.zeros(shape, device=device)])
     return patch, config, base
 
 
@@ -68,46 +75,72 @@ def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4
     """One model evaluation (cond + uncond, batch 1 each) through every patched layer; appends each layer's
     output to ``outputs`` when given."""
     context = torch.cat([base, torch.randn_like(base)])
-    sigmas = torch.tensor([sigma, sigma])
+    sigmas = torch.tensor([sigma, sigma], device=base.device)
+    device = base.device
     with torch.no_grad():
         for layer, side, inner in _layers(config, grid):
             options = {"block": layer.comfy_key[:2], "block_index": layer.comfy_key[2], "cond_or_uncond": [0, 1],
                        "sigmas": sigmas, "n_heads": heads, "activations_shape": [2, inner, side, side]}
-            patch.swap_context(torch.randn(2, side * side, inner), context, context, options)
-            q, k = torch.randn(2, side * side, inner), torch.randn(2, 77, inner)
+            patch.swap_context(torch.randn(2, side * side, inner, device=device), context, context, options)
+            q, k = torch.randn(2, side * side, inner, device=device), torch.randn(2, 77, inner, device=device)
             out = patch.attention(q, k, k, options)
             if outputs is not None:
-                outputs.append(out)
+                outputs.append(out.clone())   # a graph's output tensor is rewritten by the next evaluation
 
 
-def _plain(config, grid: int = 8, heads: int = 4):
+def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", graphs: str = "off"):
+    """Every patched layer's output over one evaluation per sigma (fixed seeds): returns the patch, the config,
+    the outputs and the number of graphs captured after each evaluation."""
+    torch.manual_seed(0)
+    patch, config, base = _patch(family, use_mask, device, graphs)
+    outputs, captures = [], []
+    for sigma in sigmas:
+        torch.manual_seed(int(sigma))
+        _evaluation(patch, config, base, sigma, outputs=outputs)
+        captures.append(patch.graphs.captures if patch.graphs is not None else 0)
+    return patch, config, outputs, captures
+
+
+def _plain(config, grid: int = 8, heads: int = 4, device: str = "cpu"):
     """The same layers with unpatched attention."""
     with torch.no_grad():
         for _, side, inner in _layers(config, grid):
-            q, k = torch.randn(2, side * side, inner), torch.randn(2, 77, inner)
+            q, k = torch.randn(2, side * side, inner, device=device), torch.randn(2, 77, inner, device=device)
             plain_attention(q, k, k, heads=heads)
 
 
-def measure(family: str, use_mask: bool, evaluations: int) -> dict:
-    patch, config, base = _patch(family, use_mask)
+def _timed(fn, device: str) -> float:
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", graphs: str = "off") -> dict:
+    """Median time of one evaluation through every patched layer vs plain attention, and operators per layer
+    (counted once more on the host; with graphs the counted operators include the emulated replays)."""
+    patch, config, base = _patch(family, use_mask, device, graphs)
     sigmas = [float(s) for s in range(evaluations + 20, 0, -1)]
     for s in sigmas[:5]:
         _evaluation(patch, config, base, s)
     patched, plain = [], []
     for s in sigmas[5:5 + evaluations]:
-        start = time.perf_counter()
-        _evaluation(patch, config, base, s)
-        patched.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        _plain(config)
-        plain.append(time.perf_counter() - start)
+        patched.append(_timed(lambda: _evaluation(patch, config, base, s), device))
+        plain.append(_timed(lambda: _plain(config, device=device), device))
     with _CountOps() as ops_patched:
         _evaluation(patch, config, base, sigmas[-1])
     with _CountOps() as ops_plain:
-        _plain(config)
+        _plain(config, device=device)
     layers = len(config.layers)
     per_layer = (statistics.median(patched) - statistics.median(plain)) / layers
-    return {"layers": layers, "use_mask": use_mask,
+    agreement = {}
+    if graphs != "off":   # the graph replays must give the eager layers
+        sigmas = (9.0, 8.0, 7.0, 6.0)
+        eager = layer_outputs(family, use_mask, sigmas, device)[2]
+        replayed = layer_outputs(family, use_mask, sigmas, device, graphs)[2]
+        agreement = {"max_abs_diff_vs_eager": max(float((a - b).abs().max()) for a, b in zip(replayed, eager))}
+    return {"layers": layers, "use_mask": use_mask, "graphs": graphs, **agreement,
             "patched_eval_ms": 1000 * statistics.median(patched), "plain_eval_ms": 1000 * statistics.median(plain),
             "extra_us_per_layer": 1e6 * per_layer,
             "ops_per_layer_patched": ops_patched.count / layers, "ops_per_layer_plain": ops_plain.count / layers}
@@ -116,17 +149,21 @@ def measure(family: str, use_mask: bool, evaluations: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--evaluations", type=int, default=40)
+    p.add_argument("--device", default="cpu", help="cpu (host cost alone) or cuda (host + launches, graphs on/off)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_overhead.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = {"machine": machine("cpu"), "results": []}
+    result = {"machine": machine(args.device), "results": []}
     for family in ("sd15", "sdxl"):
         for use_mask in (True, False):
-            r = dict(family=family, **measure(family, use_mask, args.evaluations))
-            result["results"].append(r)
-            print(f"[overhead] {family} mask={use_mask}: +{r['extra_us_per_layer']:.0f} us/layer host time, "
-                  f"{r['ops_per_layer_patched']:.0f} ops/layer (plain attention layer: {r['ops_per_layer_plain']:.0f})",
-                  flush=True)
+            for graphs in ("off", "cuda") if args.device.startswith("cuda") else ("off",):
+                r = dict(family=family, **measure(family, use_mask, args.evaluations, args.device, graphs))
+                result["results"].append(r)
+                print(f"[overhead] {family} mask={use_mask} graphs={graphs}: +{r['extra_us_per_layer']:.0f} us/layer, "
+                      f"{r['ops_per_layer_patched']:.0f} ops/layer (plain attention layer: "
+                      f"{r['ops_per_layer_plain']:.0f}); evaluation {r['patched_eval_ms']:.2f} ms vs plain "
+                      f"{r['plain_eval_ms']:.2f} ms" + (f"; max |graphs - eager| {r['max_abs_diff_vs_eager']:.2e}"
+                                                     if "max_abs_diff_vs_eager" in r else ""), flush=True)
     write_json(args.out, result)
     print(f"-> {args.out}")
 

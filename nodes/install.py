@@ -96,8 +96,11 @@ def install(model, patch: SubjectPatch, customcontrast: LoadedCustomContrast):
 
 def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], prompt: str, weight: float,
                          start_percent: float, end_percent: float, use_mask: bool, mask_mode: str,
-                         mask_threshold: float, attn_mask=None, splus_buckets: int = 0):
-    """Builds the patch of one Apply node; returns the patched MODEL and the positive CONDITIONING."""
+                         mask_threshold: float, attn_mask=None, splus_buckets: int = 0, cuda_graphs: bool = False):
+    """Builds the patch of one Apply node; returns the patched MODEL and the positive CONDITIONING.
+
+    ``cuda_graphs`` replays each patched layer's attention as a CUDA graph (``graphed.py``); layers on
+    other devices run eagerly."""
     if start_percent > end_percent:
         raise ValueError(f"start_percent ({start_percent}) must not be after end_percent ({end_percent})")
     layers = check_model(model, customcontrast)
@@ -116,7 +119,7 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
         gamma=weight, sigma_start=float(sampling.percent_to_sigma(start_percent)),
         sigma_end=float(sampling.percent_to_sigma(end_percent)), use_mask=use_mask,
         mask=MaskConfig(mode=mask_mode, threshold=mask_threshold, topk_ratio=mask_threshold),
-        user_mask=user_mask, splus_buckets=splus_buckets)
+        user_mask=user_mask, splus_buckets=splus_buckets, cuda_graphs=cuda_graphs)
     encoder = customcontrast.model.encoder
     with torch.no_grad():
         first = sampling.timestep(sampling.sigma_max.reshape(1)).float()

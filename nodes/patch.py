@@ -8,7 +8,7 @@ key (after them), which runs the core's ``customcontrast_attention``.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -23,28 +23,16 @@ from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel, VisualKV
 
 from .encodings import PROMPTS_PER_CALL, Encodings, encode_timesteps, encoding_key, window
+from .graphed import LayerGraphs
+from .replace import Attn2Replace, sigma_of
 from .text_encode import PlaceholderPrompt, reorder_for
+
+__all__ = ["ApplySettings", "Attn2Replace", "Encodings", "PlaceholderPrompt", "SubjectPatch", "sigma_of"]
 
 
 FUSED_WEIGHT_BYTES = 128 * 2**20   # largest stacked copy of the visual K/V weights kept for one-matmul projection
 
 
-class _SigmaOf:
-    """``extra_options["sigmas"]`` as a float, read from the device once per tensor: every layer of one model
-    evaluation is handed the same tensor, so the per-layer patches never wait for the GPU."""
-
-    def __init__(self) -> None:
-        self._tensor: Tensor | None = None
-        self._value = 0.0
-
-    def __call__(self, extra_options: dict) -> float:
-        sigmas = extra_options["sigmas"]
-        if sigmas is not self._tensor:
-            self._tensor, self._value = sigmas, float(sigmas.detach().flatten()[0])
-        return self._value
-
-
-sigma_of = _SigmaOf()
 
 _STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # VisualKV -> (identity, W or None, slices)
 
@@ -77,6 +65,7 @@ class ApplySettings:
     capture_downsample: tuple[int, ...] = (2, 4)   # 16x16 and 32x32 layers at 512 px
     user_mask: Tensor | None = None       # (1 or B, H, W) intersected with the propagated mask
     splus_buckets: int = 0                # 0: S+ re-encoded at every new sigma (paper); N: N timestep buckets
+    cuda_graphs: bool = False             # replay each layer's attention as a CUDA graph (see graphed.py)
 
     def __post_init__(self) -> None:
         if self.sigma_end > self.sigma_start:
@@ -123,12 +112,15 @@ class SubjectPatch:
     _schedule: tuple[Tensor | None, list[float]] = (None, [])
     _base: dict = field(default_factory=dict)
     _keys: dict = field(default_factory=dict)   # sigma -> (cache key, timestep): timestep_of reads the device
+    graphs: LayerGraphs | None = None           # CUDA graphs of the layers (settings.cuda_graphs)
 
     def __post_init__(self) -> None:
         self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects))
         config = self.model.config
         group_of = {layer.name: group for layer, group in zip(config.layers, config.layer_groups)}
         self.groups = {key: group_of[layer.name] for key, layer in self.layers.items()}
+        if self.settings.cuda_graphs and self.graphs is None:
+            self.graphs = LayerGraphs()
 
     def __deepcopy__(self, memo) -> "SubjectPatch":
         return self   # ModelPatcher.clone deep-copies model_options: share weights and state
@@ -235,6 +227,8 @@ class SubjectPatch:
         ev.masks.clear()
         ev.biases.clear()
         ev.visual_kv = None
+        if self.graphs is not None:
+            self.graphs.forget()
 
     # attn2_patch: swap the cond context for this layer's S+ prompt
 
@@ -278,25 +272,43 @@ class SubjectPatch:
         h, w = extra_options["activations_shape"][-2:]
         masks = self.tracker.mask_for(ev.sigma) if self.settings.use_mask else None
         repeats = k.shape[1] // self.prompt.length
-        branches = []
-        for s in range(len(self.subjects)):
-            visual_k, visual_v = self._visual_kv(ev, enc, layer.name, s, q.dtype, q.device)
-            mask = self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device)
-            columns = tuple(c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s))
-            branches.append(SubjectBranch(visual_k, visual_v, gamma=self.settings.gamma, mask=mask, columns=columns,
-                                          text_rows=ev.swap))
+        subjects = range(len(self.subjects))
+        columns = [tuple(c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s))
+                   for s in subjects]
+        layer_masks = [self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device)
+                       for s in subjects]
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
-        bias_key = ((h, w), k.shape[1])
-        if bias_key not in ev.biases:
-            ev.biases[bias_key] = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1],
-                                                   self.settings.mask.eps, q.device)
-        out, maps = customcontrast_attention(q, k, v, heads=extra_options["n_heads"], subjects=branches,
-                                             eps=self.settings.mask.eps, capture=capture, bias=ev.biases[bias_key])
+        heads, projection = extra_options["n_heads"], self.model.visual_kv[layer.name]
+        if self.graphs is not None and self.graphs.usable(q, projection.to_k.weight):
+            out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
+        else:
+            branches = [SubjectBranch(*self._visual_kv(ev, enc, layer.name, s, q.dtype, q.device),
+                                      gamma=self.settings.gamma, mask=layer_masks[s], columns=columns[s],
+                                      text_rows=ev.swap) for s in subjects]
+            bias_key = ((h, w), k.shape[1])
+            if bias_key not in ev.biases:
+                ev.biases[bias_key] = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1],
+                                                       self.settings.mask.eps, q.device)
+            out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=self.settings.mask.eps,
+                                                 capture=capture, bias=ev.biases[bias_key])
         if maps:
             for s, m in enumerate(maps):
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
         return out
+
+    def _graphed(self, ev: _Evaluation, enc: Encodings, key: tuple, projection, q: Tensor, k: Tensor, v: Tensor,
+                 heads: int, masks: list[Tensor | None], columns: list[tuple[int, ...]], capture: bool,
+                 grid: tuple[int, int]) -> tuple[Tensor, list[SubjectMaps] | None]:
+        """The layer through its CUDA graph; the evaluation's shared inputs go to static buffers once."""
+        graphs, weight = self.graphs, projection.to_k.weight
+        tokens = [graphs.static(ev, ("tokens", s), lambda s=s: torch.cat([enc.visual[s], enc.blank_visual[s]]).to(
+            weight.device, weight.dtype)) for s in range(len(self.subjects))]
+        masks = [None if m is None else graphs.static(ev, ("mask", s, grid), lambda m=m: m) for s, m in enumerate(masks)]
+        return graphs.attention(key, q, k, v, heads=heads, projection=projection, tokens=tokens,
+                                kinds=graphs.static(ev, ("kinds",), lambda: ev.kinds),
+                                rows=graphs.static(ev, ("rows",), lambda: ev.swap), masks=masks, columns=columns,
+                                gamma=self.settings.gamma, eps=self.settings.mask.eps, capture=capture)
 
     def _visual_kv(self, ev: _Evaluation, enc: Encodings, name: str, subject: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[Tensor, Tensor]:
@@ -349,47 +361,3 @@ def _per_latent(maps: SubjectMaps, chunks: tuple[int, ...], b: int) -> SubjectMa
     text = torch.stack([maps.text[i * b:(i + 1) * b] for i in chunks]).mean(0)
     visual = torch.stack([maps.visual[i * b:(i + 1) * b] for i in chunks]).mean(0)
     return SubjectMaps(text=text, visual=visual)
-
-
-class Attn2Replace:
-    """The ``attn2`` replace of one block key: every chained CustomContrast patch, plus IPAdapter callbacks.
-
-    Duck-type compatible with ComfyUI_IPAdapter_plus' ``Attn2Replace`` (``callback``/``kwargs`` lists and
-    ``add``), so IPAdapter applied after CustomContrast chains its callbacks here instead of failing.
-    """
-
-    def __init__(self, patches: Sequence[SubjectPatch] = (), callback: Sequence = (), kwargs: Sequence = ()) -> None:
-        self.patches = list(patches)
-        self.callback = list(callback)
-        self.kwargs = list(kwargs)
-
-    def __deepcopy__(self, memo) -> "Attn2Replace":
-        return Attn2Replace(self.patches, self.callback, self.kwargs)
-
-    def add(self, callback, **kwargs) -> None:
-        self.callback.append(callback)
-        self.kwargs.append(kwargs)
-
-    def with_patch(self, patch: SubjectPatch) -> "Attn2Replace":
-        return Attn2Replace([*self.patches, patch], self.callback, self.kwargs)
-
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
-        out = None
-        for patch in self.patches:
-            result = patch.attention(q, k, v, extra_options)
-            if result is not None:
-                out = result if out is None else out + (result - _plain(q, k, v, extra_options))
-        if out is None:
-            out = _plain(q, k, v, extra_options)
-        out = out.to(q.dtype)
-        if self.callback:
-            sigma = sigma_of(extra_options)
-            for callback, kwargs in zip(self.callback, self.kwargs):
-                if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", float("inf")):
-                    out = out + callback(out, q, k, v, extra_options, **kwargs)
-        return out.to(q.dtype)
-
-
-def _plain(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
-    from comfy.ldm.modules.attention import optimized_attention
-    return optimized_attention(q, k, v, extra_options["n_heads"], transformer_options=extra_options)

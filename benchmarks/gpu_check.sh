@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The short GPU check (about 5 minutes on one H100): CUDA-graph mode against eager, then sampling ratios.
+#   COMFYUI_PATH=/path/to/ComfyUI bash benchmarks/gpu_check.sh [OUT_DIR]
+# 1. per-layer cost on the GPU (tiny tensors: launch-bound) with graphs off / on, and max |graphs - eager|;
+# 2. the CUDA tests of the graph mode when pytest is installed;
+# 3. ComfyUI sampler, SD1.5 512 px then SDXL 1024 px: plain, default, buckets, mask off, and both with graphs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:-benchmarks/results}
+py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$py" -m "$@" || echo "!! $1 exited with $?"; }
+run 90 benchmarks.bench_layer_overhead --device cuda --evaluations 20 --out "$out/layer_overhead_cuda.json"
+if "$py" -m pytest --version >/dev/null 2>&1; then
+    run 90 pytest -q -p no:cacheprovider tests/test_patch_graphs.py
+fi
+if [ -n "${COMFYUI_PATH:-}" ]; then
+    run 130 benchmarks.bench_comfy --families sd15 --repeats 3 --out "$out/comfy_sd15_graphs.json"
+    run 200 benchmarks.bench_comfy --families sdxl --repeats 2 --out "$out/comfy_sdxl_graphs.json"
+fi

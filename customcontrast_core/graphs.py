@@ -1,0 +1,87 @@
+"""One replayable unit of GPU work: a function of static tensors captured once as a CUDA graph.
+
+A patched cross-attention layer launches a few dozen small kernels; on a fast GPU their launch cost,
+not their arithmetic, is what the patch adds to sampling. ``StaticCall`` captures such a function
+once and replays it with one launch. The function must read only tensors that stay allocated (its
+static inputs and buffers the caller refreshes in place) and must not read device values on the
+host: both are CUDA graph rules, and the CPU emulation enforces the second and reproduces the first.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["CaptureError", "StaticCall"]
+
+# Operators that copy a device value to the host (or build a tensor from host data): not capturable.
+HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero",
+                        "aten::allclose", "aten::equal", "aten::lift_fresh"})
+
+
+class CaptureError(RuntimeError):
+    """The function cannot be captured (it reads a device value on the host, or CUDA refused the capture)."""
+
+
+class _ForbidHostReads(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in HOST_READS:
+            raise CaptureError(f"{func._schema.name} reads a device value on the host: it cannot run inside a "
+                               "CUDA graph (compute it before the capture and pass it as a static tensor)")
+        return func(*args, **(kwargs or {}))
+
+
+class StaticCall:
+    """Runs ``fn`` (no arguments; it reads ``inputs`` and other tensors it closes over) as one replayable unit.
+
+    ``call(*values)`` copies each value into its static input and replays; it returns ``fn``'s outputs,
+    the same tensors at every call, so read or copy them before the next call of any ``StaticCall``
+    sharing the pool. On CUDA ``fn`` runs once eagerly on a side stream (lazy initialisation stays out
+    of the graph) and is then captured into a ``torch.cuda.CUDAGraph``. With ``emulate=True`` (CPU, tests)
+    ``fn`` is re-run at every call and its results copied into the static outputs: what it reads and
+    what the caller sees are those of a replay, and host reads inside ``fn`` raise as in a capture.
+    """
+
+    def __init__(self, fn: Callable[[], Sequence[Tensor]], inputs: Sequence[Tensor], *, emulate: bool = False,
+                 pool=None, stream: torch.cuda.Stream | None = None) -> None:
+        self.fn, self.inputs, self.graph = fn, tuple(inputs), None
+        if emulate:
+            with _ForbidHostReads():
+                self.outputs = tuple(fn())
+            return
+        device = self.inputs[0].device
+        if device.type != "cuda":
+            raise CaptureError(f"CUDA graphs need CUDA tensors, got inputs on {device} (use emulate=True on the CPU)")
+        stream = stream if stream is not None else torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.stream(stream):
+                fn()
+                graph.capture_begin(pool=pool)
+                try:
+                    outputs = tuple(fn())
+                finally:
+                    graph.capture_end()
+        except RuntimeError as error:
+            raise CaptureError(f"CUDA graph capture failed: {error}") from error
+        finally:
+            torch.cuda.current_stream(device).wait_stream(stream)
+        self.graph, self.outputs = graph, outputs
+
+    def __call__(self, *values: Tensor) -> tuple[Tensor, ...]:
+        if len(values) != len(self.inputs):
+            raise ValueError(f"expected {len(self.inputs)} input tensors, got {len(values)}")
+        for index, (static, value) in enumerate(zip(self.inputs, values)):
+            if value.shape != static.shape:
+                raise ValueError(f"input {index}: expected shape {tuple(static.shape)} (the captured one), "
+                                 f"got {tuple(value.shape)}")
+            static.copy_(value)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            for static, value in zip(self.outputs, self.fn()):
+                static.copy_(value)
+        return self.outputs

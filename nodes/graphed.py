@@ -1,0 +1,127 @@
+"""CUDA-graph mode of the sampling patch: each patched layer's attention replayed as one graph.
+
+Off by default (``ApplySettings.cuda_graphs``). Per model evaluation, what every layer shares (each
+subject's visual tokens, which rows are cond/uncond, the masks of each grid) is copied once into static
+buffers; each layer's graph reads those and its own static q, k, v and computes the visual K/V
+projection, the placeholder bias, both attention branches and (capture layers) the maps. A layer then
+costs three copies and one replay instead of a few dozen launches. Outputs are the graph's static
+tensors: ComfyUI consumes ``out`` (``to_out``) before the next replay, and the maps are cloned.
+A key that cannot be captured runs eagerly from then on (logged once).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention
+from customcontrast_core.graphs import CaptureError, StaticCall
+from customcontrast_core.visual_kv import KVProjection
+
+log = logging.getLogger("customcontrast")
+
+MAX_GRAPHS = 512   # graphs kept per patch (layers x shapes x first-step/masked variants); all dropped beyond
+
+
+class LayerGraphs:
+    """The graphs of one ``SubjectPatch`` and the static buffers they read and write; ``emulate`` re-runs
+    them (CPU tests). All graphs share one memory pool and one capture stream."""
+
+    def __init__(self, emulate: bool = False) -> None:
+        self.emulate = emulate
+        self.buffers: dict[tuple, Tensor] = {}          # (name, shape, dtype, device) -> static buffer
+        self.calls: dict[tuple, StaticCall | None] = {}  # None: capture failed, the key runs eagerly
+        self.captures = 0
+        self._fresh: tuple[object, dict] = (None, {})
+        self._pool = self._stream = None
+
+    def usable(self, q: Tensor, weight: Tensor) -> bool:
+        return self.emulate or (q.is_cuda and weight.device == q.device)
+
+    def forget(self) -> None:
+        """Marks the evaluation's static values stale (the rows changed): the next layer copies them again."""
+        self._fresh = (None, {})
+
+    def static(self, evaluation: object, name: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
+        """The static buffer holding ``make()`` of this evaluation: computed and copied once per evaluation,
+        the same tensor in every evaluation whose value has the same shape, dtype and device."""
+        if self._fresh[0] is not evaluation:
+            self._fresh = (evaluation, {})
+        fresh = self._fresh[1]
+        if name not in fresh:
+            value = make()
+            fresh[name] = None if value is None else self.buffer(name, value).copy_(value)
+        return fresh[name]
+
+    def buffer(self, name: tuple, like: Tensor) -> Tensor:
+        """The persistent buffer ``name`` with ``like``'s shape, dtype and device (allocated at first use)."""
+        signature = (name, tuple(like.shape), like.dtype, like.device)
+        if signature not in self.buffers:
+            self.buffers[signature] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return self.buffers[signature]
+
+    def attention(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, *, heads: int, projection: KVProjection,
+                  tokens: Sequence[Tensor], kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None],
+                  columns: Sequence[tuple[int, ...]], gamma: float, eps: float,
+                  capture: bool) -> tuple[Tensor, list[SubjectMaps] | None]:
+        """One layer of ``customcontrast_attention`` through its graph (captured at the first call of a new key).
+
+        Shapes: q (B, N, H*D), k/v (B, T, H*D); tokens per subject (2, m, C) (subject; blank reference),
+        kinds (B,) long (0 cond, 1 uncond row), rows (B,) bool, masks per subject (B, N) or None.
+        """
+        weight = projection.to_k.weight
+        statics = (*tokens, kinds, rows, *(m for m in masks if m is not None))
+        graph_key = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, heads, capture,
+                     tuple(m is None for m in masks), tuple(columns), gamma, eps, weight.dtype, weight.device,
+                     weight.data_ptr(), projection.to_v.weight.data_ptr(), tuple(id(t) for t in statics))
+        call = self.calls.get(graph_key, False)
+        if call is False:
+            call = self._capture(graph_key, q, k, v, heads, projection, tokens, kinds, rows, masks, columns,
+                                 gamma, eps, capture)
+        if call is None:
+            return _attention(q, k, v, heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, capture)
+        out, *flat = call(q, k, v)
+        maps = [SubjectMaps(text=t.clone(), visual=s.clone()) for t, s in zip(flat[0::2], flat[1::2])]
+        return out, (maps if capture else None)
+
+    def _capture(self, graph_key, q, k, v, *args) -> StaticCall | None:
+        if len(self.calls) >= MAX_GRAPHS:
+            self.calls.clear()
+        # inputs and outputs live in buffers shared by every graph of the same shapes (the layers run one
+        # after another and each output is consumed before the next replay): memory of one layer per shape
+        sq, sk, sv = (self.buffer((name,), x).copy_(x) for name, x in (("q", q), ("k", k), ("v", v)))
+        out, maps = _attention(sq, sk, sv, *args)   # eager once: the output shapes
+        results = (out, *(t for m in (maps or ()) for t in (m.text, m.visual)))
+        targets = tuple(self.buffer(("out", i), r) for i, r in enumerate(results))
+
+        def run() -> tuple[Tensor, ...]:
+            out, maps = _attention(sq, sk, sv, *args)
+            results = (out, *(t for m in (maps or ()) for t in (m.text, m.visual)))
+            return tuple(target.copy_(r) for target, r in zip(targets, results))
+
+        try:
+            if not self.emulate and self._pool is None:
+                self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(q.device)
+            call = StaticCall(run, (sq, sk, sv), emulate=self.emulate, pool=self._pool, stream=self._stream)
+            self.captures += 1
+        except CaptureError as error:
+            log.warning("CustomContrast: layer %s runs without a CUDA graph: %s", graph_key[0], error)
+            call = None
+        self.calls[graph_key] = call
+        return call
+
+
+def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, projection: KVProjection, tokens: Sequence[Tensor],
+               kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None], columns: Sequence[tuple[int, ...]],
+               gamma: float, eps: float, capture: bool) -> tuple[Tensor, list[SubjectMaps] | None]:
+    """The layer's work from static inputs: visual K/V of each subject for each row, then the patched attention."""
+    branches = []
+    with torch.no_grad():
+        for subject_tokens, mask, cols in zip(tokens, masks, columns):
+            visual_k, visual_v = projection(subject_tokens)                    # (2, m, inner) each
+            branches.append(SubjectBranch(visual_k.to(q.dtype).index_select(0, kinds),
+                                          visual_v.to(q.dtype).index_select(0, kinds),
+                                          gamma=gamma, mask=mask, columns=cols, text_rows=rows))
+        return customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=eps, capture=capture)

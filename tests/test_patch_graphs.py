@@ -1,0 +1,87 @@
+"""CUDA-graph mode of the sampling patch: same layers as the eager patch, static-buffer bookkeeping, capture rules.
+
+On the CPU ``StaticCall`` emulates replay (the function re-runs on the static inputs and its results are
+copied into the static outputs), which exercises everything but the CUDA capture itself; the CUDA tests
+run where a GPU is present.
+"""
+import pytest
+import torch
+
+from benchmarks.bench_layer_overhead import layer_outputs as _run
+from customcontrast_core.graphs import CaptureError, StaticCall
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.parametrize("family,use_mask", [("sd15", True), ("sd15", False), ("sdxl", True)])
+def test_emulated_graphs_give_the_eager_layers_and_masks(family, use_mask):
+    sigmas = (9.0, 8.0, 7.0, 6.0, 5.0)
+    eager, config, expected, _ = _run(family, use_mask, sigmas)
+    graphed, _, outputs, captures = _run(family, use_mask, sigmas, graphs="emulate")
+    assert len(outputs) == len(expected) == len(sigmas) * len(config.layers)
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    layers = len(config.layers)
+    # one graph per layer for the first evaluation (M = 1) and one for the masked ones, then only replays
+    assert captures == ([layers, 2 * layers, 2 * layers, 2 * layers, 2 * layers] if use_mask else [layers] * 5)
+    if use_mask:
+        for (s_eager, m_eager), (s_graph, m_graph) in zip(eager.tracker.history(), graphed.tracker.history()):
+            assert s_eager == s_graph
+            torch.testing.assert_close(m_graph[0], m_eager[0], rtol=1e-5, atol=1e-5)
+
+
+def test_graph_outputs_are_static_tensors_refilled_at_each_call():
+    static = torch.zeros(3)
+    call = StaticCall(lambda: (static * 2 + 1,), (static,), emulate=True)
+    first = call(torch.tensor([1.0, 2.0, 3.0]))[0]
+    assert first.tolist() == [3.0, 5.0, 7.0]
+    second = call(torch.tensor([0.0, 0.5, 1.0]))[0]
+    assert second is first and first.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match=r"expected shape \(3,\)"):
+        call(torch.zeros(4))
+
+
+def test_host_reads_inside_a_graph_are_refused():
+    static = torch.ones(2)
+    with pytest.raises(CaptureError, match="_local_scalar_dense"):
+        StaticCall(lambda: (static * float(static.sum()),), (static,), emulate=True)
+    with pytest.raises(CaptureError, match="CUDA tensors"):
+        StaticCall(lambda: (static,), (static,))
+
+
+def test_capture_failure_falls_back_to_eager_for_that_layer(monkeypatch):
+    from benchmarks.comfy_runtime import extension
+
+    graphed = extension("nodes.graphed")
+
+    def refuse(*args, **kwargs):
+        raise CaptureError("refused")
+
+    monkeypatch.setattr(graphed, "StaticCall", refuse)
+    sigmas = (9.0, 8.0)
+    _, _, expected, _ = _run("sd15", True, sigmas)
+    patch, _, outputs, captures = _run("sd15", True, sigmas, graphs="emulate")
+    assert captures == [0, 0] and all(call is None for call in patch.graphs.calls.values())
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@cuda
+def test_cuda_graph_replays_the_function():
+    static = torch.zeros(1024, device="cuda")
+    call = StaticCall(lambda: (torch.softmax(static, 0) * 3,), (static,))
+    for seed in range(3):
+        x = torch.randn(1024, device="cuda", generator=torch.Generator("cuda").manual_seed(seed))
+        torch.testing.assert_close(call(x)[0], torch.softmax(x, 0) * 3)
+
+
+@cuda
+@pytest.mark.parametrize("family,use_mask", [("sd15", True), ("sdxl", True), ("sd15", False)])
+def test_cuda_graphs_give_the_eager_layers(family, use_mask):
+    sigmas = (9.0, 8.0, 7.0, 6.0)
+    _, config, expected, _ = _run(family, use_mask, sigmas, "cuda")
+    patch, _, outputs, captures = _run(family, use_mask, sigmas, "cuda", "cuda")
+    assert all(call is not None for call in patch.graphs.calls.values())
+    assert captures[-1] == captures[-2] > 0
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
