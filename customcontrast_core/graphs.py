@@ -38,18 +38,20 @@ class StaticCall:
 
     ``call(*values)`` copies each value into its static input and replays; it returns ``fn``'s outputs,
     the same tensors at every call, so read or copy them before the next call of any ``StaticCall``
-    sharing the pool. On CUDA ``fn`` runs once eagerly on a side stream (lazy initialisation stays out
-    of the graph) and is then captured into a ``torch.cuda.CUDAGraph``. With ``emulate=True`` (CPU, tests)
-    ``fn`` is re-run at every call and its results copied into the static outputs: what it reads and
-    what the caller sees are those of a replay, and host reads inside ``fn`` raise as in a capture.
+    sharing the pool. On CUDA ``warmup`` (default ``fn``; give a side-effect-free twin when ``fn`` writes
+    to buffers it does not return) runs once eagerly on a side stream, so lazy initialisation stays out
+    of the graph, and ``fn`` is captured into a ``torch.cuda.CUDAGraph``; it runs only at replays. With
+    ``emulate=True`` (CPU, tests) ``fn`` runs at every call, its first results become the static outputs
+    and later ones are copied into them: what it reads and writes and what the caller sees are those of
+    a replay, and host reads inside ``fn`` raise as in a capture.
     """
 
     def __init__(self, fn: Callable[[], Sequence[Tensor]], inputs: Sequence[Tensor], *, emulate: bool = False,
-                 pool=None, stream: torch.cuda.Stream | None = None) -> None:
+                 warmup: Callable[[], object] | None = None, pool=None,
+                 stream: torch.cuda.Stream | None = None) -> None:
         self.fn, self.inputs, self.graph = fn, tuple(inputs), None
+        self.outputs: tuple[Tensor, ...] | None = None
         if emulate:
-            with _ForbidHostReads():
-                self.outputs = tuple(fn())
             return
         device = self.inputs[0].device
         if device.type != "cuda":
@@ -59,7 +61,7 @@ class StaticCall:
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(stream):
-                fn()
+                (warmup or fn)()
                 graph.capture_begin(pool=pool)
                 try:
                     outputs = tuple(fn())
@@ -81,6 +83,9 @@ class StaticCall:
             static.copy_(value)
         if self.graph is not None:
             self.graph.replay()
+        elif self.outputs is None:
+            with _ForbidHostReads():
+                self.outputs = tuple(self.fn())
         else:
             for static, value in zip(self.outputs, self.fn()):
                 static.copy_(value)

@@ -19,8 +19,7 @@ from .masks import MaskConfig, combine_maps, make_mask, minmax_normalize
 @dataclass
 class _Pending:
     sigma: float
-    text: list[list[tuple[Tensor, tuple[int, int]]]]     # per subject: (map (B, N), grid)
-    visual: list[list[tuple[Tensor, tuple[int, int]]]]
+    sums: list[dict[tuple[int, int], list]]   # per subject: grid -> [text sum (B, N), visual sum (B, N), layers]
 
 
 def subject_location(text: Tensor, visual: Tensor) -> Tensor:
@@ -53,28 +52,39 @@ class MaskTracker:
         if self.pending is not None and self.pending.sigma != sigma:
             self._finalise()
         if self.pending is None:
-            self.pending = _Pending(sigma, [[] for _ in range(self.num_subjects)],
-                                    [[] for _ in range(self.num_subjects)])
+            self.pending = _Pending(sigma, [{} for _ in range(self.num_subjects)])
 
-    def add(self, subject: int, maps: SubjectMaps, grid: tuple[int, int]) -> None:
-        """Records one layer's maps of one subject for the current evaluation. Shapes: maps (B, h*w)."""
+    def add(self, subject: int, maps: SubjectMaps, grid: tuple[int, int], layers: int = 1) -> None:
+        """Records the maps of one subject for the current evaluation: one layer's, or with ``layers`` > 1
+        the sum of that many layers' maps at ``grid``. Shapes: maps (B, h*w)."""
         if self.pending is None:
             raise RuntimeError("MaskTracker.add called before begin(sigma)")
-        self.pending.text[subject].append((maps.text.detach().float(), grid))
-        self.pending.visual[subject].append((maps.visual.detach().float(), grid))
+        if layers < 1:
+            raise ValueError(f"layers must be >= 1, got {layers}")
+        grid = (int(grid[0]), int(grid[1]))
+        entry = self.pending.sums[subject].get(grid)
+        text, visual = maps.text.detach().float(), maps.visual.detach().float()
+        if entry is None:   # a copy: the caller may reuse its buffers (CUDA-graph outputs)
+            self.pending.sums[subject][grid] = [text.clone(), visual.clone(), layers]
+        else:
+            entry[0], entry[1], entry[2] = entry[0] + text, entry[1] + visual, entry[2] + layers
 
     def _finalise(self) -> None:
+        """Mean over layers of each map type (bilinear resize to the largest grid is linear, so the sums of
+        each grid are resized once), then the location map and the mask."""
         pending, self.pending = self.pending, None
-        if pending is None or not any(pending.text):
+        if pending is None or not any(pending.sums):
             return
         result = []
-        for text, visual in zip(pending.text, pending.visual):
-            if not text:
+        for sums in pending.sums:
+            if not sums:
                 return
-            grid = max((g for _, g in text), key=lambda g: g[0] * g[1])
-            location = subject_location(combine_maps([m for m, _ in text], [g for _, g in text], grid),
-                                        combine_maps([m for m, _ in visual], [g for _, g in visual], grid))
-            result.append(make_mask(location, self.config))
+            grids = list(sums)
+            grid = max(grids, key=lambda g: g[0] * g[1])
+            scale = len(grids) / sum(entry[2] for entry in sums.values())
+            text = combine_maps([sums[g][0] for g in grids], grids, grid) * scale
+            visual = combine_maps([sums[g][1] for g in grids], grids, grid) * scale
+            result.append(make_mask(subject_location(text, visual), self.config))
         self.masks[pending.sigma] = result
 
     def mask_for(self, sigma: float) -> list[Tensor] | None:

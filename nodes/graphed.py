@@ -3,10 +3,12 @@
 Off by default (``ApplySettings.cuda_graphs``). Per model evaluation, what every layer shares (each
 subject's visual tokens, which rows are cond/uncond, the masks of each grid) is copied once into static
 buffers; each layer's graph reads those and its own static q, k, v and computes the visual K/V
-projection, the placeholder bias, both attention branches and (capture layers) the maps. A layer then
-costs three copies and one replay instead of a few dozen launches. Outputs are the graph's static
-tensors: ComfyUI consumes ``out`` (``to_out``) before the next replay, and the maps are cloned.
-A key that cannot be captured runs eagerly from then on (logged once).
+projection, the placeholder bias and both attention branches; capture layers also add their maps to
+per-grid sums (static accumulators zeroed once per evaluation, handed to the mask tracker when the
+next evaluation starts). A layer then costs three copies and one replay instead of a few dozen
+launches. Static inputs and outputs are shared by the graphs of equal shapes: ComfyUI consumes
+``out`` (``to_out``) before the next layer replays. A key that cannot be captured runs eagerly from
+then on (logged once).
 """
 from __future__ import annotations
 
@@ -55,6 +57,15 @@ class LayerGraphs:
             fresh[name] = None if value is None else self.buffer(name, value).copy_(value)
         return fresh[name]
 
+    def zeroed(self, evaluation: object, name: tuple, like: Tensor) -> Tensor:
+        """A persistent buffer shaped like ``like``, set to zero once per evaluation (map accumulators)."""
+        if self._fresh[0] is not evaluation:
+            self._fresh = (evaluation, {})
+        fresh = self._fresh[1]
+        if name not in fresh:
+            fresh[name] = self.buffer(name, like).zero_()
+        return fresh[name]
+
     def buffer(self, name: tuple, like: Tensor) -> Tensor:
         """The persistent buffer ``name`` with ``like``'s shape, dtype and device (allocated at first use)."""
         signature = (name, tuple(like.shape), like.dtype, like.device)
@@ -65,26 +76,26 @@ class LayerGraphs:
     def attention(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, *, heads: int, projection: KVProjection,
                   tokens: Sequence[Tensor], kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None],
                   columns: Sequence[tuple[int, ...]], gamma: float, eps: float,
-                  capture: bool) -> tuple[Tensor, list[SubjectMaps] | None]:
+                  sums: Sequence[tuple[Tensor, Tensor]] = ()) -> Tensor:
         """One layer of ``customcontrast_attention`` through its graph (captured at the first call of a new key).
 
         Shapes: q (B, N, H*D), k/v (B, T, H*D); tokens per subject (2, m, C) (subject; blank reference),
-        kinds (B,) long (0 cond, 1 uncond row), rows (B,) bool, masks per subject (B, N) or None.
+        kinds (B,) long (0 cond, 1 uncond row), rows (B,) bool, masks per subject (B, N) or None. With
+        ``sums`` (per subject: text and visual (B, N) fp32 accumulators) the layer captures its maps and
+        adds them to the accumulators.
         """
-        weight = projection.to_k.weight
-        statics = (*tokens, kinds, rows, *(m for m in masks if m is not None))
+        weight, capture = projection.to_k.weight, bool(sums)
+        statics = (*tokens, kinds, rows, *(m for m in masks if m is not None), *(t for pair in sums for t in pair))
         graph_key = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, heads, capture,
                      tuple(m is None for m in masks), tuple(columns), gamma, eps, weight.dtype, weight.device,
                      weight.data_ptr(), projection.to_v.weight.data_ptr(), tuple(id(t) for t in statics))
         call = self.calls.get(graph_key, False)
         if call is False:
             call = self._capture(graph_key, q, k, v, heads, projection, tokens, kinds, rows, masks, columns,
-                                 gamma, eps, capture)
+                                 gamma, eps, sums)
         if call is None:
-            return _attention(q, k, v, heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, capture)
-        out, *flat = call(q, k, v)
-        maps = [SubjectMaps(text=t.clone(), visual=s.clone()) for t, s in zip(flat[0::2], flat[1::2])]
-        return out, (maps if capture else None)
+            return _attention(q, k, v, heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, sums)[0]
+        return call(q, k, v)[0]
 
     def _capture(self, graph_key, q, k, v, *args) -> StaticCall | None:
         if len(self.calls) >= MAX_GRAPHS:
@@ -92,19 +103,20 @@ class LayerGraphs:
         # inputs and outputs live in buffers shared by every graph of the same shapes (the layers run one
         # after another and each output is consumed before the next replay): memory of one layer per shape
         sq, sk, sv = (self.buffer((name,), x).copy_(x) for name, x in (("q", q), ("k", k), ("v", v)))
-        out, maps = _attention(sq, sk, sv, *args)   # eager once: the output shapes
-        results = (out, *(t for m in (maps or ()) for t in (m.text, m.visual)))
-        targets = tuple(self.buffer(("out", i), r) for i, r in enumerate(results))
+        target, sums = self.buffer(("out",), q), args[-1]
+        scratch = [(torch.zeros_like(text), torch.zeros_like(visual)) for text, visual in sums]
 
         def run() -> tuple[Tensor, ...]:
-            out, maps = _attention(sq, sk, sv, *args)
-            results = (out, *(t for m in (maps or ()) for t in (m.text, m.visual)))
-            return tuple(target.copy_(r) for target, r in zip(targets, results))
+            return (target.copy_(_attention(sq, sk, sv, *args)[0]),)
+
+        def warmup() -> None:   # the same kernels, accumulating into scratch buffers
+            _attention(sq, sk, sv, *args[:-1], scratch)
 
         try:
             if not self.emulate and self._pool is None:
                 self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(q.device)
-            call = StaticCall(run, (sq, sk, sv), emulate=self.emulate, pool=self._pool, stream=self._stream)
+            call = StaticCall(run, (sq, sk, sv), emulate=self.emulate, warmup=warmup, pool=self._pool,
+                              stream=self._stream)
             self.captures += 1
         except CaptureError as error:
             log.warning("CustomContrast: layer %s runs without a CUDA graph: %s", graph_key[0], error)
@@ -115,8 +127,9 @@ class LayerGraphs:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, projection: KVProjection, tokens: Sequence[Tensor],
                kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None], columns: Sequence[tuple[int, ...]],
-               gamma: float, eps: float, capture: bool) -> tuple[Tensor, list[SubjectMaps] | None]:
-    """The layer's work from static inputs: visual K/V of each subject for each row, then the patched attention."""
+               gamma: float, eps: float, sums: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[SubjectMaps] | None]:
+    """The layer's work from static inputs: visual K/V of each subject for each row, the patched attention,
+    and with ``sums`` each subject's maps added to its accumulators."""
     branches = []
     with torch.no_grad():
         for subject_tokens, mask, cols in zip(tokens, masks, columns):
@@ -124,4 +137,8 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, projection: KVProjec
             branches.append(SubjectBranch(visual_k.to(q.dtype).index_select(0, kinds),
                                           visual_v.to(q.dtype).index_select(0, kinds),
                                           gamma=gamma, mask=mask, columns=cols, text_rows=rows))
-        return customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=eps, capture=capture)
+        out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=eps, capture=bool(sums))
+        for (text, visual), m in zip(sums, maps or ()):
+            text.add_(m.text)
+            visual.add_(m.visual)
+        return out, maps

@@ -81,12 +81,15 @@ class _Evaluation:
     context: Tensor | None = None    # the context whose cond rows were checked
     chunks: tuple[int, ...] = ()
     swap: Tensor | None = None       # (B,) bool: rows whose context is the Apply node's prompt
+    swap_rows: Tensor | None = None  # (B, 1, 1) view of swap
     swapped_chunks: tuple[int, ...] = ()
     kinds: Tensor | None = None      # (B,) long: 0 for cond rows, 1 for uncond rows
     masks: dict = field(default_factory=dict)   # (subject, grid) -> (B, N) layer mask
     biases: dict = field(default_factory=dict)  # (grid, keys) -> (B, N, T) placeholder log-bias
     encodings: Encodings | None = None
     visual_kv: list[Tensor] | None = None       # per subject (B, m, sum 2*inner): every layer's K|V
+    map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
+    map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
 
 
 @dataclass
@@ -129,6 +132,7 @@ class SubjectPatch:
 
     def reset(self) -> None:
         """Starts a sampling run: forgets cached encodings and masks of the previous run."""
+        self._flush(self._eval)
         if self.tracker is not None and self.tracker.masks:
             self.last_masks = self.tracker.history()
         self.cache.clear()
@@ -138,6 +142,7 @@ class SubjectPatch:
         self._schedule = (None, [])
 
     def finish(self) -> None:
+        self._flush(self._eval)
         self.last_masks = self.tracker.history()
 
     def active(self, sigma: float) -> bool:
@@ -198,6 +203,7 @@ class SubjectPatch:
         sigmas = extra_options["sigmas"]
         if self._eval is None or sigmas is not self._eval.sigmas:
             sigma = sigma_of(extra_options)
+            self._flush(self._eval)
             previous = self._eval.sigma if self._eval is not None else None
             self._eval = _Evaluation(sigmas=sigmas, sigma=sigma)
             if sigma != previous and self.settings.use_mask:
@@ -214,6 +220,7 @@ class SubjectPatch:
         """Finds the cond chunks that carry this Apply node's prompt (once per evaluation and context)."""
         if ev.context is context and ev.chunks == chunks:
             return
+        self._flush(ev)   # graph mode: maps summed under the previous rows
         b = context.shape[0] // len(chunks)
         base = self._base_for(context)
         swapped = tuple(i for i, kind in enumerate(chunks) if kind == 0 and torch.allclose(
@@ -223,6 +230,7 @@ class SubjectPatch:
         kinds = torch.tensor([0 if kind == 0 else 1 for kind in chunks])
         ev.context, ev.chunks, ev.swapped_chunks = context, chunks, swapped
         ev.swap = swap.repeat_interleave(b).to(context.device, non_blocking=True)
+        ev.swap_rows = ev.swap[:, None, None]
         ev.kinds = kinds.repeat_interleave(b).to(context.device, non_blocking=True)
         ev.masks.clear()
         ev.biases.clear()
@@ -248,10 +256,9 @@ class SubjectPatch:
         if prepared not in enc.prepared:
             enc.prepared[prepared] = reorder_for(enc.contexts[group:group + 1], length).to(context.dtype)
         ours = enc.prepared[prepared]
-        swap = ev.swap[:, None, None]
-        swapped = torch.where(swap, ours.expand_as(context), context)
+        swapped = torch.where(ev.swap_rows, ours, context)     # ours (1, L, C) broadcast over the rows
         if value is not None and value is not context and value.shape == context.shape:
-            value = torch.where(swap, ours.expand_as(value), value)
+            value = torch.where(ev.swap_rows, ours, value)
         else:
             value = swapped   # ComfyUI passes value = context: V must come from the S+ prompt too
         return n, swapped, value
@@ -299,16 +306,38 @@ class SubjectPatch:
 
     def _graphed(self, ev: _Evaluation, enc: Encodings, key: tuple, projection, q: Tensor, k: Tensor, v: Tensor,
                  heads: int, masks: list[Tensor | None], columns: list[tuple[int, ...]], capture: bool,
-                 grid: tuple[int, int]) -> tuple[Tensor, list[SubjectMaps] | None]:
-        """The layer through its CUDA graph; the evaluation's shared inputs go to static buffers once."""
-        graphs, weight = self.graphs, projection.to_k.weight
+                 grid: tuple[int, int]) -> tuple[Tensor, None]:
+        """The layer through its CUDA graph; the evaluation's shared inputs go to static buffers once, and the
+        maps of capture layers are summed per grid inside the graphs (handed to the tracker by ``_flush``)."""
+        graphs, weight, subjects = self.graphs, projection.to_k.weight, range(len(self.subjects))
         tokens = [graphs.static(ev, ("tokens", s), lambda s=s: torch.cat([enc.visual[s], enc.blank_visual[s]]).to(
-            weight.device, weight.dtype)) for s in range(len(self.subjects))]
+            weight.device, weight.dtype)) for s in subjects]
         masks = [None if m is None else graphs.static(ev, ("mask", s, grid), lambda m=m: m) for s, m in enumerate(masks)]
-        return graphs.attention(key, q, k, v, heads=heads, projection=projection, tokens=tokens,
-                                kinds=graphs.static(ev, ("kinds",), lambda: ev.kinds),
-                                rows=graphs.static(ev, ("rows",), lambda: ev.swap), masks=masks, columns=columns,
-                                gamma=self.settings.gamma, eps=self.settings.mask.eps, capture=capture)
+        sums = []
+        for s in subjects if capture else ():
+            pair = ev.map_sums.get((s, grid))
+            if pair is None:
+                like = q.new_empty(q.shape[:2], dtype=torch.float32)
+                pair = ev.map_sums[(s, grid)] = (graphs.zeroed(ev, ("text", s, grid), like),
+                                                 graphs.zeroed(ev, ("visual", s, grid), like))
+            sums.append(pair)
+            ev.map_layers[(s, grid)] = ev.map_layers.get((s, grid), 0) + 1
+        out = graphs.attention(key, q, k, v, heads=heads, projection=projection, tokens=tokens,
+                               kinds=graphs.static(ev, ("kinds",), lambda: ev.kinds),
+                               rows=graphs.static(ev, ("rows",), lambda: ev.swap), masks=masks, columns=columns,
+                               gamma=self.settings.gamma, eps=self.settings.mask.eps, sums=sums)
+        return out, None
+
+    def _flush(self, ev: _Evaluation | None) -> None:
+        """Hands the evaluation's per-grid map sums (graph mode) to the mask tracker, once."""
+        if ev is None or not ev.map_layers:
+            return
+        b = ev.kinds.shape[0] // len(ev.chunks)
+        for (s, grid), layers in ev.map_layers.items():
+            text, visual = ev.map_sums[(s, grid)]
+            self.tracker.add(s, _per_latent(SubjectMaps(text=text, visual=visual), ev.swapped_chunks, b), grid, layers)
+        ev.map_layers.clear()
+        ev.map_sums.clear()
 
     def _visual_kv(self, ev: _Evaluation, enc: Encodings, name: str, subject: int, dtype: torch.dtype,
                    device: torch.device) -> tuple[Tensor, Tensor]:

@@ -185,6 +185,7 @@ def test_graph_mode_through_comfyui_unet_equals_eager(env, preset):
             outputs[mode].append(out)
         if mode == "graphs":
             assert patch.graphs.captures == 2 * len(config.layers)   # first step (M = 1) and masked steps
-        assert [s for s, _ in patch.tracker.history()] == list(sigmas)   # a mask from every step
+        patch.finish()   # the end of the run (ComfyUI: the OUTER_SAMPLE wrapper)
+        assert [s for s, _ in patch.last_masks] == list(sigmas)   # a mask from every step
     for eager, graphed in zip(outputs["eager"], outputs["graphs"]):
         torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)

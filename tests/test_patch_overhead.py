@@ -10,8 +10,8 @@ from benchmarks.bench_layer_overhead import measure
 from customcontrast_core import CustomContrastModel, get_preset
 
 
-@pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 75), ("sd15", False, 35),
-                                                   ("sdxl", True, 80), ("sdxl", False, 33)])
+@pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 65), ("sd15", False, 30),
+                                                   ("sdxl", True, 70), ("sdxl", False, 28)])
 def test_operators_per_patched_layer_stay_bounded(family, use_mask, limit):
     result = measure(family, use_mask, evaluations=2)
     assert result["layers"] == {"sd15": 16, "sdxl": 70}[family]

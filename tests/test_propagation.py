@@ -70,3 +70,28 @@ def test_subject_location_balances_scales():
     visual[0, 1, 1] = 0.7
     loc = subject_location(text, visual)
     torch.testing.assert_close(loc[0, 0, 0], loc[0, 1, 1])   # equal weight after normalisation
+
+
+def test_summed_layers_equal_per_layer_adds_and_the_mean_of_resized_maps():
+    """add(maps, grid, layers=n) with the sum of n layers' maps gives the per-layer result, which is the mean
+    over layers of the maps resized to the largest grid (the resize is linear, so sums are resized once)."""
+    from customcontrast_core.masks import combine_maps, make_mask
+
+    torch.manual_seed(0)
+    layers = [(torch.rand(2, 64), torch.rand(2, 64), (8, 8)) for _ in range(3)] + \
+             [(torch.rand(2, 16), torch.rand(2, 16), (4, 4)) for _ in range(2)]
+    per_layer, summed = MaskTracker(MaskConfig()), MaskTracker(MaskConfig())
+    for tracker in (per_layer, summed):
+        tracker.begin(2.0)
+    for text, visual, grid in layers:
+        per_layer.add(0, SubjectMaps(text=text, visual=visual), grid)
+    for grid in ((8, 8), (4, 4)):
+        group = [(t, v) for t, v, g in layers if g == grid]
+        summed.add(0, SubjectMaps(text=sum(t for t, _ in group), visual=sum(v for _, v in group)), grid,
+                   layers=len(group))
+    grids = [g for _, _, g in layers]
+    expected = make_mask(subject_location(combine_maps([t for t, _, _ in layers], grids, (8, 8)),
+                                          combine_maps([v for _, v, _ in layers], grids, (8, 8))), MaskConfig())
+    for tracker in (per_layer, summed):
+        tracker.begin(1.0)
+        torch.testing.assert_close(tracker.mask_for(1.0)[0], expected, rtol=1e-5, atol=1e-6)
