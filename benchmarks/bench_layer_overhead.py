@@ -10,8 +10,11 @@ the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = every layer
 ``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of
 ``plain_attention`` calls; once with mask capture and masks (default), once without. It also counts
 the ATen operators dispatched per layer (each one is at least one kernel launch on a GPU, views aside).
-With ``--device cuda`` the same evaluations run on the GPU (tiny tensors: launch-bound), with and
-without the CUDA-graph mode (``ApplySettings.cuda_graphs``).
+On the CPU the graph mode (``ApplySettings.cuda_graphs``) is emulated: its rows count the host
+operators with each replay as the one launch it is on a GPU (their µs are not meaningful: the
+emulation re-runs the kernels). With ``--device cuda`` the same evaluations run on the GPU (tiny
+tensors: launch-bound), with and without real CUDA graphs, and the graph outputs are compared with
+the eager ones.
 """
 from __future__ import annotations
 
@@ -21,21 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from customcontrast_core import CustomContrastModel, get_preset, plain_attention
 
-from .common import machine, write_json
-
-
-class _CountOps(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
+from .common import CountOps, machine, write_json
 
 
 def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"):
@@ -117,6 +109,38 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
+class _Counted:
+    """While active, emulated graph replays count as what they are on a GPU: the three input copies and one
+    launch (the emulation re-runs the layer's kernels on the host, which a replay does not)."""
+
+    def __init__(self, counter: CountOps) -> None:
+        from .comfy_runtime import extension
+
+        self.module, self.counter = extension("nodes.graphed"), counter
+
+    def __enter__(self):
+        counter, base = self.counter, self.module.StaticCall
+        self.base = base
+
+        class Replay(base):
+            def __call__(self, *values):
+                for static, value in zip(self.inputs, values):
+                    static.copy_(value)
+                paused, counter.paused = counter.paused, True
+                try:
+                    return super().__call__(*values)
+                finally:
+                    counter.paused = paused
+                    counter.count += not paused
+                    counter.kernels += not paused
+
+        self.module.StaticCall = Replay
+        return self
+
+    def __exit__(self, *exc):
+        self.module.StaticCall = self.base
+
+
 def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", graphs: str = "off") -> dict:
     """Median time of one evaluation through every patched layer vs plain attention, and operators per layer
     (counted once more on the host; with graphs the counted operators include the emulated replays)."""
@@ -128,9 +152,18 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
     for s in sigmas[5:5 + evaluations]:
         patched.append(_timed(lambda: _evaluation(patch, config, base, s), device))
         plain.append(_timed(lambda: _plain(config, device=device), device))
-    with _CountOps() as ops_patched:
-        _evaluation(patch, config, base, sigmas[-1])
-    with _CountOps() as ops_plain:
+    with CountOps() as ops_patched:
+        if graphs == "emulate":   # graphs captured while counting, so the Replay class is theirs
+            with _Counted(ops_patched):
+                ops_patched.paused = True
+                patch, config, base = _patch(family, use_mask, device, graphs)
+                for s in sigmas[:4]:
+                    _evaluation(patch, config, base, s)
+                ops_patched.paused = False
+                _evaluation(patch, config, base, sigmas[-1])
+        else:
+            _evaluation(patch, config, base, sigmas[-1])
+    with CountOps() as ops_plain:
         _plain(config, device=device)
     layers = len(config.layers)
     per_layer = (statistics.median(patched) - statistics.median(plain)) / layers
@@ -143,7 +176,9 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
     return {"layers": layers, "use_mask": use_mask, "graphs": graphs, **agreement,
             "patched_eval_ms": 1000 * statistics.median(patched), "plain_eval_ms": 1000 * statistics.median(plain),
             "extra_us_per_layer": 1e6 * per_layer,
-            "ops_per_layer_patched": ops_patched.count / layers, "ops_per_layer_plain": ops_plain.count / layers}
+            "ops_per_layer_patched": ops_patched.count / layers, "ops_per_layer_plain": ops_plain.count / layers,
+            "kernels_per_layer_patched": ops_patched.kernels / layers,
+            "kernels_per_layer_plain": ops_plain.kernels / layers}
 
 
 def main() -> None:
@@ -156,14 +191,16 @@ def main() -> None:
     result = {"machine": machine(args.device), "results": []}
     for family in ("sd15", "sdxl"):
         for use_mask in (True, False):
-            for graphs in ("off", "cuda") if args.device.startswith("cuda") else ("off",):
+            for graphs in ("off", "cuda") if args.device.startswith("cuda") else ("off", "emulate"):
                 r = dict(family=family, **measure(family, use_mask, args.evaluations, args.device, graphs))
                 result["results"].append(r)
-                print(f"[overhead] {family} mask={use_mask} graphs={graphs}: +{r['extra_us_per_layer']:.0f} us/layer, "
-                      f"{r['ops_per_layer_patched']:.0f} ops/layer (plain attention layer: "
-                      f"{r['ops_per_layer_plain']:.0f}); evaluation {r['patched_eval_ms']:.2f} ms vs plain "
-                      f"{r['plain_eval_ms']:.2f} ms" + (f"; max |graphs - eager| {r['max_abs_diff_vs_eager']:.2e}"
-                                                     if "max_abs_diff_vs_eager" in r else ""), flush=True)
+                timing = "" if graphs == "emulate" else f"+{r['extra_us_per_layer']:.0f} us/layer, "
+                print(f"[overhead] {family} mask={use_mask} graphs={graphs}: {timing}"
+                      f"{r['ops_per_layer_patched']:.1f} ops/layer, {r['kernels_per_layer_patched']:.1f} not views "
+                      f"(plain attention layer: {r['ops_per_layer_plain']:.0f}, {r['kernels_per_layer_plain']:.0f}); "
+                      f"evaluation {r['patched_eval_ms']:.2f} ms vs plain {r['plain_eval_ms']:.2f} ms"
+                      + (f"; max |graphs - eager| {r['max_abs_diff_vs_eager']:.2e}"
+                         if "max_abs_diff_vs_eager" in r else ""), flush=True)
     write_json(args.out, result)
     print(f"-> {args.out}")
 

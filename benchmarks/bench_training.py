@@ -8,7 +8,8 @@ vision, a ViT-B/32-size appearance encoder) and the full-size ``sd15`` MFI-Encod
 step is ``training.step.TrainingModule`` (Eq. 9: LDM + CSCL + MACL + localisation, S+ per layer
 group, mask capture). The plain adapter step uses the same UNet, batch and resolution with the
 visual branch only: one plain prompt, visual tokens from the Visual Q-Former, LDM loss, no
-contrastive terms (IP-Adapter-style). Both run forward + backward + AdamW under bf16 autocast.
+contrastive terms (IP-Adapter-style). Both run forward + backward + the AdamW of ``training.run``
+(fused on CUDA) under bf16 autocast.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import interleaved, machine, peak_memory_gb, reset_peak, write_json
+from .common import CountOps, interleaved, machine, peak_memory_gb, reset_peak, write_json
 
 
 def build(device: str, dtype: torch.dtype, size: int):
@@ -76,6 +77,7 @@ def make_batch(batch: int, size: int, device: str) -> dict:
 
 def main() -> None:
     from training.config import TrainConfig
+    from training.loop import make_optimizer
     from training.models import clip_hidden_states
     from training.step import TrainingModule
 
@@ -84,6 +86,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=512)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the ATen operators of one step each (the fused AdamW of a GPU run, also on CPU)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
     args = p.parse_args()
     device = args.device
@@ -91,9 +95,10 @@ def main() -> None:
     frozen, model = build(device, dtype, args.size)
     # tiny_models=True only skips the local-path check: the frozen models above are passed in directly
     cfg = TrainConfig(encoder_preset="sd15", tiny_models=True, batch_size=args.batch, target_size=args.size,
-                      reference_size=224, drop_image=0.0, drop_text=0.0, drop_both=0.0)
+                      reference_size=224, drop_image=0.0, drop_text=0.0, drop_both=0.0, lr=1e-5)
     module = TrainingModule(model, frozen, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    # as training.run builds it (fused on CUDA); operator counts use the fused one on every device
+    optimizer = make_optimizer(model.parameters(), cfg, "cuda" if args.count_ops else device)
     batch = make_batch(args.batch, args.size, device)
     generator = torch.Generator().manual_seed(2)
     autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
@@ -128,15 +133,21 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    memory = {}
+    memory, ops = {}, {}
     for name, step in (("customcontrast", customcontrast_step), ("adapter", adapter_step)):
         reset_peak(device)
         step()
         memory[name] = peak_memory_gb(device)
+        if args.count_ops:
+            with CountOps() as counted:
+                step()
+            ops[name] = {"ops": counted.count, "kernels": counted.kernels}
+            print(f"[training] {name}: {counted.count} ATen operators per step, {counted.kernels} not views",
+                  flush=True)
     times = interleaved({"adapter": adapter_step, "customcontrast": customcontrast_step}, args.repeats, device)
     result = {"machine": machine(device), "size": args.size, "batch": args.batch, "dtype": str(dtype),
               "seconds": times, "ratio": times["customcontrast"]["median"] / times["adapter"]["median"],
-              "peak_memory_gb": memory}
+              "peak_memory_gb": memory, **({"operators_per_step": ops} if ops else {})}
     write_json(args.out, result)
     print(f"[training] sd15 {args.size}px batch {args.batch} {dtype}: adapter {times['adapter']['median']:.3f}s  "
           f"customcontrast {times['customcontrast']['median']:.3f}s  ratio {result['ratio']:.3f}x  "

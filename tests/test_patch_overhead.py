@@ -53,3 +53,13 @@ def test_stacked_and_per_layer_visual_projection_give_the_same_layers(family, mo
     assert len(outputs[0]) == 3 * len(config.layers) and all(isinstance(o, torch.Tensor) for o in outputs[0])
     for fused, per_layer in zip(outputs[2**40], outputs[0]):
         torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 20), ("sd15", False, 12),
+                                                   ("sdxl", True, 11), ("sdxl", False, 9)])
+def test_graph_mode_leaves_few_host_operators_per_layer(family, use_mask, limit):
+    """With each layer a graph replay (emulated, counted as one launch), a layer costs its input copies, the
+    replay and the context swap; what is left is per evaluation (masks, rows). Outputs equal the eager ones."""
+    result = measure(family, use_mask, evaluations=2, graphs="emulate")
+    assert result["max_abs_diff_vs_eager"] < 1e-5
+    assert result["ops_per_layer_patched"] <= limit < measure(family, use_mask, evaluations=2)["ops_per_layer_patched"]
