@@ -13,11 +13,47 @@ Prints the ratios and writes JSON.
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 import torch
 
-from .common import interleaved, machine, peak_memory_gb, reset_peak, write_json
+from .common import interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+
+
+def encoding_time(run, device: str) -> dict:
+    """Seconds one run spends encoding S+ (the whole ``encode_timesteps``, and its text-encoder part), timed
+    with a device sync around each call, in one extra run of ``run``."""
+    from . import comfy_runtime as rt
+
+    targets = [(rt.extension("nodes.patch"), "encode_timesteps", "splus_seconds"),
+               (rt.extension("nodes.encodings"), "encode_splus", "text_encoder_seconds")]
+    spent = {"splus_seconds": 0.0, "text_encoder_seconds": 0.0, "calls": 0}
+
+    def timed(fn, key):
+        def wrapper(*args, **kwargs):
+            sync(device)
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            sync(device)
+            spent[key] += time.perf_counter() - start
+            spent["calls"] += key == "splus_seconds"
+            return out
+        return wrapper
+
+    originals = [(module, name, getattr(module, name)) for module, name, _ in targets]
+    try:
+        for (module, name, key), (_, _, fn) in zip(targets, originals):
+            setattr(module, name, timed(fn, key))
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        spent["run_seconds"] = time.perf_counter() - start
+    finally:
+        for module, name, fn in originals:
+            setattr(module, name, fn)
+    return spent
 
 
 def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps: int, cfg: float,
@@ -55,6 +91,8 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     times = interleaved(variants, repeats, device)
     plain = times["plain"]["median"]
     patch = default.model_options["transformer_options"]["customcontrast"][-1]
+    calls = patch.encode_calls
+    encoding = encoding_time(variants["default"], device)
     agreement = {}
     if "cuda_graphs" in variants:   # same seed: the graph replays must give the eager run's latent
         eager, replayed = run(default, positive, negative).float(), run(graphed, positive_g, negative).float()
@@ -63,7 +101,7 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     return {
         "family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype),
         "seconds": times, "ratio": {name: t["median"] / plain for name, t in times.items()},
-        "text_encoder_calls_per_run": {"default": patch.encode_calls},
+        "text_encoder_calls_per_run": {"default": calls}, "splus_encoding_default_run": encoding,
         "peak_memory_gb": peak_memory_gb(device), **agreement,
     }
 
@@ -87,8 +125,10 @@ def main() -> None:
         result["families"][family] = r
         write_json(args.out, result)
         ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["ratio"].items() if k != "plain")
+        enc = r["splus_encoding_default_run"]
         print(f"[comfy] {family} {size}px {args.steps} steps cfg {args.cfg}: plain {r['seconds']['plain']['median']:.3f}s"
-              f"  {ratios}  peak {r['peak_memory_gb']}", flush=True)
+              f"  {ratios}  peak {r['peak_memory_gb']}; S+ encoding in a default run {enc['splus_seconds']:.3f}s "
+              f"({enc['calls']} calls, text encoder {enc['text_encoder_seconds']:.3f}s)", flush=True)
         torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     print(f"-> {args.out}")
 

@@ -62,7 +62,8 @@ class StaticCall:
         try:
             with torch.cuda.stream(stream):
                 (warmup or fn)()
-                graph.capture_begin(pool=pool)
+                # thread_local: work that other threads (ComfyUI's offloading) start meanwhile is not refused
+                graph.capture_begin(pool=pool, capture_error_mode="thread_local")
                 try:
                     outputs = tuple(fn())
                 finally:
