@@ -57,6 +57,7 @@ class StaticCall:
         if device.type != "cuda":
             raise CaptureError(f"CUDA graphs need CUDA tensors, got inputs on {device} (use emulate=True on the CPU)")
         stream = stream if stream is not None else torch.cuda.Stream(device)
+        torch.cuda.synchronize(device)   # as torch.cuda.graph does: no pending work overlaps the capture
         stream.wait_stream(torch.cuda.current_stream(device))
         graph = torch.cuda.CUDAGraph()
         try:
