@@ -83,15 +83,16 @@ def minmax_normalize(x: Tensor, *, rtol: float = 1e-6) -> Tensor:
     return torch.where(constant, torch.zeros_like(x), (x - low) / torch.where(constant, 1.0, span))
 
 
-def make_mask(maps: Tensor, cfg: MaskConfig) -> Tensor:
+def make_mask(maps: Tensor, cfg: MaskConfig, *, normalized: bool = False) -> Tensor:
     """Turns averaged attention maps into a soft or top-k subject mask (Sec. 3.4).
 
     Shapes: maps (B, H, W) -> (B, H, W) fp32 in [0, 1]. A constant map carries no location and
-    gives an all-zero mask in both modes.
+    gives an all-zero mask in both modes. ``normalized``: the maps are already the output of
+    :func:`minmax_normalize` (normalising again would change nothing).
     """
     if maps.ndim != 3:
         raise ValueError(f"maps must be (B, H, W), got shape {tuple(maps.shape)}")
-    normalised = minmax_normalize(maps)
+    normalised = maps.float() if normalized else minmax_normalize(maps)
     if cfg.mode == "soft":
         return torch.where(normalised >= cfg.threshold, normalised, torch.zeros_like(normalised))
     flat = rearrange(normalised, "b h w -> b (h w)")

@@ -27,9 +27,11 @@ def subject_location(text: Tensor, visual: Tensor) -> Tensor:
 
     Shapes: text (B, H, W), visual (B, H, W) -> (B, H, W) in [0, 1]. The two maps live on very
     different scales (a probability per pixel vs a distribution over space), so each is
-    normalised before averaging.
+    normalised before averaging (both in one call: the normalisation is per sample).
     """
-    return minmax_normalize((minmax_normalize(text) + minmax_normalize(visual)) / 2)
+    both = minmax_normalize(torch.cat([text, visual]))                # (2B, H, W)
+    text, visual = both.chunk(2)
+    return minmax_normalize((text + visual) / 2)
 
 
 @dataclass
@@ -81,10 +83,11 @@ class MaskTracker:
                 return
             grids = list(sums)
             grid = max(grids, key=lambda g: g[0] * g[1])
-            scale = len(grids) / sum(entry[2] for entry in sums.values())
-            text = combine_maps([sums[g][0] for g in grids], grids, grid) * scale
-            visual = combine_maps([sums[g][1] for g in grids], grids, grid) * scale
-            result.append(make_mask(subject_location(text, visual), self.config))
+            # the mean over layers is these maps times len(grids) / (layers summed): a positive constant
+            # per subject, which the min-max normalisation of subject_location removes
+            text = combine_maps([sums[g][0] for g in grids], grids, grid)
+            visual = combine_maps([sums[g][1] for g in grids], grids, grid)
+            result.append(make_mask(subject_location(text, visual), self.config, normalized=True))
         self.masks[pending.sigma] = result
 
     def mask_for(self, sigma: float) -> list[Tensor] | None:

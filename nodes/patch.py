@@ -377,8 +377,9 @@ class SubjectPatch:
         if user is not None:
             mask = intersect_user_mask(mask, user.to(device))
         flat = resize_mask(mask, grid)                          # (B or 1, N)
-        flat = flat.expand(b, -1) if flat.shape[0] == 1 else flat[:b]
-        ev.masks[(subject, grid)] = flat = flat.repeat(n_chunks, 1)
+        if flat.shape[0] != 1:                                  # one mask per latent, the same in every chunk
+            flat = flat[:b].repeat(n_chunks, 1)
+        ev.masks[(subject, grid)] = flat                        # (1, N) broadcasts over every row
         return flat
 
 

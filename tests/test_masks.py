@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from customcontrast_core.masks import (MaskConfig, combine_maps, intersect_user_mask, make_mask, minmax_normalize,
-                                       resize_mask)
+from customcontrast_core.masks import (MASK_MODES, MaskConfig, combine_maps, intersect_user_mask, make_mask,
+                                       minmax_normalize, resize_mask)
 
 
 def _blob_map(size: int = 32, center=(10, 21), sigma: float = 3.0, noise: float = 0.05, seed: int = 0):
@@ -94,3 +94,15 @@ def test_mask_config_validation_names_the_bad_value():
         MaskConfig(threshold=1.5)
     with pytest.raises(ValueError, match="topk_ratio"):
         MaskConfig(topk_ratio=0.0)
+
+
+@pytest.mark.parametrize("mode", MASK_MODES)
+def test_make_mask_of_normalized_maps_skips_nothing(mode):
+    """normalized=True (maps already min-max normalised, as the tracker's location map is) gives the same
+    mask as normalising again, constant maps included."""
+    torch.manual_seed(0)
+    maps = torch.cat([torch.rand(3, 8, 8) * 5 - 1, torch.full((1, 8, 8), 0.7)])
+    cfg = MaskConfig(mode=mode)
+    torch.testing.assert_close(make_mask(minmax_normalize(maps), cfg, normalized=True), make_mask(maps, cfg),
+                               rtol=0, atol=0)
+    assert make_mask(minmax_normalize(maps), cfg, normalized=True)[3].abs().sum() == 0
