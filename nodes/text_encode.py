@@ -15,6 +15,8 @@ from torch import Tensor
 
 from customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders
 
+from .fast_tokens import stamped_rows
+
 # ComfyUI token dict key -> index of that encoder's slice in the concatenated S+ vector
 ENCODER_KEYS = {"sd15": ("l",), "sdxl": ("l", "g")}
 
@@ -106,23 +108,27 @@ def _with_vectors(prompt: PlaceholderPrompt, key: str, vectors: Sequence[Tensor]
 
 
 def encode_splus(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-    """Encodes the prompt once per layer group in one text-encoder call.
+    """Encodes the prompt once per layer group in one text-encoder call (token processing of the copies
+    in a few kernels: ``fast_tokens.py``).
 
     Shapes: splus[i] (G, sum(widths)) for subject i -> contexts (G, 77*S, C), pooled (G, P) or None.
     """
     groups = splus[0].shape[0]
     keys = ENCODER_KEYS[prompt.base]
     batched: dict[str, list[list[tuple]]] = {}
+    vectors: dict[str, list[Tensor]] = {}
     for key in prompt.tokens:
         if key not in keys:
             batched[key] = [s for _ in range(groups) for s in prompt.tokens[key]]
             continue
         index = keys.index(key)
         start = sum(prompt.widths[:index])
-        per_subject = [v[:, start:start + prompt.widths[index]].float().cpu() for v in splus]
+        vectors[key] = per_subject = [v[:, start:start + prompt.widths[index]].float().cpu() for v in splus]
         batched[key] = [section for g in range(groups)
                         for section in _with_vectors(prompt, key, [v[g] for v in per_subject])]
-    cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
+    sections = {key: len(prompt.tokens[key]) for key in vectors}
+    with stamped_rows(clip, groups, sections, prompt.slots, vectors):
+        cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
     contexts = cond.reshape(groups, prompt.length, cond.shape[-1])
     return contexts, pooled
 
