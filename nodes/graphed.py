@@ -24,7 +24,8 @@ from customcontrast_core.visual_kv import KVProjection
 
 log = logging.getLogger("customcontrast")
 
-MAX_GRAPHS = 512   # graphs kept per patch (layers x shapes x first-step/masked variants); all dropped beyond
+MAX_GRAPHS = 512   # graphs kept per patch (layers x shapes x first-step/masked variants); beyond, the next
+                   # evaluation starts afresh (graphs and buffers of earlier resolutions are released)
 
 
 class LayerGraphs:
@@ -42,6 +43,16 @@ class LayerGraphs:
     def usable(self, q: Tensor, weight: Tensor) -> bool:
         return self.emulate or (q.is_cuda and weight.device == q.device)
 
+    def _fresh_of(self, evaluation: object) -> dict:
+        """The values already made static in this evaluation; a new evaluation starts with none (and, past
+        MAX_GRAPHS graphs, without any graph or buffer)."""
+        if self._fresh[0] is not evaluation:
+            if len(self.calls) >= MAX_GRAPHS:
+                self.calls.clear()
+                self.buffers.clear()
+            self._fresh = (evaluation, {})
+        return self._fresh[1]
+
     def forget(self) -> None:
         """Marks the evaluation's static values stale (the rows changed): the next layer copies them again."""
         self._fresh = (None, {})
@@ -49,9 +60,7 @@ class LayerGraphs:
     def static(self, evaluation: object, name: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
         """The static buffer holding ``make()`` of this evaluation: computed and copied once per evaluation,
         the same tensor in every evaluation whose value has the same shape, dtype and device."""
-        if self._fresh[0] is not evaluation:
-            self._fresh = (evaluation, {})
-        fresh = self._fresh[1]
+        fresh = self._fresh_of(evaluation)
         if name not in fresh:
             value = make()
             fresh[name] = None if value is None else self.buffer(name, value).copy_(value)
@@ -59,9 +68,7 @@ class LayerGraphs:
 
     def zeroed(self, evaluation: object, name: tuple, like: Tensor) -> Tensor:
         """A persistent buffer shaped like ``like``, set to zero once per evaluation (map accumulators)."""
-        if self._fresh[0] is not evaluation:
-            self._fresh = (evaluation, {})
-        fresh = self._fresh[1]
+        fresh = self._fresh_of(evaluation)
         if name not in fresh:
             fresh[name] = self.buffer(name, like).zero_()
         return fresh[name]
@@ -98,8 +105,6 @@ class LayerGraphs:
         return call(q, k, v)[0]
 
     def _capture(self, graph_key, q, k, v, *args) -> StaticCall | None:
-        if len(self.calls) >= MAX_GRAPHS:
-            self.calls.clear()
         # inputs and outputs live in buffers shared by every graph of the same shapes (the layers run one
         # after another and each output is consumed before the next replay): memory of one layer per shape
         sq, sk, sv = (self.buffer((name,), x).copy_(x) for name, x in (("q", q), ("k", k), ("v", v)))

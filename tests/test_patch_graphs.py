@@ -87,3 +87,17 @@ def test_cuda_graphs_give_the_eager_layers(family, use_mask):
     assert captures[-1] == captures[-2] > 0
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_graphs_beyond_the_limit_start_afresh_with_the_same_results(monkeypatch):
+    from benchmarks.comfy_runtime import extension
+
+    monkeypatch.setattr(extension("nodes.graphed"), "MAX_GRAPHS", 20)   # fewer than one masked evaluation's 16 + 16
+    sigmas = (9.0, 8.0, 7.0, 6.0)
+    _, _, expected, _ = _run("sd15", True, sigmas)
+    patch, _, outputs, captures = _run("sd15", True, sigmas, graphs="emulate")
+    # 16 first-step graphs, then 16 masked ones (32 > 20): evaluation 3 starts afresh, evaluation 4 replays
+    assert captures == [16, 32, 48, 48]
+    assert len(patch.graphs.calls) == 16
+    for got, want in zip(outputs, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
