@@ -4,13 +4,7 @@
 # 1. per-layer cost on the GPU (tiny tensors: launch-bound) with graphs off / on, and max |graphs - eager|;
 # 2. the CUDA tests of the graph mode when pytest is installed;
 # 3. ComfyUI sampler, SD1.5 512 px then SDXL 1024 px: plain, default, buckets, mask off, and both with graphs.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${1:-benchmarks/results}
-py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$py" -m "$@" || echo "!! $1 exited with $?"; }
+source "$(dirname "$0")/bench_env.sh" "$@"
 run 90 benchmarks.bench_layer_overhead --device cuda --evaluations 20 --out "$out/layer_overhead_cuda.json"
 if "$py" -m pytest --version >/dev/null 2>&1; then
     run 90 pytest -q -p no:cacheprovider tests/test_patch_graphs.py

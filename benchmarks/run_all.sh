@@ -2,13 +2,7 @@
 # Runs every benchmark at the target settings and writes JSON (and a log) into OUT_DIR.
 #   bash benchmarks/run_all.sh [OUT_DIR]        # COMFYUI_PATH set: the ComfyUI-sampler benchmarks run too
 # Each benchmark has its own time limit, so one failure does not stop the others.
-set -uo pipefail
-cd "$(dirname "$0")/.."
-out=${1:-benchmarks/results}
-py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-mkdir -p "$out"
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-run() { local limit=$1; shift; echo "== $*"; timeout "$limit" "$py" -m "$@" || echo "!! $1 exited with $?"; }
+source "$(dirname "$0")/bench_env.sh" "$@"
 if [ -n "${COMFYUI_PATH:-}" ]; then
     run 110 benchmarks.bench_comfy --families sd15 --repeats 5 --out "$out/comfy_sd15.json"
 fi
