@@ -30,8 +30,9 @@ from customcontrast_core import CustomContrastModel, get_preset, plain_attention
 from .common import CountOps, machine, write_json
 
 
-def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"):
-    """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; graphs: "off", "cuda" or "emulate"."""
+def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off", subjects: int = 1):
+    """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; graphs: "off", "cuda" or "emulate";
+    ``subjects`` placeholders at token positions 4, 7, 10, ..."""
     from .comfy_runtime import extension
 
     patch_module = extension("nodes.patch")
@@ -40,10 +41,11 @@ def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"
 
     config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
     model = CustomContrastModel(config).eval().to(device)
-    prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4)]], base=config.base,
-                               widths=config.token_widths)
+    prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4 + 3 * i)] for i in range(subjects)],
+                               base=config.base, widths=config.token_widths)
     base = torch.randn(1, 77, config.context_dim, device=device)
-    patch = SubjectPatch(model=model, clip=None, subjects=[torch.zeros(1)], blank=torch.zeros(1), prompt=prompt,
+    patch = SubjectPatch(model=model, clip=None, subjects=[torch.zeros(1)] * subjects, blank=torch.zeros(1),
+                         prompt=prompt,
                          base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
                          settings=ApplySettings(use_mask=use_mask, cuda_graphs=graphs == "cuda"),
                          timestep_of=lambda s: s * 100)
@@ -53,7 +55,8 @@ def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"
         shape = (1, config.num_visual_tokens, config.context_dim)
         patch.cache[float(sigma)] = Encodings(
             contexts=torch.randn(config.num_groups, 77, config.context_dim, device=device),
-            visual=[torch.randn(shape, device=device)], blank_visual=[torch.zeros(shape, device=device)])
+            visual=[torch.randn(shape, device=device) for _ in range(subjects)],
+            blank_visual=[torch.zeros(shape, device=device)] * subjects)
     return patch, config, base
 
 
@@ -80,11 +83,11 @@ def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4
                 outputs.append(out.clone())   # a graph's output tensor is rewritten by the next evaluation
 
 
-def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", graphs: str = "off"):
+def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", graphs: str = "off", subjects: int = 1):
     """Every patched layer's output over one evaluation per sigma (fixed seeds): returns the patch, the config,
     the outputs and the number of graphs captured after each evaluation."""
     torch.manual_seed(0)
-    patch, config, base = _patch(family, use_mask, device, graphs)
+    patch, config, base = _patch(family, use_mask, device, graphs, subjects)
     outputs, captures = [], []
     for sigma in sigmas:
         torch.manual_seed(int(sigma))

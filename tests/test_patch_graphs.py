@@ -13,11 +13,12 @@ from customcontrast_core.graphs import CaptureError, StaticCall
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-@pytest.mark.parametrize("family,use_mask", [("sd15", True), ("sd15", False), ("sdxl", True)])
-def test_emulated_graphs_give_the_eager_layers_and_masks(family, use_mask):
+@pytest.mark.parametrize("family,use_mask,subjects", [("sd15", True, 1), ("sd15", False, 1), ("sdxl", True, 1),
+                                                      ("sd15", True, 2)])
+def test_emulated_graphs_give_the_eager_layers_and_masks(family, use_mask, subjects):
     sigmas = (9.0, 8.0, 7.0, 6.0, 5.0)
-    eager, config, expected, _ = _run(family, use_mask, sigmas)
-    graphed, _, outputs, captures = _run(family, use_mask, sigmas, graphs="emulate")
+    eager, config, expected, _ = _run(family, use_mask, sigmas, subjects=subjects)
+    graphed, _, outputs, captures = _run(family, use_mask, sigmas, graphs="emulate", subjects=subjects)
     assert len(outputs) == len(expected) == len(sigmas) * len(config.layers)
     for got, want in zip(outputs, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -28,8 +29,9 @@ def test_emulated_graphs_give_the_eager_layers_and_masks(family, use_mask):
     graphed.finish()   # hands the last evaluation's map sums to the tracker
     assert len(graphed.last_masks) == len(eager.last_masks) == (len(sigmas) if use_mask else 0)
     for (s_eager, m_eager), (s_graph, m_graph) in zip(eager.last_masks, graphed.last_masks):
-        assert s_eager == s_graph
-        torch.testing.assert_close(m_graph[0], m_eager[0], rtol=1e-5, atol=1e-5)
+        assert s_eager == s_graph and len(m_graph) == len(m_eager) == subjects
+        for subject in range(subjects):
+            torch.testing.assert_close(m_graph[subject], m_eager[subject], rtol=1e-5, atol=1e-5)
 
 
 def test_graph_outputs_are_static_tensors_refilled_at_each_call():
