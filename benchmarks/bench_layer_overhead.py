@@ -30,9 +30,11 @@ from customcontrast_core import CustomContrastModel, get_preset, plain_attention
 from .common import CountOps, machine, write_json
 
 
-def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off", subjects: int = 1):
+def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off", subjects: int = 1,
+           dtype: torch.dtype = torch.float32):
     """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; graphs: "off", "cuda" or "emulate";
-    ``subjects`` placeholders at token positions 4, 7, 10, ..."""
+    ``subjects`` placeholders at token positions 4, 7, 10, ...; the UNet side (and the CustomContrast model, as
+    ComfyUI loads it) in ``dtype``, the S+ contexts in fp32 as ComfyUI's CLIP returns them."""
     from .comfy_runtime import extension
 
     patch_module = extension("nodes.patch")
@@ -40,10 +42,10 @@ def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"
     Encodings, PlaceholderPrompt = patch_module.Encodings, patch_module.PlaceholderPrompt
 
     config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
-    model = CustomContrastModel(config).eval().to(device)
+    model = CustomContrastModel(config).eval().to(device, dtype)
     prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4 + 3 * i)] for i in range(subjects)],
                                base=config.base, widths=config.token_widths)
-    base = torch.randn(1, 77, config.context_dim, device=device)
+    base = torch.randn(1, 77, config.context_dim, device=device, dtype=dtype)
     patch = SubjectPatch(model=model, clip=None, subjects=[torch.zeros(1)] * subjects, blank=torch.zeros(1),
                          prompt=prompt,
                          base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
@@ -55,8 +57,8 @@ def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"
         shape = (1, config.num_visual_tokens, config.context_dim)
         patch.cache[float(sigma)] = Encodings(
             contexts=torch.randn(config.num_groups, 77, config.context_dim, device=device),
-            visual=[torch.randn(shape, device=device) for _ in range(subjects)],
-            blank_visual=[torch.zeros(shape, device=device)] * subjects)
+            visual=[torch.randn(shape, device=device, dtype=dtype) for _ in range(subjects)],
+            blank_visual=[torch.zeros(shape, device=device, dtype=dtype)] * subjects)
     return patch, config, base
 
 
@@ -71,13 +73,15 @@ def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4
     output to ``outputs`` when given."""
     context = torch.cat([base, torch.randn_like(base)])
     sigmas = torch.tensor([sigma, sigma], device=base.device)
-    device = base.device
+    device, dtype = base.device, base.dtype
     with torch.no_grad():
         for layer, side, inner in _layers(config, grid):
             options = {"block": layer.comfy_key[:2], "block_index": layer.comfy_key[2], "cond_or_uncond": [0, 1],
                        "sigmas": sigmas, "n_heads": heads, "activations_shape": [2, inner, side, side]}
-            patch.swap_context(torch.randn(2, side * side, inner, device=device), context, context, options)
-            q, k = torch.randn(2, side * side, inner, device=device), torch.randn(2, 77, inner, device=device)
+            patch.swap_context(torch.randn(2, side * side, inner, device=device, dtype=dtype), context, context,
+                               options)
+            q = torch.randn(2, side * side, inner, device=device, dtype=dtype)
+            k = torch.randn(2, 77, inner, device=device, dtype=dtype)
             out = patch.attention(q, k, k, options)
             if outputs is not None:
                 outputs.append(out.clone())   # a graph's output tensor is rewritten by the next evaluation
@@ -96,11 +100,12 @@ def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", grap
     return patch, config, outputs, captures
 
 
-def _plain(config, grid: int = 8, heads: int = 4, device: str = "cpu"):
+def _plain(config, grid: int = 8, heads: int = 4, device: str = "cpu", dtype: torch.dtype = torch.float32):
     """The same layers with unpatched attention."""
     with torch.no_grad():
         for _, side, inner in _layers(config, grid):
-            q, k = torch.randn(2, side * side, inner, device=device), torch.randn(2, 77, inner, device=device)
+            q = torch.randn(2, side * side, inner, device=device, dtype=dtype)
+            k = torch.randn(2, 77, inner, device=device, dtype=dtype)
             plain_attention(q, k, k, heads=heads)
 
 
@@ -144,22 +149,23 @@ class _Counted:
         self.module.StaticCall = self.base
 
 
-def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", graphs: str = "off") -> dict:
+def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", graphs: str = "off",
+            dtype: torch.dtype = torch.float32) -> dict:
     """Median time of one evaluation through every patched layer vs plain attention, and operators per layer
     (counted once more on the host; with graphs the counted operators include the emulated replays)."""
-    patch, config, base = _patch(family, use_mask, device, graphs)
+    patch, config, base = _patch(family, use_mask, device, graphs, dtype=dtype)
     sigmas = [float(s) for s in range(evaluations + 20, 0, -1)]
     for s in sigmas[:5]:
         _evaluation(patch, config, base, s)
     patched, plain = [], []
     for s in sigmas[5:5 + evaluations]:
         patched.append(_timed(lambda: _evaluation(patch, config, base, s), device))
-        plain.append(_timed(lambda: _plain(config, device=device), device))
+        plain.append(_timed(lambda: _plain(config, device=device, dtype=dtype), device))
     with CountOps() as ops_patched:
         if graphs == "emulate":   # graphs captured while counting, so the Replay class is theirs
             with _Counted(ops_patched):
                 ops_patched.paused = True
-                patch, config, base = _patch(family, use_mask, device, graphs)
+                patch, config, base = _patch(family, use_mask, device, graphs, dtype=dtype)
                 for s in sigmas[:4]:
                     _evaluation(patch, config, base, s)
                 ops_patched.paused = False
@@ -167,7 +173,7 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
         else:
             _evaluation(patch, config, base, sigmas[-1])
     with CountOps() as ops_plain:
-        _plain(config, device=device)
+        _plain(config, device=device, dtype=dtype)
     layers = len(config.layers)
     per_layer = (statistics.median(patched) - statistics.median(plain)) / layers
     agreement = {}
@@ -188,14 +194,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--evaluations", type=int, default=40)
     p.add_argument("--device", default="cpu", help="cpu (host cost alone) or cuda (host + launches, graphs on/off)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
+                   help="the UNet's dtype (default float16 as ComfyUI on a GPU; on the CPU the casts are counted too)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_overhead.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
-    result = {"machine": machine(args.device), "results": []}
+    dtype = getattr(torch, args.dtype)
+    result = {"machine": machine(args.device), "dtype": args.dtype, "results": []}
     for family in ("sd15", "sdxl"):
         for use_mask in (True, False):
             for graphs in ("off", "cuda") if args.device.startswith("cuda") else ("off", "emulate"):
-                r = dict(family=family, **measure(family, use_mask, args.evaluations, args.device, graphs))
+                r = dict(family=family, **measure(family, use_mask, args.evaluations, args.device, graphs, dtype))
                 result["results"].append(r)
                 timing = "" if graphs == "emulate" else f"+{r['extra_us_per_layer']:.0f} us/layer, "
                 print(f"[overhead] {family} mask={use_mask} graphs={graphs}: {timing}"

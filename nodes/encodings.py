@@ -34,7 +34,7 @@ class Encodings:
     contexts: Tensor                 # (G, L, C) prompt with each group's S+ tokens (all subjects)
     visual: list[Tensor]             # per subject (1, m, C) TV-fused visual tokens
     blank_visual: list[Tensor]       # per subject (1, m, C) for uncond rows (blank reference)
-    prepared: dict = field(default_factory=dict)   # (group, length, dtype) -> (1, length, C) context
+    prepared: dict = field(default_factory=dict)   # (length, dtype) -> G contexts (1, length, C) in the UNet's dtype
 
 
 def encoding_key(sigma: float, timestep_of: Callable[[Tensor], Tensor], buckets: int) -> tuple[float, float]:

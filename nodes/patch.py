@@ -251,11 +251,11 @@ class SubjectPatch:
         if not ev.swapped_chunks:
             return n, context, value
         enc = self._encodings_of(ev, context.device, extra_options)
-        group, length = self.groups[key], context.shape[1]
-        prepared = (group, length, context.dtype)
-        if prepared not in enc.prepared:
-            enc.prepared[prepared] = reorder_for(enc.contexts[group:group + 1], length).to(context.dtype)
-        ours = enc.prepared[prepared]
+        group, prepared = self.groups[key], (context.shape[1], context.dtype)
+        if prepared not in enc.prepared:   # every group in the UNet's dtype at once: one cast per evaluation
+            contexts = reorder_for(enc.contexts, context.shape[1]).to(context.dtype)
+            enc.prepared[prepared] = contexts.split(1)
+        ours = enc.prepared[prepared][group]
         swapped = torch.where(ev.swap_rows, ours, context)     # ours (1, L, C) broadcast over the rows
         if value is not None and value is not context and value.shape == context.shape:
             value = torch.where(ev.swap_rows, ours, value)
