@@ -47,7 +47,6 @@ def main() -> None:
                 lambda: model.encoder.encode_image(hidden), args.repeats, device)["median"]
             result["ms"][f"{family}_textual_qformer_per_timestep"] = 1000 * time_runs(
                 lambda: model.encoder.encode_timestep(image, t), args.repeats, device)["median"]
-            del model
     write_json(args.out, result)
     print("[encode] " + "  ".join(f"{k} {v:.2f} ms" for k, v in result["ms"].items()) + f"  -> {args.out}", flush=True)
 

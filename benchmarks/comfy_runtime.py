@@ -69,8 +69,9 @@ def _unet_config(family: str, dtype: torch.dtype) -> dict:
 
 def build_models(family: str, device: str, dtype: torch.dtype, seed: int = 0) -> SimpleNamespace:
     """A random full-size ComfyUI MODEL (ModelPatcher) and CLIP of the family."""
-    comfy = load_comfy(device)
+    load_comfy(device)
     import comfy.model_detection
+    import comfy.sd
     import comfy.model_management as mm
     import comfy.model_patcher
 
@@ -99,7 +100,7 @@ class BenchSubject:
 
 def customcontrast(family: str, device: str, dtype: torch.dtype, seed: int = 0):
     """A random full-size CustomContrast model of the family, wrapped as the Loader node returns it."""
-    comfy = load_comfy(device)
+    load_comfy(device)
     import comfy.model_management as mm
     import comfy.model_patcher
 

@@ -7,7 +7,6 @@ key (after them), which runs the core's ``customcontrast_attention``.
 """
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,37 +19,15 @@ from customcontrast_core.encoder import ImageFeatures
 from customcontrast_core.layers import CrossAttentionLayer
 from customcontrast_core.masks import MaskConfig, intersect_user_mask, resize_mask
 from customcontrast_core.propagation import MaskTracker
-from customcontrast_core.visual_kv import CustomContrastModel, VisualKV
+from customcontrast_core.visual_kv import CustomContrastModel
 
 from .encodings import PROMPTS_PER_CALL, Encodings, encode_timesteps, encoding_key, window
 from .graphed import LayerGraphs
 from .replace import Attn2Replace, sigma_of
+from .stacked_kv import stacked_visual_kv
 from .text_encode import PlaceholderPrompt, reorder_for
 
 __all__ = ["ApplySettings", "Attn2Replace", "Encodings", "PlaceholderPrompt", "SubjectPatch", "sigma_of"]
-
-
-FUSED_WEIGHT_BYTES = 128 * 2**20   # largest stacked copy of the visual K/V weights kept for one-matmul projection
-
-
-
-_STACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # VisualKV -> (identity, W or None, slices)
-
-
-def stacked_visual_kv(visual_kv: VisualKV) -> tuple[Tensor, dict[str, tuple[int, int]]] | None:
-    """Every layer's visual K/V weights stacked (``VisualKV.fused``), one copy per loaded checkpoint however
-    many Apply nodes use it, rebuilt when ComfyUI moves or casts the weights; None when the copy would
-    exceed FUSED_WEIGHT_BYTES (SDXL: ~680 MB in fp16, never duplicated)."""
-    first = next(iter(visual_kv.values())).to_k.weight
-    identity = (first.device, first.dtype, first.data_ptr(), FUSED_WEIGHT_BYTES)
-    cached = _STACKED.get(visual_kv)
-    if cached is None or cached[0] != identity:
-        weight, slices = None, {}
-        if sum(p.numel() * p.element_size() for p in visual_kv.parameters()) <= FUSED_WEIGHT_BYTES:
-            with torch.no_grad():
-                weight, slices = visual_kv.fused()
-        cached = _STACKED[visual_kv] = (identity, weight, slices)
-    return None if cached[1] is None else (cached[1], cached[2])
 
 
 @dataclass(frozen=True)

@@ -42,14 +42,14 @@ def test_stacked_and_per_layer_visual_projection_give_the_same_layers(family, mo
 
     outputs = {}
     for limit in (2**40, 0):
-        monkeypatch.setattr(extension("nodes.patch"), "FUSED_WEIGHT_BYTES", limit)
+        monkeypatch.setattr(extension("nodes.stacked_kv"), "FUSED_WEIGHT_BYTES", limit)
         torch.manual_seed(0)
         patch, config, base = _patch(family, True)
         outputs[limit] = []
         for sigma in (9.0, 8.0, 7.0):        # masks from the first evaluation act in the later ones
             torch.manual_seed(int(sigma))
             _evaluation(patch, config, base, sigma, outputs=outputs[limit])
-        assert (extension("nodes.patch").stacked_visual_kv(patch.model.visual_kv) is None) == (limit == 0)
+        assert (extension("nodes.stacked_kv").stacked_visual_kv(patch.model.visual_kv) is None) == (limit == 0)
     assert len(outputs[0]) == 3 * len(config.layers) and all(isinstance(o, torch.Tensor) for o in outputs[0])
     for fused, per_layer in zip(outputs[2**40], outputs[0]):
         torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)

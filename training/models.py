@@ -125,7 +125,7 @@ def build_from_paths(config: EncoderConfig, paths: ModelPaths) -> FrozenModels:
     """Loads real frozen models from local paths (diffusers folder or single file)."""
     import open_clip
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from transformers import CLIPTokenizer, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     root = _require(paths.diffusion, "diffusion model")
     pipeline_cls = StableDiffusionXLPipeline if config.base == "sdxl" else StableDiffusionPipeline
