@@ -87,11 +87,12 @@ def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4
                 outputs.append(out.clone())   # a graph's output tensor is rewritten by the next evaluation
 
 
-def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", graphs: str = "off", subjects: int = 1):
+def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", graphs: str = "off", subjects: int = 1,
+                  dtype: torch.dtype = torch.float32):
     """Every patched layer's output over one evaluation per sigma (fixed seeds): returns the patch, the config,
     the outputs and the number of graphs captured after each evaluation."""
     torch.manual_seed(0)
-    patch, config, base = _patch(family, use_mask, device, graphs, subjects)
+    patch, config, base = _patch(family, use_mask, device, graphs, subjects, dtype)
     outputs, captures = [], []
     for sigma in sigmas:
         torch.manual_seed(int(sigma))
@@ -179,8 +180,8 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
     agreement = {}
     if graphs != "off":   # the graph replays must give the eager layers
         sigmas = (9.0, 8.0, 7.0, 6.0)
-        eager = layer_outputs(family, use_mask, sigmas, device)[2]
-        replayed = layer_outputs(family, use_mask, sigmas, device, graphs)[2]
+        eager = layer_outputs(family, use_mask, sigmas, device, dtype=dtype)[2]
+        replayed = layer_outputs(family, use_mask, sigmas, device, graphs, dtype=dtype)[2]
         agreement = {"max_abs_diff_vs_eager": max(float((a - b).abs().max()) for a, b in zip(replayed, eager))}
     return {"layers": layers, "use_mask": use_mask, "graphs": graphs, **agreement,
             "patched_eval_ms": 1000 * statistics.median(patched), "plain_eval_ms": 1000 * statistics.median(plain),

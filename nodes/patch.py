@@ -64,7 +64,8 @@ class _Evaluation:
     masks: dict = field(default_factory=dict)   # (subject, grid) -> (B, N) layer mask
     biases: dict = field(default_factory=dict)  # (grid, keys) -> (B, N, T) placeholder log-bias
     encodings: Encodings | None = None
-    visual_kv: list[Tensor] | None = None       # per subject (B, m, sum 2*inner): every layer's K|V
+    visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
+    casts: dict = field(default_factory=dict)       # (name, dtype) -> a per-evaluation tensor in that dtype
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
 
@@ -211,7 +212,8 @@ class SubjectPatch:
         ev.kinds = kinds.repeat_interleave(b).to(context.device, non_blocking=True)
         ev.masks.clear()
         ev.biases.clear()
-        ev.visual_kv = None
+        ev.visual_kv.clear()
+        ev.casts.clear()
         if self.graphs is not None:
             self.graphs.forget()
 
@@ -267,13 +269,17 @@ class SubjectPatch:
         if self.graphs is not None and self.graphs.usable(q, projection.to_k.weight):
             out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
         else:
-            branches = [SubjectBranch(*self._visual_kv(ev, enc, layer.name, s, q.dtype, q.device),
-                                      gamma=self.settings.gamma, mask=layer_masks[s], columns=columns[s],
-                                      text_rows=ev.swap) for s in subjects]
-            bias_key = ((h, w), k.shape[1])
+            # capture layers compute in fp32, the others in the UNet's dtype: their visual K/V, masks and bias
+            # are cast once per evaluation (and grid), not once per layer
+            dtype = torch.float32 if capture else q.dtype
+            branches = [SubjectBranch(*self._visual_kv(ev, enc, layer.name, s, dtype, q.device),
+                                      gamma=self.settings.gamma, mask=self._cast(ev, ("mask", s, (h, w)), layer_masks[s],
+                                                                                 dtype),
+                                      columns=columns[s], text_rows=ev.swap) for s in subjects]
+            bias_key = ((h, w), k.shape[1], dtype)
             if bias_key not in ev.biases:
-                ev.biases[bias_key] = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1],
-                                                       self.settings.mask.eps, q.device)
+                bias = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1], self.settings.mask.eps, q.device)
+                ev.biases[bias_key] = None if bias is None else bias.to(dtype)
             out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=self.settings.mask.eps,
                                                  capture=capture, bias=ev.biases[bias_key])
         if maps:
@@ -324,15 +330,15 @@ class SubjectPatch:
         fused = stacked_visual_kv(self.model.visual_kv)
         if fused is not None:
             weight, slices = fused
-            if ev.visual_kv is None:
-                ev.visual_kv = []
+            if dtype not in ev.visual_kv:
+                ev.visual_kv[dtype] = []
                 for visual, blank in zip(enc.visual, enc.blank_visual):
                     tokens = torch.cat([visual, blank]).to(weight.device, weight.dtype)      # (2, m, C)
                     with torch.no_grad():
                         projected = F.linear(tokens, weight)                                # (2, m, sum 2*inner)
-                    ev.visual_kv.append(projected.to(device, dtype).index_select(0, ev.kinds))
+                    ev.visual_kv[dtype].append(projected.to(device, dtype).index_select(0, ev.kinds))
             offset, inner = slices[name]
-            kv = ev.visual_kv[subject]
+            kv = ev.visual_kv[dtype][subject]
             return kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner]
         projection = self.model.visual_kv[name]
         weight = projection.to_k.weight
@@ -340,6 +346,15 @@ class SubjectPatch:
         with torch.no_grad():
             k, v = projection(tokens)
         return k.to(device, dtype).index_select(0, ev.kinds), v.to(device, dtype).index_select(0, ev.kinds)
+
+    @staticmethod
+    def _cast(ev: _Evaluation, name: tuple, value: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """``value`` in ``dtype``, cast once per evaluation."""
+        if value is None or value.dtype == dtype:
+            return value
+        if (name, dtype) not in ev.casts:
+            ev.casts[(name, dtype)] = value.to(dtype)
+        return ev.casts[(name, dtype)]
 
     def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
                     n_chunks: int, device: torch.device) -> Tensor | None:
