@@ -66,6 +66,7 @@ class _Evaluation:
     encodings: Encodings | None = None
     visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
     casts: dict = field(default_factory=dict)       # (name, dtype) -> a per-evaluation tensor in that dtype
+    swapped: dict = field(default_factory=dict)     # (group, length, dtype) -> the swapped context
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
 
@@ -214,6 +215,7 @@ class SubjectPatch:
         ev.biases.clear()
         ev.visual_kv.clear()
         ev.casts.clear()
+        ev.swapped.clear()
         if self.graphs is not None:
             self.graphs.forget()
 
@@ -235,7 +237,9 @@ class SubjectPatch:
             contexts = reorder_for(enc.contexts, context.shape[1]).to(context.dtype)
             enc.prepared[prepared] = contexts.split(1)
         ours = enc.prepared[prepared][group]
-        swapped = torch.where(ev.swap_rows, ours, context)     # ours (1, L, C) broadcast over the rows
+        swapped = ev.swapped.get((group, *prepared))           # layers of one group share it (SDXL: 70 -> 11)
+        if swapped is None:
+            swapped = ev.swapped[(group, *prepared)] = torch.where(ev.swap_rows, ours, context)   # ours broadcast
         if value is not None and value is not context and value.shape == context.shape:
             value = torch.where(ev.swap_rows, ours, value)
         else:
