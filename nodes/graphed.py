@@ -37,6 +37,7 @@ class LayerGraphs:
         self.buffers: dict[tuple, Tensor] = {}          # (name, shape, dtype, device) -> static buffer
         self.calls: dict[tuple, StaticCall | None] = {}  # None: capture failed, the key runs eagerly
         self.captures = 0
+        self._sources: dict[tuple, Tensor] = {}          # name -> the tensor last copied into its buffer
         self._fresh: tuple[object, dict] = (None, {})
         self._pool = self._stream = None
 
@@ -50,6 +51,7 @@ class LayerGraphs:
             if len(self.calls) >= MAX_GRAPHS:
                 self.calls.clear()
                 self.buffers.clear()
+                self._sources.clear()
             self._fresh = (evaluation, {})
         return self._fresh[1]
 
@@ -63,7 +65,14 @@ class LayerGraphs:
         fresh = self._fresh_of(evaluation)
         if name not in fresh:
             value = make()
-            fresh[name] = None if value is None else self.buffer(name, value).copy_(value)
+            if value is None:
+                fresh[name] = None
+            else:
+                buffer = self.buffer(name, value)
+                if self._sources.get(name) is not value:   # the same tensor as last time: already copied
+                    buffer.copy_(value)
+                    self._sources[name] = value
+                fresh[name] = buffer
         return fresh[name]
 
     def zeroed(self, evaluation: object, name: tuple, like: Tensor) -> Tensor:

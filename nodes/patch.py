@@ -94,6 +94,7 @@ class SubjectPatch:
     _schedule: tuple[Tensor | None, list[float]] = (None, [])
     _base: dict = field(default_factory=dict)
     _keys: dict = field(default_factory=dict)   # sigma -> (cache key, timestep): timestep_of reads the device
+    _rows: dict = field(default_factory=dict)   # (chunks, swapped, rows per chunk, device) -> swap, its view, kinds
     graphs: LayerGraphs | None = None           # CUDA graphs of the layers (settings.cuda_graphs)
 
     def __post_init__(self) -> None:
@@ -204,13 +205,13 @@ class SubjectPatch:
         base = self._base_for(context)
         swapped = tuple(i for i, kind in enumerate(chunks) if kind == 0 and torch.allclose(
             context[i * b:(i + 1) * b], base.expand(b, -1, -1), atol=1e-2, rtol=1e-2))
-        swap = torch.zeros(len(chunks), dtype=torch.bool)
-        swap[list(swapped)] = True
-        kinds = torch.tensor([0 if kind == 0 else 1 for kind in chunks])
+        rows = (chunks, swapped, b, context.device)
+        if rows not in self._rows:   # the same every step of a run: built (and copied to the device) once
+            swap = torch.tensor([i in swapped for i in range(len(chunks)) for _ in range(b)], device=context.device)
+            kinds = torch.tensor([int(kind != 0) for kind in chunks for _ in range(b)], device=context.device)
+            self._rows[rows] = (swap, swap[:, None, None], kinds)
         ev.context, ev.chunks, ev.swapped_chunks = context, chunks, swapped
-        ev.swap = swap.repeat_interleave(b).to(context.device, non_blocking=True)
-        ev.swap_rows = ev.swap[:, None, None]
-        ev.kinds = kinds.repeat_interleave(b).to(context.device, non_blocking=True)
+        ev.swap, ev.swap_rows, ev.kinds = self._rows[rows]
         ev.masks.clear()
         ev.biases.clear()
         ev.visual_kv.clear()
