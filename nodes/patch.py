@@ -95,6 +95,7 @@ class SubjectPatch:
     _base: dict = field(default_factory=dict)
     _keys: dict = field(default_factory=dict)   # sigma -> (cache key, timestep): timestep_of reads the device
     _rows: dict = field(default_factory=dict)   # (chunks, swapped, rows per chunk, device) -> swap, its view, kinds
+    _swapped: dict = field(default_factory=dict)   # (uuids, chunks, rows per chunk, length) -> swapped chunks
     graphs: LayerGraphs | None = None           # CUDA graphs of the layers (settings.cuda_graphs)
 
     def __post_init__(self) -> None:
@@ -116,6 +117,7 @@ class SubjectPatch:
         if self.tracker is not None and self.tracker.masks:
             self.last_masks = self.tracker.history()
         self.cache.clear()
+        self._swapped.clear()   # ComfyUI names the conditionings anew in every run
         self.tracker.reset()
         self.encode_calls = 0
         self._eval = None
@@ -196,15 +198,21 @@ class SubjectPatch:
             self._base[key] = reorder_for(self.base_context.to(context.device, context.dtype), context.shape[1])[0]
         return self._base[key]
 
-    def _check_rows(self, ev: _Evaluation, context: Tensor, chunks: tuple[int, ...]) -> None:
-        """Finds the cond chunks that carry this Apply node's prompt (once per evaluation and context)."""
+    def _check_rows(self, ev: _Evaluation, context: Tensor, chunks: tuple[int, ...], uuids: tuple = ()) -> None:
+        """Finds the cond chunks that carry this Apply node's prompt: compared with the positive conditioning
+        once per evaluation, or once per run for the conditionings ComfyUI names (``uuids``, one per chunk)."""
         if ev.context is context and ev.chunks == chunks:
             return
         self._flush(ev)   # graph mode: maps summed under the previous rows
         b = context.shape[0] // len(chunks)
-        base = self._base_for(context)
-        swapped = tuple(i for i, kind in enumerate(chunks) if kind == 0 and torch.allclose(
-            context[i * b:(i + 1) * b], base.expand(b, -1, -1), atol=1e-2, rtol=1e-2))
+        named = (uuids, chunks, b, context.shape[1]) if len(uuids) == len(chunks) else None
+        swapped = self._swapped.get(named) if named is not None else None
+        if swapped is None:
+            base = self._base_for(context)
+            swapped = tuple(i for i, kind in enumerate(chunks) if kind == 0 and torch.allclose(
+                context[i * b:(i + 1) * b], base.expand(b, -1, -1), atol=1e-2, rtol=1e-2))
+            if named is not None:
+                self._swapped[named] = swapped
         rows = (chunks, swapped, b, context.device)
         if rows not in self._rows:   # the same every step of a run: built (and copied to the device) once
             swap = torch.tensor([i in swapped for i in range(len(chunks)) for _ in range(b)], device=context.device)
@@ -229,7 +237,7 @@ class SubjectPatch:
         ev = self._evaluation(extra_options)
         if not self.active(ev.sigma):
             return n, context, value
-        self._check_rows(ev, context, tuple(extra_options["cond_or_uncond"]))
+        self._check_rows(ev, context, tuple(extra_options["cond_or_uncond"]), tuple(extra_options.get("uuids") or ()))
         if not ev.swapped_chunks:
             return n, context, value
         enc = self._encodings_of(ev, context.device, extra_options)

@@ -323,3 +323,24 @@ def test_graph_mode_through_comfyuis_sampler_equals_eager(env, loaded, photo):
     assert [s for s, _ in patch.last_masks] == [s for s, _ in masks_eager] and len(masks_eager) == 3
     for (_, m_graph), (_, m_eager) in zip(patch.last_masks, masks_eager):
         torch.testing.assert_close(m_graph[0], m_eager[0], atol=1e-4, rtol=1e-4)
+
+
+def test_cond_rows_are_compared_once_per_run_when_comfyui_names_the_conds(env, loaded, photo):
+    """ComfyUI gives each conditioning a uuid per run: the comparison with the positive conditioning (a device
+    read) happens once per run, not once per step; a second run compares again."""
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    patched, positive = apply(env, loaded, subject)
+    patch = patched.model_options["transformer_options"]["customcontrast"][-1]
+    compared = []
+    original = patch._base_for
+
+    def counting(context):
+        compared.append(context.shape)
+        return original(context)
+    patch._base_for = counting
+    a = sample(env, patched, positive, negative, steps=3)
+    assert len(compared) == 1
+    b = sample(env, patched, positive, negative, steps=3)
+    assert len(compared) == 2
+    torch.testing.assert_close(a, b)
