@@ -284,20 +284,25 @@ def test_schedule_batched_encoding_equals_one_timestep_per_call(env, loaded, pho
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
-def test_timestep_lookups_once_per_sigma_not_per_layer(env, loaded, photo):
-    """model_sampling.timestep reads the device: it must run once per sigma, never once per layer call."""
+def counted(env, loaded, photo, method: str, record):
+    """A patched MODEL whose patch's ``method`` appends ``record(argument)`` to the returned list at each call."""
     subject = encode(env, loaded, photo)
     negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
     patched, positive = apply(env, loaded, subject)
     patch = patched.model_options["transformer_options"]["customcontrast"][-1]
-    seen = []
-    original = patch.timestep_of
+    seen, original = [], getattr(patch, method)
 
-    def counting(sigma):
-        seen.append(float(sigma.reshape(-1)[0]))
-        return original(sigma)
-    patch.timestep_of = counting
-    sample(env, patched, positive, negative, steps=3)
+    def counting(argument):
+        seen.append(record(argument))
+        return original(argument)
+    setattr(patch, method, counting)
+    return lambda: sample(env, patched, positive, negative, steps=3), seen
+
+
+def test_timestep_lookups_once_per_sigma_not_per_layer(env, loaded, photo):
+    """model_sampling.timestep reads the device: it must run once per sigma, never once per layer call."""
+    run, seen = counted(env, loaded, photo, "timestep_of", lambda sigma: float(sigma.reshape(-1)[0]))
+    run()
     assert len(seen) == 3 and len(set(seen)) == 3   # 3 sigmas, each looked up once (not 16 layers x 2 x 3 steps)
 
 
@@ -328,19 +333,9 @@ def test_graph_mode_through_comfyuis_sampler_equals_eager(env, loaded, photo):
 def test_cond_rows_are_compared_once_per_run_when_comfyui_names_the_conds(env, loaded, photo):
     """ComfyUI gives each conditioning a uuid per run: the comparison with the positive conditioning (a device
     read) happens once per run, not once per step; a second run compares again."""
-    subject = encode(env, loaded, photo)
-    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
-    patched, positive = apply(env, loaded, subject)
-    patch = patched.model_options["transformer_options"]["customcontrast"][-1]
-    compared = []
-    original = patch._base_for
-
-    def counting(context):
-        compared.append(context.shape)
-        return original(context)
-    patch._base_for = counting
-    a = sample(env, patched, positive, negative, steps=3)
+    run, compared = counted(env, loaded, photo, "_base_for", lambda context: context.shape)
+    a = run()
     assert len(compared) == 1
-    b = sample(env, patched, positive, negative, steps=3)
+    b = run()
     assert len(compared) == 2
     torch.testing.assert_close(a, b)
