@@ -254,5 +254,4 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float
 
     Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D).
     """
-    qh, kh, vh = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
-    return rearrange(F.scaled_dot_product_attention(qh, kh, vh, scale=scale), "b h n d -> b n (h d)")
+    return _merge(F.scaled_dot_product_attention(_heads(q, heads), _heads(k, heads), _heads(v, heads), scale=scale))

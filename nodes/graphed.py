@@ -37,7 +37,6 @@ class LayerGraphs:
         self.buffers: dict[tuple, Tensor] = {}          # (name, shape, dtype, device) -> static buffer
         self.calls: dict[tuple, StaticCall | None] = {}  # None: capture failed, the key runs eagerly
         self.captures = 0
-        self._sources: dict[tuple, Tensor] = {}          # name -> the tensor last copied into its buffer
         self._fresh: tuple[object, dict] = (None, {})
         self._pool = self._stream = None
 
@@ -51,13 +50,8 @@ class LayerGraphs:
             if len(self.calls) >= MAX_GRAPHS:
                 self.calls.clear()
                 self.buffers.clear()
-                self._sources.clear()
             self._fresh = (evaluation, {})
         return self._fresh[1]
-
-    def forget(self) -> None:
-        """Marks the evaluation's static values stale (the rows changed): the next layer copies them again."""
-        self._fresh = (None, {})
 
     def static(self, evaluation: object, name: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
         """The static buffer holding ``make()`` of this evaluation: computed and copied once per evaluation,
@@ -65,28 +59,22 @@ class LayerGraphs:
         fresh = self._fresh_of(evaluation)
         if name not in fresh:
             value = make()
-            if value is None:
-                fresh[name] = None
-            else:
-                buffer = self.buffer(name, value)
-                if self._sources.get(name) is not value:   # the same tensor as last time: already copied
-                    buffer.copy_(value)
-                    self._sources[name] = value
-                fresh[name] = buffer
+            fresh[name] = None if value is None else self.buffer(name, value.shape, value.dtype,
+                                                                 value.device).copy_(value)
         return fresh[name]
 
-    def zeroed(self, evaluation: object, name: tuple, like: Tensor) -> Tensor:
-        """A persistent buffer shaped like ``like``, set to zero once per evaluation (map accumulators)."""
+    def zeroed(self, evaluation: object, name: tuple, shape: Sequence[int], device: torch.device) -> Tensor:
+        """A persistent fp32 buffer, set to zero once per evaluation (map accumulators)."""
         fresh = self._fresh_of(evaluation)
         if name not in fresh:
-            fresh[name] = self.buffer(name, like).zero_()
+            fresh[name] = self.buffer(name, shape, torch.float32, device).zero_()
         return fresh[name]
 
-    def buffer(self, name: tuple, like: Tensor) -> Tensor:
-        """The persistent buffer ``name`` with ``like``'s shape, dtype and device (allocated at first use)."""
-        signature = (name, tuple(like.shape), like.dtype, like.device)
+    def buffer(self, name: tuple, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The persistent buffer ``name`` of that shape, dtype and device (allocated at first use)."""
+        signature = (name, tuple(shape), dtype, device)
         if signature not in self.buffers:
-            self.buffers[signature] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            self.buffers[signature] = torch.empty(tuple(shape), dtype=dtype, device=device)
         return self.buffers[signature]
 
     def attention(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, *, heads: int, projection: KVProjection,
@@ -116,8 +104,9 @@ class LayerGraphs:
     def _capture(self, graph_key, q, k, v, *args) -> StaticCall | None:
         # inputs and outputs live in buffers shared by every graph of the same shapes (the layers run one
         # after another and each output is consumed before the next replay): memory of one layer per shape
-        sq, sk, sv = (self.buffer((name,), x).copy_(x) for name, x in (("q", q), ("k", k), ("v", v)))
-        target, sums = self.buffer(("out",), q), args[-1]
+        sq, sk, sv = (self.buffer((name,), x.shape, x.dtype, x.device).copy_(x)
+                      for name, x in (("q", q), ("k", k), ("v", v)))
+        target, sums = self.buffer(("out",), q.shape, q.dtype, q.device), args[-1]
         scratch = [(torch.zeros_like(text), torch.zeros_like(visual)) for text, visual in sums]
 
         def run() -> tuple[Tensor, ...]:

@@ -61,11 +61,10 @@ class _Evaluation:
     swap_rows: Tensor | None = None  # (B, 1, 1) view of swap
     swapped_chunks: tuple[int, ...] = ()
     kinds: Tensor | None = None      # (B,) long: 0 for cond rows, 1 for uncond rows
-    masks: dict = field(default_factory=dict)   # (subject, grid) -> (B, N) layer mask
-    biases: dict = field(default_factory=dict)  # (grid, keys) -> (B, N, T) placeholder log-bias
+    masks: dict = field(default_factory=dict)   # (subject, grid, dtype) -> (B or 1, N) layer mask
+    biases: dict = field(default_factory=dict)  # (grid, keys, dtype) -> (B, N, T) placeholder log-bias
     encodings: Encodings | None = None
     visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
-    casts: dict = field(default_factory=dict)       # (name, dtype) -> a per-evaluation tensor in that dtype
     swapped: dict = field(default_factory=dict)     # (group, length, dtype) -> the swapped context
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
@@ -198,11 +197,12 @@ class SubjectPatch:
             self._base[key] = reorder_for(self.base_context.to(context.device, context.dtype), context.shape[1])[0]
         return self._base[key]
 
-    def _check_rows(self, ev: _Evaluation, context: Tensor, chunks: tuple[int, ...], uuids: tuple = ()) -> None:
+    def _check_rows(self, ev: _Evaluation, context: Tensor, chunks: tuple[int, ...], uuids: tuple = ()) -> _Evaluation:
         """Finds the cond chunks that carry this Apply node's prompt: compared with the positive conditioning
-        once per evaluation, or once per run for the conditionings ComfyUI names (``uuids``, one per chunk)."""
+        once per evaluation, or once per run for the conditionings ComfyUI names (``uuids``, one per chunk).
+        Returns the evaluation's state for these rows: a fresh one (same sigma and encodings) when they change."""
         if ev.context is context and ev.chunks == chunks:
-            return
+            return ev
         self._flush(ev)   # graph mode: maps summed under the previous rows
         b = context.shape[0] // len(chunks)
         named = (uuids, chunks, b, context.shape[1]) if len(uuids) == len(chunks) else None
@@ -218,15 +218,11 @@ class SubjectPatch:
             swap = torch.tensor([i in swapped for i in range(len(chunks)) for _ in range(b)], device=context.device)
             kinds = torch.tensor([int(kind != 0) for kind in chunks for _ in range(b)], device=context.device)
             self._rows[rows] = (swap, swap[:, None, None], kinds)
+        if ev.context is not None:   # everything derived from the previous rows goes with them
+            ev = self._eval = _Evaluation(sigmas=ev.sigmas, sigma=ev.sigma, encodings=ev.encodings)
         ev.context, ev.chunks, ev.swapped_chunks = context, chunks, swapped
         ev.swap, ev.swap_rows, ev.kinds = self._rows[rows]
-        ev.masks.clear()
-        ev.biases.clear()
-        ev.visual_kv.clear()
-        ev.casts.clear()
-        ev.swapped.clear()
-        if self.graphs is not None:
-            self.graphs.forget()
+        return ev
 
     # attn2_patch: swap the cond context for this layer's S+ prompt
 
@@ -237,7 +233,7 @@ class SubjectPatch:
         ev = self._evaluation(extra_options)
         if not self.active(ev.sigma):
             return n, context, value
-        self._check_rows(ev, context, tuple(extra_options["cond_or_uncond"]), tuple(extra_options.get("uuids") or ()))
+        ev = self._check_rows(ev, context, tuple(extra_options["cond_or_uncond"]), tuple(extra_options.get("uuids") or ()))
         if not ev.swapped_chunks:
             return n, context, value
         enc = self._encodings_of(ev, context.device, extra_options)
@@ -274,21 +270,21 @@ class SubjectPatch:
         subjects = range(len(self.subjects))
         columns = [tuple(c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s))
                    for s in subjects]
-        layer_masks = [self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device)
-                       for s in subjects]
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
         heads, projection = extra_options["n_heads"], self.model.visual_kv[layer.name]
-        if self.graphs is not None and self.graphs.usable(q, projection.to_k.weight):
+        graphed = self.graphs is not None and self.graphs.usable(q, projection.to_k.weight)
+        # eager capture layers compute in fp32, the others in the UNet's dtype (graphs read fp32 masks): visual
+        # K/V, masks and bias are made once per evaluation in each dtype, not once per layer
+        dtype = torch.float32 if capture or graphed else q.dtype
+        layer_masks = [self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device, dtype)
+                       for s in subjects]
+        if graphed:
             out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
         else:
-            # capture layers compute in fp32, the others in the UNet's dtype: their visual K/V, masks and bias
-            # are cast once per evaluation (and grid), not once per layer
-            dtype = torch.float32 if capture else q.dtype
             branches = [SubjectBranch(*self._visual_kv(ev, enc, layer.name, s, dtype, q.device),
-                                      gamma=self.settings.gamma, mask=self._cast(ev, ("mask", s, (h, w)), layer_masks[s],
-                                                                                 dtype),
-                                      columns=columns[s], text_rows=ev.swap) for s in subjects]
+                                      gamma=self.settings.gamma, mask=layer_masks[s], columns=columns[s],
+                                      text_rows=ev.swap) for s in subjects]
             bias_key = ((h, w), k.shape[1], dtype)
             if bias_key not in ev.biases:
                 bias = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1], self.settings.mask.eps, q.device)
@@ -313,14 +309,13 @@ class SubjectPatch:
         for s in subjects if capture else ():
             pair = ev.map_sums.get((s, grid))
             if pair is None:
-                like = q.new_empty(q.shape[:2], dtype=torch.float32)
-                pair = ev.map_sums[(s, grid)] = (graphs.zeroed(ev, ("text", s, grid), like),
-                                                 graphs.zeroed(ev, ("visual", s, grid), like))
+                pair = ev.map_sums[(s, grid)] = (graphs.zeroed(ev, ("text", s, grid), q.shape[:2], q.device),
+                                                 graphs.zeroed(ev, ("visual", s, grid), q.shape[:2], q.device))
             sums.append(pair)
             ev.map_layers[(s, grid)] = ev.map_layers.get((s, grid), 0) + 1
-        out = graphs.attention(key, q, k, v, heads=heads, projection=projection, tokens=tokens,
-                               kinds=graphs.static(ev, ("kinds",), lambda: ev.kinds),
-                               rows=graphs.static(ev, ("rows",), lambda: ev.swap), masks=masks, columns=columns,
+        # the row tensors are built once per run (``_rows``) and stay allocated: the graphs read them directly
+        out = graphs.attention(key, q, k, v, heads=heads, projection=projection, tokens=tokens, kinds=ev.kinds,
+                               rows=ev.swap, masks=masks, columns=columns,
                                gamma=self.settings.gamma, eps=self.settings.mask.eps, sums=sums)
         return out, None
 
@@ -360,22 +355,18 @@ class SubjectPatch:
             k, v = projection(tokens)
         return k.to(device, dtype).index_select(0, ev.kinds), v.to(device, dtype).index_select(0, ev.kinds)
 
-    @staticmethod
-    def _cast(ev: _Evaluation, name: tuple, value: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        """``value`` in ``dtype``, cast once per evaluation."""
-        if value is None or value.dtype == dtype:
-            return value
-        if (name, dtype) not in ev.casts:
-            ev.casts[(name, dtype)] = value.to(dtype)
-        return ev.casts[(name, dtype)]
-
     def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
-                    n_chunks: int, device: torch.device) -> Tensor | None:
+                    n_chunks: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+        """The subject's mask on a layer grid, in ``dtype``, once per evaluation. Shapes: -> (B or 1, N)."""
         user = self.settings.user_mask
         if mask is None and user is None:
             return None
-        if (subject, grid) in ev.masks:
-            return ev.masks[(subject, grid)]
+        if (subject, grid, dtype) in ev.masks:
+            return ev.masks[(subject, grid, dtype)]
+        if dtype != torch.float32:
+            flat = ev.masks[(subject, grid, dtype)] = self._layer_mask(ev, subject, mask, grid, b, n_chunks, device,
+                                                                       torch.float32).to(dtype)
+            return flat
         if mask is None:
             mask = torch.ones(1, *grid, device=device)
         mask = mask.to(device)
@@ -384,7 +375,7 @@ class SubjectPatch:
         flat = resize_mask(mask, grid)                          # (B or 1, N)
         if flat.shape[0] != 1:                                  # one mask per latent, the same in every chunk
             flat = flat[:b].repeat(n_chunks, 1)
-        ev.masks[(subject, grid)] = flat                        # (1, N) broadcasts over every row
+        ev.masks[(subject, grid, dtype)] = flat                 # (1, N) broadcasts over every row
         return flat
 
 
