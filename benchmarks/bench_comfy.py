@@ -2,12 +2,16 @@
 
     COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cuda            # 512 px SD1.5, 1024 px SDXL
     COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cpu --size 64 --steps 3   # CPU smoke
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cpu --families sd15 --steps 2 \
+        --repeats 0 --count-flops          # arithmetic of each variant at the target size (no timing)
 
 Random full-size SD1.5 / SDXL UNets and text encoders (ComfyUI's own modules), a random full-size
 CustomContrast checkpoint, one subject; whole sampling runs (euler, normal, CFG) timed warm and
 round-robin: plain, patched in the default mode (paper-exact S+ per timestep, encoded a window of
-the schedule at a time), patched with S+ timestep buckets, patched without the mask propagation, and
-on CUDA the default and bucketed modes with each layer replayed as a CUDA graph.
+the schedule at a time, reused by the next run: a new seed), the same with the encodings dropped
+before every run (``default_cold``: a new subject or prompt), patched with S+ timestep buckets,
+patched without the mask propagation, and on CUDA the default and bucketed modes with each layer
+replayed as a CUDA graph.
 Prints the ratios and writes JSON.
 """
 from __future__ import annotations
@@ -56,8 +60,22 @@ def encoding_time(run, device: str) -> dict:
     return spent
 
 
+def count_flops(variants: dict) -> dict:
+    """Floating-point operations of one warm run of each variant (its second run: the first fills the caches)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    flops = {}
+    for name, fn in variants.items():
+        fn()
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[name] = counter.get_total_flops()
+        print(f"[comfy] {name}: {flops[name] / 1e12:.3f} TFLOP per run", flush=True)
+    return {"flops_per_run": flops, "flops_ratio": {k: v / flops["plain"] for k, v in flops.items()}}
+
+
 def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps: int, cfg: float,
-                 repeats: int, buckets: int) -> dict:
+                 repeats: int, buckets: int, flops: bool = False) -> dict:
     from . import comfy_runtime as rt
 
     install = rt.extension()
@@ -76,9 +94,16 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     bucketed, positive_b = patched(splus_buckets=buckets)
     unmasked, positive_u = patched(use_mask=False)
     run = rt.sampler(models, steps, cfg, size)
+    patch = default.model_options["transformer_options"]["customcontrast"][-1]
+
+    def cold():
+        patch.cache.clear()   # as a new Apply node (another subject or prompt) starts
+        return run(default, positive, negative)
+
     variants = {
         "plain": lambda: run(models.model, plain_positive, negative),
         "default": lambda: run(default, positive, negative),
+        "default_cold": cold,
         f"buckets_{buckets}": lambda: run(bucketed, positive_b, negative),
         "default_no_mask": lambda: run(unmasked, positive_u, negative),
     }
@@ -87,12 +112,17 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
         graphed_b, positive_gb = patched(cuda_graphs=True, splus_buckets=buckets)
         variants["cuda_graphs"] = lambda: run(graphed, positive_g, negative)
         variants[f"cuda_graphs_buckets_{buckets}"] = lambda: run(graphed_b, positive_gb, negative)
+    arithmetic = count_flops(variants) if flops else {}
+    if repeats <= 0:
+        return {"family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype), **arithmetic}
     reset_peak(device)
     times = interleaved(variants, repeats, device)
     plain = times["plain"]["median"]
-    patch = default.model_options["transformer_options"]["customcontrast"][-1]
-    calls = patch.encode_calls
-    encoding = encoding_time(variants["default"], device)
+    cold()
+    calls = {"cold": patch.encode_calls}
+    run(default, positive, negative)
+    calls["warm"] = patch.encode_calls
+    encoding = encoding_time(cold, device)
     agreement = {}
     if "cuda_graphs" in variants:   # same seed: the graph replays must give the eager run's latent
         eager, replayed = run(default, positive, negative).float(), run(graphed, positive_g, negative).float()
@@ -101,8 +131,8 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     return {
         "family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype),
         "seconds": times, "ratio": {name: t["median"] / plain for name, t in times.items()},
-        "text_encoder_calls_per_run": {"default": calls}, "splus_encoding_default_run": encoding,
-        "peak_memory_gb": peak_memory_gb(device), **agreement,
+        "text_encoder_calls_per_run": calls, "splus_encoding_cold_run": encoding,
+        "peak_memory_gb": peak_memory_gb(device), **agreement, **arithmetic,
     }
 
 
@@ -115,19 +145,27 @@ def main() -> None:
     p.add_argument("--cfg", type=float, default=7.0)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--buckets", type=int, default=10)
+    p.add_argument("--count-flops", action="store_true",
+                   help="also count the floating-point operations of one run of each variant (--repeats 0: only that)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/comfy.json"))
     args = p.parse_args()
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     result = {"machine": machine(args.device), "path": "ComfyUI sampler", "families": {}}
     for family in args.families.split(","):
         size = args.size or (1024 if family == "sdxl" else 512)
-        r = bench_family(family, args.device, dtype, size, args.steps, args.cfg, args.repeats, args.buckets)
+        r = bench_family(family, args.device, dtype, size, args.steps, args.cfg, args.repeats, args.buckets,
+                         args.count_flops)
         result["families"][family] = r
         write_json(args.out, result)
+        if args.count_flops:
+            ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["flops_ratio"].items() if k != "plain")
+            print(f"[comfy] {family} {size}px {args.steps} steps: FLOPs per run vs plain: {ratios}", flush=True)
+        if "seconds" not in r:
+            continue
         ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["ratio"].items() if k != "plain")
-        enc = r["splus_encoding_default_run"]
+        enc = r["splus_encoding_cold_run"]
         print(f"[comfy] {family} {size}px {args.steps} steps cfg {args.cfg}: plain {r['seconds']['plain']['median']:.3f}s"
-              f"  {ratios}  peak {r['peak_memory_gb']}; S+ encoding in a default run {enc['splus_seconds']:.3f}s "
+              f"  {ratios}  peak {r['peak_memory_gb']}; S+ encoding in a cold run {enc['splus_seconds']:.3f}s "
               f"({enc['calls']} calls, text encoder {enc['text_encoder_seconds']:.3f}s)", flush=True)
         torch.cuda.empty_cache() if args.device.startswith("cuda") else None
     print(f"-> {args.out}")

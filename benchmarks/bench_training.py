@@ -1,7 +1,8 @@
 """Training-step cost of CustomContrast vs a plain adapter step, and peak memory, with full-size models.
 
     python -m benchmarks.bench_training --device cuda                     # SD1.5, 512 px, batch 4, bf16
-    python -m benchmarks.bench_training --device cpu --size 64 --batch 1 --repeats 1   # CPU smoke
+    python -m benchmarks.bench_training --device cpu --size 64 --batch 2 --repeats 1   # CPU smoke
+    python -m benchmarks.bench_training --device cpu --repeats 1 --count-flops         # arithmetic at the target size
 
 Random full-size SD1.5 models (diffusers UNet and VAE, CLIP-L text encoder, ViT-H/14-size CLIP
 vision, a ViT-B/32-size appearance encoder) and the full-size ``sd15`` MFI-Encoder. The CustomContrast
@@ -88,6 +89,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--count-ops", action="store_true",
                    help="also count the ATen operators of one step each (the fused AdamW of a GPU run, also on CPU)")
+    p.add_argument("--count-flops", action="store_true",
+                   help="also count the floating-point operations of one step each (forward + backward)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
     args = p.parse_args()
     device = args.device
@@ -133,7 +136,7 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    memory, ops = {}, {}
+    memory, ops, flops = {}, {}, {}
     for name, step in (("customcontrast", customcontrast_step), ("adapter", adapter_step)):
         reset_peak(device)
         step()
@@ -144,10 +147,17 @@ def main() -> None:
             ops[name] = {"ops": counted.count, "kernels": counted.kernels}
             print(f"[training] {name}: {counted.count} ATen operators per step, {counted.kernels} not views",
                   flush=True)
+        if args.count_flops:
+            from torch.utils.flop_counter import FlopCounterMode
+            with FlopCounterMode(display=False) as counter:
+                step()
+            flops[name] = counter.get_total_flops()
+            print(f"[training] {name}: {flops[name] / 1e12:.3f} TFLOP per step", flush=True)
     times = interleaved({"adapter": adapter_step, "customcontrast": customcontrast_step}, args.repeats, device)
     result = {"machine": machine(device), "size": args.size, "batch": args.batch, "dtype": str(dtype),
               "seconds": times, "ratio": times["customcontrast"]["median"] / times["adapter"]["median"],
-              "peak_memory_gb": memory, **({"operators_per_step": ops} if ops else {})}
+              "peak_memory_gb": memory, **({"operators_per_step": ops} if ops else {}),
+              **({"flops_per_step": flops, "flops_ratio": flops["customcontrast"] / flops["adapter"]} if flops else {})}
     write_json(args.out, result)
     print(f"[training] sd15 {args.size}px batch {args.batch} {dtype}: adapter {times['adapter']['median']:.3f}s  "
           f"customcontrast {times['customcontrast']['median']:.3f}s  ratio {result['ratio']:.3f}x  "

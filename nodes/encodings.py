@@ -10,6 +10,12 @@ same weights; only the batch size differs), with ~2 text-encoder calls per run i
 step. Sigmas outside the schedule (the intermediate evaluations of Heun or DPM++ 2S) are encoded
 on demand. With ``buckets = N`` the timesteps are instead rounded to the centres of N equal ranges
 (N encodings per run at most, an approximation the model was not trained with).
+
+The encodings of a sigma never change for one Apply node (same subject, prompt, CLIP and weights),
+so the patch keeps the ones a run used for the next run of the same patched MODEL (a new seed,
+CFG or sampler on the same schedule encodes nothing). The contexts stay where the CLIP returned
+them (ComfyUI's intermediate device, normally the CPU); each window is copied to the UNet's device
+and dtype in one transfer, and only that copy lives on the GPU.
 """
 from __future__ import annotations
 
@@ -22,7 +28,7 @@ from torch import Tensor
 
 from customcontrast_core.encoder import ImageFeatures
 
-from .text_encode import encode_splus
+from .text_encode import encode_splus, reorder_for
 
 PROMPTS_PER_CALL = 256   # text-encoder rows per batched call (G prompts per timestep)
 
@@ -31,10 +37,17 @@ PROMPTS_PER_CALL = 256   # text-encoder rows per batched call (G prompts per tim
 class Encodings:
     """Everything one timestep needs, on the sampling device."""
 
-    contexts: Tensor                 # (G, L, C) prompt with each group's S+ tokens (all subjects)
+    contexts: Tensor                 # (G, L, C) prompt with each group's S+ tokens (all subjects), as encoded
     visual: list[Tensor]             # per subject (1, m, C) TV-fused visual tokens
     blank_visual: list[Tensor]       # per subject (1, m, C) for uncond rows (blank reference)
-    prepared: dict = field(default_factory=dict)   # (length, dtype) -> G contexts (1, length, C) in the UNet's dtype
+    prepared: dict = field(default_factory=dict)   # (device, length, dtype) -> G contexts (1, length, C)
+
+    def contexts_for(self, device: torch.device, length: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """The G contexts on the UNet's device, LCM-repeated to ``length`` and in its dtype (made once)."""
+        key = (torch.device(device), length, dtype)
+        if key not in self.prepared:
+            self.prepared[key] = reorder_for(self.contexts, length).to(device, dtype).split(1)
+        return self.prepared[key]
 
 
 def encoding_key(sigma: float, timestep_of: Callable[[Tensor], Tensor], buckets: int) -> tuple[float, float]:
@@ -57,8 +70,10 @@ def window(sigma: float, schedule: Sequence[float], wanted: Callable[[float], bo
 
 
 def encode_timesteps(encoder, clip, prompt, images: Sequence[ImageFeatures], blank: ImageFeatures,
-                     timesteps: Sequence[float], device: torch.device) -> list[Encodings]:
-    """Encodes several timesteps in one MFI-Encoder call and one text-encoder call.
+                     timesteps: Sequence[float], device: torch.device,
+                     prepare: tuple[int, torch.dtype] | None = None) -> list[Encodings]:
+    """Encodes several timesteps in one MFI-Encoder call and one text-encoder call; with ``prepare =
+    (length, dtype)`` the contexts of all of them are also copied to ``device`` in one transfer.
 
     Shapes: images[i] / blank with batch 1 -> one Encodings per timestep, in order.
     """
@@ -70,6 +85,12 @@ def encode_timesteps(encoder, clip, prompt, images: Sequence[ImageFeatures], bla
         empty = encoder.encode_timestep(blank.expand(n), t)
         splus = [rearrange(s.splus, "n g d -> (n g) d") for s in subject]
         contexts, _ = encode_splus(clip, prompt, splus)                          # (n*G, L, C)
-    contexts = rearrange(contexts.to(device), "(n g) l c -> n g l c", n=n)
-    return [Encodings(contexts=contexts[i], visual=[s.visual_tokens[i:i + 1] for s in subject],
-                      blank_visual=[empty.visual_tokens[i:i + 1]] * len(subject)) for i in range(n)]
+    contexts = rearrange(contexts, "(n g) l c -> n g l c", n=n)
+    out = [Encodings(contexts=contexts[i], visual=[s.visual_tokens[i:i + 1] for s in subject],
+                     blank_visual=[empty.visual_tokens[i:i + 1]] * len(subject)) for i in range(n)]
+    if prepare is not None:
+        length, dtype = prepare
+        ready = reorder_for(contexts, length).to(device, dtype)                   # (n, G, length, C), one copy
+        for enc, rows in zip(out, ready):
+            enc.prepared[(torch.device(device), length, dtype)] = rows.split(1)
+    return out

@@ -1,7 +1,8 @@
 """The sampling-time side of CustomContrast: per-layer S+ context swap, patched attention, masks.
 
 One ``SubjectPatch`` holds what an Apply node computed (subjects' CLIP features, the tokenized
-prompt) and the per-run state (S+ encodings cached per sigma, the mask tracker). ComfyUI calls
+prompt), the S+ encodings cached per sigma (kept for the next run when it used them), and the
+per-run state (the mask tracker). ComfyUI calls
 ``swap_context`` (an ``attn2_patch``, before the K/V projections) and an ``Attn2Replace`` per block
 key (after them), which runs the core's ``customcontrast_attention``.
 """
@@ -87,6 +88,7 @@ class SubjectPatch:
     tracker: MaskTracker | None = None
     last_masks: list[tuple[float, list[Tensor]]] = field(default_factory=list)
     encode_calls: int = 0                    # batched text-encoder calls since the last reset
+    _used: set = field(default_factory=set)  # cache keys looked up since the last reset
     _images: list[ImageFeatures] | None = None
     _blank: ImageFeatures | None = None
     _eval: _Evaluation | None = None
@@ -111,11 +113,14 @@ class SubjectPatch:
     # per-run state
 
     def reset(self) -> None:
-        """Starts a sampling run: forgets cached encodings and masks of the previous run."""
+        """Starts a sampling run: forgets the masks of the previous run and the encodings it did not use
+        (a sigma's encodings are the same in every run of this patch: the ones used are kept)."""
         self._flush(self._eval)
         if self.tracker is not None and self.tracker.masks:
             self.last_masks = self.tracker.history()
-        self.cache.clear()
+        for key in [k for k in self.cache if k not in self._used]:
+            del self.cache[key]
+        self._used.clear()
         self._swapped.clear()   # ComfyUI names the conditionings anew in every run
         self.tracker.reset()
         self.encode_calls = 0
@@ -138,16 +143,20 @@ class SubjectPatch:
             self._schedule = (sigmas, [float(s) for s in sigmas.detach().flatten().cpu()])
         return self._schedule[1]
 
-    def encodings(self, sigma: float, device: torch.device, extra_options: dict | None = None) -> Encodings:
+    def encodings(self, sigma: float, device: torch.device, extra_options: dict | None = None,
+                  prepare: tuple[int, torch.dtype] | None = None) -> Encodings:
         """S+ contexts and visual tokens of one sigma (or its bucket); encoded with the next sigmas of the
-        schedule in one batched call when the sigma is not cached yet (see ``encodings.py``)."""
+        schedule in one batched call when the sigma is not cached yet (see ``encodings.py``), their
+        contexts copied to ``device`` as ``prepare = (length, dtype)`` in one transfer when given."""
         buckets = self.settings.splus_buckets
         key, _ = self._key(sigma)
+        self._used.add(key)
         if key in self.cache:
             return self.cache[key]
         encoder = self.model.encoder
         dtype = next(encoder.parameters()).dtype
         if self._images is None or self._images[0].features.device != device:
+            self.cache.clear()   # encoded for another device
             with torch.no_grad():
                 self._images = [encoder.encode_image(h.to(device, dtype)) for h in self.subjects]
                 self._blank = encoder.encode_image(self.blank.to(device, dtype))
@@ -159,11 +168,8 @@ class SubjectPatch:
             k, t = self._key(s)
             if k not in self.cache:
                 keys.setdefault(k, t)
-        if buckets <= 0:   # the run only moves to smaller sigmas (Restart samplers re-encode on the way up)
-            for old in [k for k in self.cache if k > sigma]:
-                del self.cache[old]
         fresh = encode_timesteps(encoder, self.clip, self.prompt, self._images, self._blank,
-                                 list(keys.values()), device)
+                                 list(keys.values()), device, prepare)
         self.encode_calls += 1
         self.cache.update(zip(keys, fresh))
         return self.cache[key]
@@ -173,10 +179,11 @@ class SubjectPatch:
             self._keys[sigma] = encoding_key(sigma, self.timestep_of, self.settings.splus_buckets)
         return self._keys[sigma]
 
-    def _encodings_of(self, ev: _Evaluation, device: torch.device, extra_options: dict) -> Encodings:
+    def _encodings_of(self, ev: _Evaluation, device: torch.device, extra_options: dict,
+                      prepare: tuple[int, torch.dtype] | None = None) -> Encodings:
         """The evaluation's encodings, looked up once by its first layer."""
         if ev.encodings is None:
-            ev.encodings = self.encodings(ev.sigma, device, extra_options)
+            ev.encodings = self.encodings(ev.sigma, device, extra_options, prepare)
         return ev.encodings
 
     def _evaluation(self, extra_options: dict) -> _Evaluation:
@@ -236,12 +243,10 @@ class SubjectPatch:
         ev = self._check_rows(ev, context, tuple(extra_options["cond_or_uncond"]), tuple(extra_options.get("uuids") or ()))
         if not ev.swapped_chunks:
             return n, context, value
-        enc = self._encodings_of(ev, context.device, extra_options)
-        group, prepared = self.groups[key], (context.shape[1], context.dtype)
-        if prepared not in enc.prepared:   # every group in the UNet's dtype at once: one cast per evaluation
-            contexts = reorder_for(enc.contexts, context.shape[1]).to(context.dtype)
-            enc.prepared[prepared] = contexts.split(1)
-        ours = enc.prepared[prepared][group]
+        prepared = (context.shape[1], context.dtype)
+        enc = self._encodings_of(ev, context.device, extra_options, prepared)
+        group = self.groups[key]
+        ours = enc.contexts_for(context.device, *prepared)[group]   # every group on the device at once
         swapped = ev.swapped.get((group, *prepared))           # layers of one group share it (SDXL: 70 -> 11)
         if swapped is None:
             swapped = ev.swapped[(group, *prepared)] = torch.where(ev.swap_rows, ours, context)   # ours broadcast

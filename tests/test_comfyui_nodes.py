@@ -284,6 +284,30 @@ def test_schedule_batched_encoding_equals_one_timestep_per_call(env, loaded, pho
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
+def test_the_next_run_reuses_the_splus_encodings_and_equals_a_fresh_apply(env, loaded, photo):
+    """A new seed on the same patched MODEL encodes nothing; its samples and masks are those of a fresh node."""
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    warm, positive = apply(env, loaded, subject)
+    cold, positive_cold = apply(env, loaded, subject)
+    warm_patch = warm.model_options["transformer_options"]["customcontrast"][-1]
+    cold_patch = cold.model_options["transformer_options"]["customcontrast"][-1]
+    sample(env, warm, positive, negative, steps=3, seed=0)
+    assert warm_patch.encode_calls == 1 and len(warm_patch.cache) == 3
+    a = sample(env, warm, positive, negative, steps=3, seed=1)
+    assert warm_patch.encode_calls == 0
+    b = sample(env, cold, positive_cold, negative, steps=3, seed=1)
+    assert cold_patch.encode_calls == 1
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for (sigma_a, masks_a), (sigma_b, masks_b) in zip(warm_patch.last_masks, cold_patch.last_masks, strict=True):
+        assert sigma_a == sigma_b
+        for x, y in zip(masks_a, masks_b, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)
+    sample(env, warm, positive, negative, steps=4, seed=1)       # another schedule: encoded, the old entries go
+    warm_patch.reset()
+    assert len(warm_patch.cache) == 4
+
+
 def counted(env, loaded, photo, method: str, record):
     """A patched MODEL whose patch's ``method`` appends ``record(argument)`` to the returned list at each call."""
     subject = encode(env, loaded, photo)

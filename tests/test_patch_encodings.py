@@ -71,12 +71,47 @@ def test_window_encodes_the_schedule_in_one_call_and_equals_one_call_per_timeste
     assert (first.contexts - later[0].contexts).abs().max() > 1e-4   # timesteps really differ
 
 
-def test_off_schedule_sigma_is_encoded_on_demand_and_past_sigmas_are_dropped():
+def test_off_schedule_sigma_is_encoded_on_demand():
     patch, _ = make_patch()
     patch.encodings(9.0, torch.device("cpu"), SCHEDULE)
     patch.encodings(4.0, torch.device("cpu"), SCHEDULE)          # an intermediate evaluation (Heun, DPM++ 2S)
-    assert patch.encode_calls == 2 and patch.clip.rows[-1] == 16       # only 4.0: 3.0 and 1.0 are cached
-    assert sorted(patch.cache) == [1.0, 3.0, 4.0]
+    assert patch.encode_calls == 2 and patch.clip.rows[-1] == 16       # only 4.0: the others are cached
+    assert sorted(patch.cache) == [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
+
+
+def test_the_next_run_reuses_the_encodings_the_last_run_used_and_drops_the_others():
+    patch, _ = make_patch()
+    cpu = torch.device("cpu")
+    patch.reset()
+    first = {s: patch.encodings(s, cpu, SCHEDULE) for s in (9.0, 4.0, 7.0, 5.0, 3.0, 1.0)}
+    assert patch.encode_calls == 2
+    patch.reset()                                                # a new seed on the same schedule
+    again = {s: patch.encodings(s, cpu, SCHEDULE) for s in (9.0, 4.0, 7.0, 5.0, 3.0, 1.0)}
+    assert patch.encode_calls == 0 and patch.clip.rows == [5 * 16, 16]
+    assert all(again[s] is first[s] for s in first)
+    patch.reset()                                                # a shorter schedule: 9 and 5 are kept
+    short = {"sample_sigmas": torch.tensor([9.0, 5.0, 0.0])}
+    patch.encodings(9.0, cpu, short)
+    patch.encodings(5.0, cpu, short)
+    assert patch.encode_calls == 0 and sorted(patch.cache) == [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
+    patch.reset()                                                # what the last run did not use is gone
+    assert sorted(patch.cache) == [5.0, 9.0]
+    torch.testing.assert_close(patch.encodings(5.0, cpu, short).contexts, first[5.0].contexts, rtol=0, atol=0)
+
+
+def test_a_window_is_prepared_for_the_unet_in_one_transfer():
+    patch, _ = make_patch()
+    cpu = torch.device("cpu")
+    enc = patch.encodings(9.0, cpu, SCHEDULE, prepare=(154, torch.float16))
+    for sigma in (9.0, 7.0, 5.0, 3.0, 1.0):
+        other = patch.cache[sigma]
+        ready = other.prepared[(cpu, 154, torch.float16)]     # made by the window's one copy
+        assert len(ready) == 16 and ready[0].shape == (1, 154, other.contexts.shape[-1])
+        assert ready[0].dtype == torch.float16
+        assert other.contexts_for(cpu, 154, torch.float16) is ready
+        expected = other.contexts.to(torch.float16).repeat(1, 2, 1)
+        torch.testing.assert_close(torch.cat(ready), expected, rtol=0, atol=0)
+    assert enc.contexts.dtype == torch.float32                 # the encoder's output is kept as it came
 
 
 def test_window_skips_sigmas_outside_the_active_range():
