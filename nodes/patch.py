@@ -69,6 +69,8 @@ class _Evaluation:
     swapped: dict = field(default_factory=dict)     # (group, length, dtype) -> the swapped context
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
+    previous: tuple = ()                            # (the previous step's masks or None,), looked up once
+    columns: dict = field(default_factory=dict)     # key length -> per subject, its placeholder columns
 
 
 @dataclass
@@ -120,6 +122,7 @@ class SubjectPatch:
             self.last_masks = self.tracker.history()
         for key in [k for k in self.cache if k not in self._used]:
             del self.cache[key]
+        self._keys = {sigma: kt for sigma, kt in self._keys.items() if kt[0] in self.cache}
         self._used.clear()
         self._swapped.clear()   # ComfyUI names the conditionings anew in every run
         self.tracker.reset()
@@ -270,11 +273,15 @@ class SubjectPatch:
         enc = self._encodings_of(ev, q.device, extra_options)
         b = q.shape[0] // len(chunks)
         h, w = extra_options["activations_shape"][-2:]
-        masks = self.tracker.mask_for(ev.sigma) if self.settings.use_mask else None
-        repeats = k.shape[1] // self.prompt.length
+        if not ev.previous:
+            ev.previous = (self.tracker.mask_for(ev.sigma) if self.settings.use_mask else None,)
+        masks = ev.previous[0]
         subjects = range(len(self.subjects))
-        columns = [tuple(c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s))
-                   for s in subjects]
+        columns = ev.columns.get(k.shape[1])
+        if columns is None:
+            repeats, length = k.shape[1] // self.prompt.length, self.prompt.length
+            columns = ev.columns[k.shape[1]] = [
+                tuple(c + length * j for j in range(repeats) for c in self.prompt.columns(s)) for s in subjects]
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
         heads, projection = extra_options["n_heads"], self.model.visual_kv[layer.name]
