@@ -40,7 +40,8 @@ class CustomContrastApply(io.ComfyNode):
                 io.Float.Input("mask_threshold", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="soft: values below are set to 0; topk: the fraction of the image kept."),
                 io.Int.Input("splus_buckets", default=0, min=0, max=1000, optional=True,
-                             tooltip="0: paper-exact S+ at every timestep (encoded in batches over the schedule). "
+                             tooltip="0: paper-exact S+ at every timestep (encoded in batches over the schedule, "
+                                     "kept for the next runs: a new seed encodes nothing). "
                                      "N > 0: encode S+ once per each of N timestep ranges and reuse it (approximate)."),
                 SUBJECT.Input("subject2", optional=True, tooltip="A second subject, for <subject2>."),
                 SUBJECT.Input("subject3", optional=True, tooltip="A third subject, for <subject3>."),

@@ -12,8 +12,8 @@ on demand. With ``buckets = N`` the timesteps are instead rounded to the centres
 (N encodings per run at most, an approximation the model was not trained with).
 
 The encodings of a sigma never change for one Apply node (same subject, prompt, CLIP and weights),
-so the patch keeps the ones a run used for the next run of the same patched MODEL (a new seed,
-CFG or sampler on the same schedule encodes nothing). The contexts stay where the CLIP returned
+so the patch keeps the ones its last runs used for the next runs of the same patched MODEL (a new
+seed, CFG or sampler on the same schedule encodes nothing; ``patch.KEEP_RUNS``). The contexts stay where the CLIP returned
 them (ComfyUI's intermediate device, normally the CPU); each window is copied to the UNet's device
 and dtype in one transfer, and only that copy lives on the GPU.
 """

@@ -30,6 +30,10 @@ from .text_encode import PlaceholderPrompt, reorder_for
 
 __all__ = ["ApplySettings", "Attn2Replace", "Encodings", "PlaceholderPrompt", "SubjectPatch", "sigma_of"]
 
+# S+ encodings are kept while one of the last KEEP_RUNS sampling runs used them: two samplers that share
+# a patched MODEL with different schedules (a second, partial-denoise pass) both find theirs
+KEEP_RUNS = 2
+
 
 @dataclass(frozen=True)
 class ApplySettings:
@@ -90,7 +94,8 @@ class SubjectPatch:
     tracker: MaskTracker | None = None
     last_masks: list[tuple[float, list[Tensor]]] = field(default_factory=list)
     encode_calls: int = 0                    # batched text-encoder calls since the last reset
-    _used: set = field(default_factory=set)  # cache keys looked up since the last reset
+    runs: int = 0                            # sampling runs started (resets)
+    _used: dict = field(default_factory=dict)   # cache key -> the run that last looked it up
     _images: list[ImageFeatures] | None = None
     _blank: ImageFeatures | None = None
     _eval: _Evaluation | None = None
@@ -115,15 +120,16 @@ class SubjectPatch:
     # per-run state
 
     def reset(self) -> None:
-        """Starts a sampling run: forgets the masks of the previous run and the encodings it did not use
-        (a sigma's encodings are the same in every run of this patch: the ones used are kept)."""
+        """Starts a sampling run: forgets the masks of the previous run and the encodings that the last
+        ``KEEP_RUNS`` runs did not use (a sigma's encodings are the same in every run of this patch)."""
         self._flush(self._eval)
         if self.tracker is not None and self.tracker.masks:
             self.last_masks = self.tracker.history()
-        for key in [k for k in self.cache if k not in self._used]:
+        self.runs += 1
+        for key in [k for k in self.cache if self._used.get(k, 0) <= self.runs - 1 - KEEP_RUNS]:
             del self.cache[key]
+        self._used = {k: run for k, run in self._used.items() if k in self.cache}
         self._keys = {sigma: kt for sigma, kt in self._keys.items() if kt[0] in self.cache}
-        self._used.clear()
         self._swapped.clear()   # ComfyUI names the conditionings anew in every run
         self.tracker.reset()
         self.encode_calls = 0
@@ -153,7 +159,7 @@ class SubjectPatch:
         contexts copied to ``device`` as ``prepare = (length, dtype)`` in one transfer when given."""
         buckets = self.settings.splus_buckets
         key, _ = self._key(sigma)
-        self._used.add(key)
+        self._used[key] = self.runs
         if key in self.cache:
             return self.cache[key]
         encoder = self.model.encoder

@@ -303,9 +303,13 @@ def test_the_next_run_reuses_the_splus_encodings_and_equals_a_fresh_apply(env, l
         assert sigma_a == sigma_b
         for x, y in zip(masks_a, masks_b, strict=True):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
-    sample(env, warm, positive, negative, steps=4, seed=1)       # another schedule: encoded, the old entries go
+    sample(env, warm, positive, negative, steps=4, seed=1)       # another schedule: encoded, kept beside the first
+    assert warm_patch.encode_calls == 1
+    sample(env, warm, positive, negative, steps=3, seed=2)       # two samplers alternating: both stay cached
+    assert warm_patch.encode_calls == 0
     warm_patch.reset()
-    assert len(warm_patch.cache) == 4
+    warm_patch.reset()                                           # the 4-step schedule was last used 3 runs ago
+    assert len(warm_patch.cache) == 3
 
 
 def counted(env, loaded, photo, method: str, record):

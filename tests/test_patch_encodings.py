@@ -79,7 +79,7 @@ def test_off_schedule_sigma_is_encoded_on_demand():
     assert sorted(patch.cache) == [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
 
 
-def test_the_next_run_reuses_the_encodings_the_last_run_used_and_drops_the_others():
+def test_later_runs_reuse_the_encodings_and_drop_those_the_last_two_runs_did_not_use():
     patch, _ = make_patch()
     cpu = torch.device("cpu")
     patch.reset()
@@ -94,8 +94,10 @@ def test_the_next_run_reuses_the_encodings_the_last_run_used_and_drops_the_other
     patch.encodings(9.0, cpu, short)
     patch.encodings(5.0, cpu, short)
     assert patch.encode_calls == 0 and sorted(patch.cache) == [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
-    patch.reset()                                                # what the last run did not use is gone
-    assert sorted(patch.cache) == [5.0, 9.0]
+    patch.reset()                                                # the last two runs used every entry
+    assert sorted(patch.cache) == [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
+    patch.reset()                                                # what neither of the last two used is gone
+    assert sorted(patch.cache) == [5.0, 9.0] and patch.runs == 5
     torch.testing.assert_close(patch.encodings(5.0, cpu, short).contexts, first[5.0].contexts, rtol=0, atol=0)
 
 
