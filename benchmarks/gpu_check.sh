@@ -3,7 +3,8 @@
 #   COMFYUI_PATH=/path/to/ComfyUI bash benchmarks/gpu_check.sh [OUT_DIR]
 # 1. per-layer cost on the GPU (tiny tensors: launch-bound) with graphs off / on, and max |graphs - eager|;
 # 2. the CUDA tests of the graph mode when pytest is installed;
-# 3. ComfyUI sampler, SD1.5 512 px then SDXL 1024 px: plain, default, buckets, mask off, and both with graphs;
+# 3. ComfyUI sampler, SD1.5 512 px then SDXL 1024 px: plain, default (warm), default_cold, buckets, mask off,
+#    and default and buckets with graphs;
 # 4. the training step against the plain adapter step (fused AdamW), last: the parts that finish leave their JSON.
 source "$(dirname "$0")/bench_env.sh" "$@"
 run 90 benchmarks.bench_layer_overhead --device cuda --evaluations 20 --out "$out/layer_overhead_cuda.json"
@@ -11,7 +12,7 @@ if "$py" -m pytest --version >/dev/null 2>&1; then
     run 90 pytest -q -p no:cacheprovider tests/test_patch_graphs.py
 fi
 if [ -n "${COMFYUI_PATH:-}" ]; then
-    run 130 benchmarks.bench_comfy --families sd15 --repeats 3 --out "$out/comfy_sd15_graphs.json"
-    run 200 benchmarks.bench_comfy --families sdxl --repeats 2 --out "$out/comfy_sdxl_graphs.json"
+    run 150 benchmarks.bench_comfy --families sd15 --repeats 3 --out "$out/comfy_sd15_graphs.json"
+    run 220 benchmarks.bench_comfy --families sdxl --repeats 2 --out "$out/comfy_sdxl_graphs.json"
 fi
 run 150 benchmarks.bench_training --repeats 3 --out "$out/training_fused_adamw.json"

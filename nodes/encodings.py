@@ -13,9 +13,9 @@ on demand. With ``buckets = N`` the timesteps are instead rounded to the centres
 
 The encodings of a sigma never change for one Apply node (same subject, prompt, CLIP and weights),
 so the patch keeps the ones its last runs used for the next runs of the same patched MODEL (a new
-seed, CFG or sampler on the same schedule encodes nothing; ``patch.KEEP_RUNS``). The contexts stay where the CLIP returned
-them (ComfyUI's intermediate device, normally the CPU); each window is copied to the UNet's device
-and dtype in one transfer, and only that copy lives on the GPU.
+seed, CFG or sampler on the same schedule encodes nothing; ``KEEP_RUNS``). The contexts stay
+where the CLIP returned them (ComfyUI's intermediate device, normally the CPU); each window is
+copied to the UNet's device and dtype in one transfer, and only that copy lives on the GPU.
 """
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ from customcontrast_core.encoder import ImageFeatures
 from .text_encode import encode_splus, reorder_for
 
 PROMPTS_PER_CALL = 256   # text-encoder rows per batched call (G prompts per timestep)
+
+# encodings are kept while one of the last KEEP_RUNS sampling runs used them: two samplers that share a
+# patched MODEL with different schedules (a second, partial-denoise pass) both find theirs
+KEEP_RUNS = 2
 
 
 @dataclass
@@ -48,6 +52,27 @@ class Encodings:
         if key not in self.prepared:
             self.prepared[key] = reorder_for(self.contexts, length).to(device, dtype).split(1)
         return self.prepared[key]
+
+
+@dataclass
+class RecentUse:
+    """Which cached encodings the recent sampling runs looked up; the others go when a run starts."""
+
+    runs: int = 0                                   # runs started
+    used: dict = field(default_factory=dict)        # cache key -> the run that last looked it up
+
+    def mark(self, key) -> None:
+        self.used[key] = self.runs
+
+    def start_run(self, cache: dict, keys: dict) -> None:
+        """Drops from ``cache`` (key -> Encodings) and ``keys`` (sigma -> (key, timestep)) what none of the
+        last ``KEEP_RUNS`` runs used."""
+        self.runs += 1
+        for key in [k for k in cache if self.used.get(k, 0) <= self.runs - 1 - KEEP_RUNS]:
+            del cache[key]
+        self.used = {k: run for k, run in self.used.items() if k in cache}
+        for sigma in [s for s, (key, _) in keys.items() if key not in cache]:
+            del keys[sigma]
 
 
 def encoding_key(sigma: float, timestep_of: Callable[[Tensor], Tensor], buckets: int) -> tuple[float, float]:

@@ -22,17 +22,13 @@ from customcontrast_core.masks import MaskConfig, intersect_user_mask, resize_ma
 from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel
 
-from .encodings import PROMPTS_PER_CALL, Encodings, encode_timesteps, encoding_key, window
+from .encodings import PROMPTS_PER_CALL, Encodings, RecentUse, encode_timesteps, encoding_key, window
 from .graphed import LayerGraphs
 from .replace import Attn2Replace, sigma_of
 from .stacked_kv import stacked_visual_kv
 from .text_encode import PlaceholderPrompt, reorder_for
 
 __all__ = ["ApplySettings", "Attn2Replace", "Encodings", "PlaceholderPrompt", "SubjectPatch", "sigma_of"]
-
-# S+ encodings are kept while one of the last KEEP_RUNS sampling runs used them: two samplers that share
-# a patched MODEL with different schedules (a second, partial-denoise pass) both find theirs
-KEEP_RUNS = 2
 
 
 @dataclass(frozen=True)
@@ -94,8 +90,7 @@ class SubjectPatch:
     tracker: MaskTracker | None = None
     last_masks: list[tuple[float, list[Tensor]]] = field(default_factory=list)
     encode_calls: int = 0                    # batched text-encoder calls since the last reset
-    runs: int = 0                            # sampling runs started (resets)
-    _used: dict = field(default_factory=dict)   # cache key -> the run that last looked it up
+    recent: RecentUse = field(default_factory=RecentUse)   # which cached encodings the last runs used
     _images: list[ImageFeatures] | None = None
     _blank: ImageFeatures | None = None
     _eval: _Evaluation | None = None
@@ -121,15 +116,11 @@ class SubjectPatch:
 
     def reset(self) -> None:
         """Starts a sampling run: forgets the masks of the previous run and the encodings that the last
-        ``KEEP_RUNS`` runs did not use (a sigma's encodings are the same in every run of this patch)."""
+        runs did not use (a sigma's encodings are the same in every run of this patch: ``RecentUse``)."""
         self._flush(self._eval)
         if self.tracker is not None and self.tracker.masks:
             self.last_masks = self.tracker.history()
-        self.runs += 1
-        for key in [k for k in self.cache if self._used.get(k, 0) <= self.runs - 1 - KEEP_RUNS]:
-            del self.cache[key]
-        self._used = {k: run for k, run in self._used.items() if k in self.cache}
-        self._keys = {sigma: kt for sigma, kt in self._keys.items() if kt[0] in self.cache}
+        self.recent.start_run(self.cache, self._keys)
         self._swapped.clear()   # ComfyUI names the conditionings anew in every run
         self.tracker.reset()
         self.encode_calls = 0
@@ -159,7 +150,7 @@ class SubjectPatch:
         contexts copied to ``device`` as ``prepare = (length, dtype)`` in one transfer when given."""
         buckets = self.settings.splus_buckets
         key, _ = self._key(sigma)
-        self._used[key] = self.runs
+        self.recent.mark(key)
         if key in self.cache:
             return self.cache[key]
         encoder = self.model.encoder

@@ -97,7 +97,7 @@ def test_later_runs_reuse_the_encodings_and_drop_those_the_last_two_runs_did_not
     patch.reset()                                                # the last two runs used every entry
     assert sorted(patch.cache) == [1.0, 3.0, 4.0, 5.0, 7.0, 9.0]
     patch.reset()                                                # what neither of the last two used is gone
-    assert sorted(patch.cache) == [5.0, 9.0] and patch.runs == 5
+    assert sorted(patch.cache) == [5.0, 9.0] and patch.recent.runs == 5
     torch.testing.assert_close(patch.encodings(5.0, cpu, short).contexts, first[5.0].contexts, rtol=0, atol=0)
 
 
