@@ -35,6 +35,9 @@ PROMPTS_PER_CALL = 256   # text-encoder rows per batched call (G prompts per tim
 # encodings are kept while one of the last KEEP_RUNS sampling runs used them: two samplers that share a
 # patched MODEL with different schedules (a second, partial-denoise pass) both find theirs
 KEEP_RUNS = 2
+# at most this many timesteps stay cached (SD1.5: 1.9 MB, SDXL: 3.5 MB each on the GPU); longer schedules
+# evict the least recently used ones and re-encode them in the next run
+MAX_CACHED = 64
 
 
 @dataclass
@@ -59,18 +62,33 @@ class RecentUse:
     """Which cached encodings the recent sampling runs looked up; the others go when a run starts."""
 
     runs: int = 0                                   # runs started
-    used: dict = field(default_factory=dict)        # cache key -> the run that last looked it up
+    used: dict = field(default_factory=dict)        # cache key -> (run, lookup) of its last lookup
+    lookups: int = 0
 
     def mark(self, key) -> None:
-        self.used[key] = self.runs
+        self.lookups += 1
+        self.used[key] = (self.runs, self.lookups)
 
     def start_run(self, cache: dict, keys: dict) -> None:
         """Drops from ``cache`` (key -> Encodings) and ``keys`` (sigma -> (key, timestep)) what none of the
         last ``KEEP_RUNS`` runs used."""
         self.runs += 1
-        for key in [k for k in cache if self.used.get(k, 0) <= self.runs - 1 - KEEP_RUNS]:
+        self._drop(cache, keys, [k for k in cache if self.used.get(k, (0, 0))[0] <= self.runs - 1 - KEEP_RUNS])
+
+    def added(self, cache: dict, keys: dict, fresh) -> None:
+        """Counts the ``fresh`` entries (just encoded, about to be used) as used, then evicts the least
+        recently used others beyond ``MAX_CACHED``."""
+        for key in fresh:
+            self.mark(key)
+        excess = len(cache) - MAX_CACHED
+        if excess > 0:
+            older = sorted((k for k in cache if k not in fresh), key=lambda k: self.used.get(k, (0, 0)))
+            self._drop(cache, keys, older[:excess])
+
+    def _drop(self, cache: dict, keys: dict, dropped: list) -> None:
+        for key in dropped:
             del cache[key]
-        self.used = {k: run for k, run in self.used.items() if k in cache}
+        self.used = {k: use for k, use in self.used.items() if k in cache}
         for sigma in [s for s, (key, _) in keys.items() if key not in cache]:
             del keys[sigma]
 

@@ -172,6 +172,7 @@ class SubjectPatch:
                                  list(keys.values()), device, prepare)
         self.encode_calls += 1
         self.cache.update(zip(keys, fresh))
+        self.recent.added(self.cache, self._keys, keys)
         return self.cache[key]
 
     def _key(self, sigma: float) -> tuple[float, float]:

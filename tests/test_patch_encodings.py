@@ -101,6 +101,19 @@ def test_later_runs_reuse_the_encodings_and_drop_those_the_last_two_runs_did_not
     torch.testing.assert_close(patch.encodings(5.0, cpu, short).contexts, first[5.0].contexts, rtol=0, atol=0)
 
 
+def test_beyond_the_limit_the_least_recently_used_encodings_are_evicted(monkeypatch):
+    monkeypatch.setattr(extension("nodes.encodings"), "MAX_CACHED", 3)
+    patch, _ = make_patch()
+    cpu = torch.device("cpu")
+    first = patch.encodings(9.0, cpu, SCHEDULE)                   # a window is never evicted while it is made
+    assert sorted(patch.cache) == [1.0, 3.0, 5.0, 7.0, 9.0]
+    patch.encodings(4.0, cpu, SCHEDULE)                           # 9, 7, 5 were used (encoded) longest ago
+    assert sorted(patch.cache) == [1.0, 3.0, 4.0] and patch.encode_calls == 2
+    again = patch.encodings(9.0, cpu, SCHEDULE)                   # re-encoded with the window behind it
+    assert patch.encode_calls == 3 and sorted(patch.cache) == [5.0, 7.0, 9.0]
+    torch.testing.assert_close(again.contexts, first.contexts, rtol=1e-5, atol=1e-5)
+
+
 def test_a_window_is_prepared_for_the_unet_in_one_transfer():
     patch, _ = make_patch()
     cpu = torch.device("cpu")
