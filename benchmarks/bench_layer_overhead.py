@@ -209,7 +209,7 @@ def main() -> None:
                 result["results"].append(r)
                 timing = "" if graphs == "emulate" else f"+{r['extra_us_per_layer']:.0f} us/layer, "
                 print(f"[overhead] {family} mask={use_mask} graphs={graphs}: {timing}"
-                      f"{r['ops_per_layer_patched']:.1f} ops/layer, {r['kernels_per_layer_patched']:.1f} not views "
+                      f"{r['ops_per_layer_patched']:.1f} ops/layer, {r['kernels_per_layer_patched']:.1f} kernels "
                       f"(plain attention layer: {r['ops_per_layer_plain']:.0f}, {r['kernels_per_layer_plain']:.0f}); "
                       f"evaluation {r['patched_eval_ms']:.2f} ms vs plain {r['plain_eval_ms']:.2f} ms"
                       + (f"; max |graphs - eager| {r['max_abs_diff_vs_eager']:.2e}"

@@ -145,7 +145,7 @@ def main() -> None:
             with CountOps() as counted:
                 step()
             ops[name] = {"ops": counted.count, "kernels": counted.kernels}
-            print(f"[training] {name}: {counted.count} ATen operators per step, {counted.kernels} not views",
+            print(f"[training] {name}: {counted.count} ATen operators per step, {counted.kernels} kernels",
                   flush=True)
         if args.count_flops:
             from torch.utils.flop_counter import FlopCounterMode

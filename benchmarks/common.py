@@ -12,15 +12,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Operators that only re-describe memory (no kernel on a GPU)
-VIEW_OPS = frozenset({"aten::view", "aten::_unsafe_view", "aten::expand", "aten::slice", "aten::select",
-                      "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze",
-                      "aten::alias", "aten::detach", "aten::as_strided", "aten::reshape", "aten::unbind",
-                      "aten::split", "aten::split_with_sizes", "aten::chunk"})
+# operators that launch nothing on a GPU: views, allocations, and host-side scalars
+NO_LAUNCH_OPS = frozenset({"aten::view", "aten::_unsafe_view", "aten::expand", "aten::slice", "aten::select",
+                           "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze",
+                           "aten::alias", "aten::detach", "aten::as_strided", "aten::reshape", "aten::unbind",
+                           "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::empty",
+                           "aten::empty_like", "aten::empty_strided", "aten::scalar_tensor"})
 
 
 class CountOps(TorchDispatchMode):
     """Counts the ATen operators dispatched inside the ``with`` block (backward included): ``count`` all of
-    them, ``kernels`` those that are not views (on a GPU, each is at least one kernel launch)."""
+    them, ``kernels`` those that are not views or allocations (on a GPU, each is at least one kernel launch)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -30,7 +32,7 @@ class CountOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if not self.paused:
             self.count += 1
-            self.kernels += func._schema.name not in VIEW_OPS
+            self.kernels += func._schema.name not in NO_LAUNCH_OPS
         return func(*args, **(kwargs or {}))
 
 

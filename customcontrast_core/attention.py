@@ -164,38 +164,54 @@ def _placeholder_map(probs: Tensor, subject: SubjectBranch) -> Tensor:
     for column in subject.columns[1:]:
         placeholder = placeholder + probs[..., column]
     text = placeholder.mean(1)                                                    # b h n -> b n
-    return text if subject.text_rows is None else text * _row_weights(subject, batch, probs.device)
+    if subject.text_rows is None:
+        return text
+    return torch.where(subject.text_rows.to(probs.device)[:, None], text, 0.0)   # 0 outside the text rows
 
 
-def _captured(qh: Tensor, kh: Tensor, vh: Tensor, subjects: Sequence[SubjectBranch], bias: Tensor | None,
+def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[SubjectBranch], bias: Tensor | None,
               scale: float) -> tuple[Tensor, list[SubjectMaps]]:
     """Text and visual branches of one layer in two matmuls, explicit fp32, with the maps (Sec. 3.4).
 
     Logits of the queries against [K_t; K_v1; ...] are computed at once; the text part gets the bias
     and its own softmax, each subject's part its own softmax (over its tokens for the output, over
     space for the map), weighted by gamma * M; then one matmul with [V_t; V_v1; ...] sums the branches.
-    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), fp32 -> (B, N, H*D) fp32, one SubjectMaps per subject.
+    The fp32 casts ride on operators that run anyway: the scale multiplies q into a contiguous fp32
+    tensor, the key and value concatenations promote to fp32, and the output is merged and cast back
+    in one copy.
+    Shapes: q (B, N, H*D), k/v (B, T, H*D), any float dtype -> (B, N, H*D) in q's dtype, one SubjectMaps
+    (fp32) per subject.
     """
-    batch, heads, _, _ = qh.shape
-    text_keys = kh.shape[2]
-    vks = [_heads(s.visual_k.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1) for s in subjects]
-    vvs = [_heads(s.visual_v.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1) for s in subjects]
-    sim = torch.matmul(qh, torch.cat([kh, *vks], dim=2).transpose(-1, -2)) * scale        # (B, H, N, T + S...)
+    batch, text_keys = q.shape[0], k.shape[1]
+    qh = _heads(q, heads)                                                                   # (B, H, N, D)
+    if q.requires_grad and torch.is_grad_enabled():   # out= has no gradient: two operators in training
+        qh = qh.to(torch.float32) * scale
+    else:                                             # scaled, cast and made contiguous in one operator
+        qh = torch.mul(qh, scale, out=torch.empty(qh.shape, device=q.device, dtype=torch.float32))
+    visual_k = [_heads(s.visual_k.to(q.device), heads).expand(batch, -1, -1, -1) for s in subjects]
+    visual_v = [_heads(s.visual_v.to(q.device), heads).expand(batch, -1, -1, -1) for s in subjects]
+    # concatenated per head (contiguous for the matmuls), promoted to fp32 by cat: the casts are no-ops
+    # unless every input is in a lower precision
+    keys = torch.cat([_heads(k, heads), *visual_k], dim=2).to(torch.float32)              # (B, H, T + S..., D)
+    values = torch.cat([_heads(v, heads), *visual_v], dim=2).to(torch.float32)
+    sim = torch.matmul(qh, keys.transpose(-1, -2))                                         # (B, H, N, T + S...)
     text = sim[..., :text_keys]
     if bias is not None:
         text = text + bias[:, None]                                               # b i j -> b 1 i j
     probs = [text.softmax(dim=-1)]
     maps, offset = [], text_keys
-    for subject, vk in zip(subjects, vks):
+    for subject, vk in zip(subjects, visual_k):
         part = sim[..., offset:offset + vk.shape[2]]                                       # (B, H, N, S)
         offset += vk.shape[2]
         weight = subject.gamma if subject.mask is None else \
-            subject.mask.to(qh.device, torch.float32)[:, None, :, None] * subject.gamma   # b n -> b 1 n 1
+            subject.mask.to(q.device, torch.float32)[:, None, :, None] * subject.gamma   # b n -> b 1 n 1
         probs.append(part.softmax(dim=-1) * weight)
         maps.append(SubjectMaps(text=_placeholder_map(probs[0], subject),
                                 visual=part.softmax(dim=2).mean((1, 3))))          # b h i j -> b i
-    out = torch.matmul(torch.cat(probs, dim=-1), torch.cat([vh, *vvs], dim=2))
-    return _merge(out), maps
+    out = torch.matmul(torch.cat(probs, dim=-1), values)                                 # (B, H, N, D)
+    # merged into (B, N, H*D) and cast to q's dtype in one copy
+    merged = torch.empty(out.shape[0], out.shape[2], out.shape[1], out.shape[3], device=q.device, dtype=q.dtype)
+    return merged.copy_(out.transpose(1, 2)).flatten(2), maps
 
 
 # Public API
@@ -237,9 +253,7 @@ def customcontrast_attention(
         raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}), got {tuple(bias.shape)}")
 
     if capture:
-        out, maps = _captured(_heads(q.float(), heads), _heads(k.float(), heads), _heads(v.float(), heads),
-                              subjects, bias, scale)
-        return out.to(q.dtype), maps
+        return _captured(q, k, v, heads, subjects, bias, scale)
     qh = _heads(q, heads)
     out = _text_branch(qh, _heads(k, heads), _heads(v, heads), bias, scale)
     for subject in subjects:

@@ -10,12 +10,13 @@ from benchmarks.bench_layer_overhead import measure
 from customcontrast_core import CustomContrastModel, get_preset
 
 
-@pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 60), ("sd15", False, 28),
-                                                   ("sdxl", True, 66), ("sdxl", False, 26)])
-def test_operators_per_patched_layer_stay_bounded(family, use_mask, limit):
+@pytest.mark.parametrize("family,use_mask,limit,kernels", [("sd15", True, 59, 22), ("sd15", False, 28, 8),
+                                                           ("sdxl", True, 65, 23), ("sdxl", False, 26, 7)])
+def test_operators_per_patched_layer_stay_bounded(family, use_mask, limit, kernels):
     result = measure(family, use_mask, evaluations=2)
     assert result["layers"] == {"sd15": 16, "sdxl": 70}[family]
     assert result["ops_per_layer_plain"] < result["ops_per_layer_patched"] <= limit
+    assert result["kernels_per_layer_plain"] < result["kernels_per_layer_patched"] <= kernels
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_sdxl"])
