@@ -17,7 +17,7 @@ NO_LAUNCH_OPS = frozenset({"aten::view", "aten::_unsafe_view", "aten::expand", "
                            "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze",
                            "aten::alias", "aten::detach", "aten::as_strided", "aten::reshape", "aten::unbind",
                            "aten::split", "aten::split_with_sizes", "aten::chunk", "aten::empty",
-                           "aten::empty_like", "aten::empty_strided", "aten::scalar_tensor"})
+                           "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::scalar_tensor"})
 
 
 class CountOps(TorchDispatchMode):

@@ -176,25 +176,23 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
     Logits of the queries against [K_t; K_v1; ...] are computed at once; the text part gets the bias
     and its own softmax, each subject's part its own softmax (over its tokens for the output, over
     space for the map), weighted by gamma * M; then one matmul with [V_t; V_v1; ...] sums the branches.
-    The fp32 casts ride on operators that run anyway: the scale multiplies q into a contiguous fp32
-    tensor, the key and value concatenations promote to fp32, and the output is merged and cast back
-    in one copy.
+    The fp32 casts ride on operators that run anyway: q is cast in the copy that makes its heads
+    contiguous, the key and value concatenations promote to fp32, the scale is the matmul's alpha, and
+    the output is merged and cast back in one copy.
     Shapes: q (B, N, H*D), k/v (B, T, H*D), any float dtype -> (B, N, H*D) in q's dtype, one SubjectMaps
     (fp32) per subject.
     """
     batch, text_keys = q.shape[0], k.shape[1]
-    qh = _heads(q, heads)                                                                   # (B, H, N, D)
-    if q.requires_grad and torch.is_grad_enabled():   # out= has no gradient: two operators in training
-        qh = qh.to(torch.float32) * scale
-    else:                                             # scaled, cast and made contiguous in one operator
-        qh = torch.mul(qh, scale, out=torch.empty(qh.shape, device=q.device, dtype=torch.float32))
+    qh = _heads(q, heads).to(torch.float32, memory_format=torch.contiguous_format)        # (B, H, N, D), one copy
     visual_k = [_heads(s.visual_k.to(q.device), heads).expand(batch, -1, -1, -1) for s in subjects]
     visual_v = [_heads(s.visual_v.to(q.device), heads).expand(batch, -1, -1, -1) for s in subjects]
     # concatenated per head (contiguous for the matmuls), promoted to fp32 by cat: the casts are no-ops
     # unless every input is in a lower precision
     keys = torch.cat([_heads(k, heads), *visual_k], dim=2).to(torch.float32)              # (B, H, T + S..., D)
     values = torch.cat([_heads(v, heads), *visual_v], dim=2).to(torch.float32)
-    sim = torch.matmul(qh, keys.transpose(-1, -2))                                         # (B, H, N, T + S...)
+    # the softmax scale is applied in fp32 inside the matmul (alpha); beta = 0 ignores the empty input
+    sim = torch.baddbmm(qh.new_empty(()), qh.flatten(0, 1), keys.flatten(0, 1).transpose(1, 2), beta=0,
+                        alpha=scale).unflatten(0, (batch, heads))                           # (B, H, N, T + S...)
     text = sim[..., :text_keys]
     if bias is not None:
         text = text + bias[:, None]                                               # b i j -> b 1 i j

@@ -166,3 +166,31 @@ def test_fused_path_equals_explicit_capture_path(dtype, tol):
     explicit, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=True)
     assert none is None and len(maps) == 1 and fused.dtype == dtype
     assert (fused.float() - explicit.float()).abs().max() < tol
+
+
+@pytest.mark.parametrize("dtype,visual_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_capture_path_casts_inside_its_operators(dtype, visual_dtype):
+    """Low-precision q/k/v (the UNet's dtype) with fp32 or low-precision visual K/V: the maps are those of the
+    all-fp32 computation on the same values, the output that rounded to the inputs' dtype; with q requiring
+    grad (training) the same values and a gradient."""
+    heads = 4
+    q, k, v = (x.to(dtype) for x in _inputs(heads, seed=21))
+    vk, vv = (x.to(visual_dtype) for x in _visual(heads, seed=22))
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(23))
+    rows = torch.tensor([True, False])
+    low = SubjectBranch(vk, vv, gamma=0.7, mask=mask, columns=(2, 5), text_rows=rows)
+    full = SubjectBranch(vk.float(), vv.float(), gamma=0.7, mask=mask, columns=(2, 5), text_rows=rows)
+    out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[low], capture=True)
+    ref, ref_maps = customcontrast_attention(q.float(), k.float(), v.float(), heads=heads, subjects=[full],
+                                             capture=True)
+    assert out.dtype == dtype and maps[0].text.dtype == torch.float32
+    torch.testing.assert_close(maps[0].text, ref_maps[0].text, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps[0].visual, ref_maps[0].visual, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref.to(dtype), rtol=0, atol=0)
+    assert maps[0].text[1].abs().max() == 0                      # the uncond row holds no placeholder
+    trained = q.clone().requires_grad_(True)
+    out_grad, maps_grad = customcontrast_attention(trained, k, v, heads=heads, subjects=[low], capture=True)
+    torch.testing.assert_close(out_grad.detach(), out, rtol=0, atol=0)
+    torch.testing.assert_close(maps_grad[0].text.detach(), maps[0].text, rtol=0, atol=0)
+    out_grad.float().sum().backward()
+    assert trained.grad is not None and trained.grad.abs().sum() > 0
