@@ -47,13 +47,14 @@ class Encodings:
     contexts: Tensor                 # (G, L, C) prompt with each group's S+ tokens (all subjects), as encoded
     visual: list[Tensor]             # per subject (1, m, C) TV-fused visual tokens
     blank_visual: list[Tensor]       # per subject (1, m, C) for uncond rows (blank reference)
-    prepared: dict = field(default_factory=dict)   # (device, length, dtype) -> G contexts (1, length, C)
+    prepared: dict = field(default_factory=dict)   # (device, length, dtype) -> (G, length, C) contexts
 
-    def contexts_for(self, device: torch.device, length: int, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        """The G contexts on the UNet's device, LCM-repeated to ``length`` and in its dtype (made once)."""
+    def contexts_for(self, device: torch.device, length: int, dtype: torch.dtype) -> Tensor:
+        """The G contexts on the UNet's device, LCM-repeated to ``length`` and in its dtype (made once).
+        Shapes: -> (G, length, C)."""
         key = (torch.device(device), length, dtype)
         if key not in self.prepared:
-            self.prepared[key] = reorder_for(self.contexts, length).to(device, dtype).split(1)
+            self.prepared[key] = reorder_for(self.contexts, length).to(device, dtype)
         return self.prepared[key]
 
 
@@ -135,5 +136,5 @@ def encode_timesteps(encoder, clip, prompt, images: Sequence[ImageFeatures], bla
         length, dtype = prepare
         ready = reorder_for(contexts, length).to(device, dtype)                   # (n, G, length, C), one copy
         for enc, rows in zip(out, ready):
-            enc.prepared[(torch.device(device), length, dtype)] = rows.split(1)
+            enc.prepared[(torch.device(device), length, dtype)] = rows
     return out

@@ -66,7 +66,7 @@ class _Evaluation:
     biases: dict = field(default_factory=dict)  # (grid, keys, dtype) -> (B, N, T) placeholder log-bias
     encodings: Encodings | None = None
     visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
-    swapped: dict = field(default_factory=dict)     # (group, length, dtype) -> the swapped context
+    swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
     previous: tuple = ()                            # (the previous step's masks or None,), looked up once
@@ -247,15 +247,16 @@ class SubjectPatch:
         prepared = (context.shape[1], context.dtype)
         enc = self._encodings_of(ev, context.device, extra_options, prepared)
         group = self.groups[key]
-        ours = enc.contexts_for(context.device, *prepared)[group]   # every group on the device at once
-        swapped = ev.swapped.get((group, *prepared))           # layers of one group share it (SDXL: 70 -> 11)
-        if swapped is None:
-            swapped = ev.swapped[(group, *prepared)] = torch.where(ev.swap_rows, ours, context)   # ours broadcast
+        contexts = enc.contexts_for(context.device, *prepared)          # (G, L, C): every group on the device
+        swapped = ev.swapped.get(prepared)
+        if swapped is None:   # every group's swapped context in one where per evaluation (not one per layer)
+            swapped = ev.swapped[prepared] = torch.where(ev.swap_rows, contexts[:, None], context).unbind(0)
+        ours = swapped[group]                                                  # (B, L, C)
         if value is not None and value is not context and value.shape == context.shape:
-            value = torch.where(ev.swap_rows, ours, value)
+            value = torch.where(ev.swap_rows, contexts[group:group + 1], value)
         else:
-            value = swapped   # ComfyUI passes value = context: V must come from the S+ prompt too
-        return n, swapped, value
+            value = ours   # ComfyUI passes value = context: V must come from the S+ prompt too
+        return n, ours, value
 
     # attn2 replace: text attention with placeholder bias + masked visual branches
 

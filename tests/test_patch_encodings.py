@@ -121,11 +121,10 @@ def test_a_window_is_prepared_for_the_unet_in_one_transfer():
     for sigma in (9.0, 7.0, 5.0, 3.0, 1.0):
         other = patch.cache[sigma]
         ready = other.prepared[(cpu, 154, torch.float16)]     # made by the window's one copy
-        assert len(ready) == 16 and ready[0].shape == (1, 154, other.contexts.shape[-1])
-        assert ready[0].dtype == torch.float16
+        assert ready.shape == (16, 154, other.contexts.shape[-1]) and ready.dtype == torch.float16
         assert other.contexts_for(cpu, 154, torch.float16) is ready
         expected = other.contexts.to(torch.float16).repeat(1, 2, 1)
-        torch.testing.assert_close(torch.cat(ready), expected, rtol=0, atol=0)
+        torch.testing.assert_close(ready, expected, rtol=0, atol=0)
     assert enc.contexts.dtype == torch.float32                 # the encoder's output is kept as it came
 
 
