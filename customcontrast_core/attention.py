@@ -207,9 +207,8 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
         maps.append(SubjectMaps(text=_placeholder_map(probs[0], subject),
                                 visual=part.softmax(dim=2).mean((1, 3))))          # b h i j -> b i
     out = torch.matmul(torch.cat(probs, dim=-1), values)                                 # (B, H, N, D)
-    # merged into (B, N, H*D) and cast to q's dtype in one copy
-    merged = torch.empty(out.shape[0], out.shape[2], out.shape[1], out.shape[3], device=q.device, dtype=q.dtype)
-    return merged.copy_(out.transpose(1, 2)).flatten(2), maps
+    merged = out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)       # b n h d, one copy
+    return merged.flatten(2), maps
 
 
 # Public API

@@ -49,11 +49,14 @@ class Encodings:
     blank_visual: list[Tensor]       # per subject (1, m, C) for uncond rows (blank reference)
     prepared: dict = field(default_factory=dict)   # (device, length, dtype) -> (G, length, C) contexts
 
-    def contexts_for(self, device: torch.device, length: int, dtype: torch.dtype) -> Tensor:
-        """The G contexts on the UNet's device, LCM-repeated to ``length`` and in its dtype (made once).
-        Shapes: -> (G, length, C)."""
+    def contexts_for(self, device: torch.device, length: int, dtype: torch.dtype,
+                     ready: Tensor | None = None) -> Tensor:
+        """The G contexts on the UNet's device, LCM-repeated to ``length`` and in its dtype (made once, or
+        ``ready``: the same, copied with other timesteps). Shapes: -> (G, length, C)."""
         key = (torch.device(device), length, dtype)
-        if key not in self.prepared:
+        if ready is not None:
+            self.prepared[key] = ready
+        elif key not in self.prepared:
             self.prepared[key] = reorder_for(self.contexts, length).to(device, dtype)
         return self.prepared[key]
 
@@ -136,5 +139,5 @@ def encode_timesteps(encoder, clip, prompt, images: Sequence[ImageFeatures], bla
         length, dtype = prepare
         ready = reorder_for(contexts, length).to(device, dtype)                   # (n, G, length, C), one copy
         for enc, rows in zip(out, ready):
-            enc.prepared[(torch.device(device), length, dtype)] = rows
+            enc.contexts_for(device, length, dtype, ready=rows)
     return out

@@ -69,7 +69,7 @@ class _Evaluation:
     swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
-    previous: tuple = ()                            # (the previous step's masks or None,), looked up once
+    step_masks: list[Tensor] | None = None          # per subject, the previous step's mask it applies (or None)
     columns: dict = field(default_factory=dict)     # key length -> per subject, its placeholder columns
 
 
@@ -197,6 +197,8 @@ class SubjectPatch:
             self._eval = _Evaluation(sigmas=sigmas, sigma=sigma)
             if sigma != previous and self.settings.use_mask:
                 self.tracker.begin(sigma)
+            if self.settings.use_mask:
+                self._eval.step_masks = self.tracker.mask_for(sigma)
         return self._eval
 
     def _base_for(self, context: Tensor) -> Tensor:
@@ -227,7 +229,8 @@ class SubjectPatch:
             kinds = torch.tensor([int(kind != 0) for kind in chunks for _ in range(b)], device=context.device)
             self._rows[rows] = (swap, swap[:, None, None], kinds)
         if ev.context is not None:   # everything derived from the previous rows goes with them
-            ev = self._eval = _Evaluation(sigmas=ev.sigmas, sigma=ev.sigma, encodings=ev.encodings)
+            ev = self._eval = _Evaluation(sigmas=ev.sigmas, sigma=ev.sigma, encodings=ev.encodings,
+                                          step_masks=ev.step_masks)
         ev.context, ev.chunks, ev.swapped_chunks = context, chunks, swapped
         ev.swap, ev.swap_rows, ev.kinds = self._rows[rows]
         return ev
@@ -272,9 +275,7 @@ class SubjectPatch:
         enc = self._encodings_of(ev, q.device, extra_options)
         b = q.shape[0] // len(chunks)
         h, w = extra_options["activations_shape"][-2:]
-        if not ev.previous:
-            ev.previous = (self.tracker.mask_for(ev.sigma) if self.settings.use_mask else None,)
-        masks = ev.previous[0]
+        masks = ev.step_masks
         subjects = range(len(self.subjects))
         columns = ev.columns.get(k.shape[1])
         if columns is None:
