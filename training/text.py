@@ -1,8 +1,10 @@
 """Tokenizers and text encoders that encode a prompt once per S+ layer group (Sec. 3.2).
 
 The S+ vector of a group is written into the placeholder's word-embedding slot *before* position
-embeddings (textual-inversion semantics) through a forward hook on the token embedding, so any
-CLIP text model of transformers 4 or 5 works unchanged and gradients reach the S+ tokens.
+embeddings (textual-inversion semantics), so gradients reach the S+ tokens. Frozen transformers CLIP
+text models (4.x or 5.x) go through ``text_prefix.encode_groups``, which encodes what all groups share
+once; any other text model gets every copy through its own forward, the vector written by a forward
+hook on the token embedding.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from customcontrast_core.prompt import collapse_placeholder, isolate_placeholders
+
+from .text_prefix import encode_groups, text_parts
 
 CONTEXT_LENGTH = 77
 
@@ -122,9 +126,29 @@ class TextEncoderStack(nn.Module):
     def forward(self, tokens: TokenizedPrompts, splus: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Encodes prompts, once per S+ group when ``splus`` is given.
 
+        With ``splus`` and frozen encoders, each prompt's positions before its slot and prompts without
+        a slot are encoded once, not once per group (``text_prefix.encode_groups``: same values).
         Shapes: splus (B, G, sum(widths)) or None -> context (G*B or B, 77, sum(widths)) in group-major
-        order, pooled (G*B or B, P) for SDXL (projected CLIP-G pooled output) else None.
+        order; pooled (B, P) for SDXL without ``splus`` (projected CLIP-G pooled output; the added
+        condition uses the plain prompt), else None.
         """
+        if splus is not None and self.shares_prefix():
+            vectors = rearrange(splus, "b g d -> g b d").split(list(self.widths), dim=-1)
+            features = []
+            for encoder, ids, width_vectors in zip(self.encoders, tokens.ids, vectors):
+                device = next(encoder.parameters()).device
+                features.append(encode_groups(text_parts(encoder), ids.to(device), tokens.slots, width_vectors,
+                                              penultimate=self.base == "sdxl"))
+            return torch.cat(features, dim=-1), None
+        return self._forward_copies(tokens, splus)
+
+    def shares_prefix(self) -> bool:
+        """Whether every encoder is a frozen transformers CLIP text model (what ``encode_groups`` needs)."""
+        return all(text_parts(e) is not None and not any(p.requires_grad for p in e.parameters())
+                   for e in self.encoders)
+
+    def _forward_copies(self, tokens: TokenizedPrompts, splus: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Every group's copy of every prompt through the whole encoder (the reference path)."""
         batch = tokens.ids[0].shape[0]
         groups = 1 if splus is None else splus.shape[1]
         slot_mask = torch.zeros(batch, CONTEXT_LENGTH, dtype=torch.bool)
@@ -143,7 +167,7 @@ class TextEncoderStack(nn.Module):
                 out = encoder(input_ids=ids, output_hidden_states=True)
             if self.base == "sdxl":
                 features.append(out.hidden_states[-2])          # penultimate, no final LayerNorm
-                pooled = getattr(out, "text_embeds", None)
+                pooled = getattr(out, "text_embeds", None) if splus is None else None
             else:
                 features.append(out.last_hidden_state)          # SD1.5: last layer with final LayerNorm
         return torch.cat(features, dim=-1), pooled
