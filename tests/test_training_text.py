@@ -1,12 +1,11 @@
-"""S+ prompt encoding for training: slot substitution equals a hand-built embedding path, and the
-shared-prefix encoding of frozen encoders equals every group's full encode (values, gradients, FLOPs)."""
+"""S+ prompt encoding for training: slot substitution equals a hand-built embedding path, and prompts
+without a placeholder are encoded once for all groups (same values and gradients, fewer FLOPs)."""
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from training.text import OpenClipTokenizer, TextEncoderStack
-from training.text_prefix import encode_groups, text_parts
 
 TEXT = dict(vocab_size=49408, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=0)
@@ -17,13 +16,13 @@ def tokenizer():
     return OpenClipTokenizer()
 
 
-def stack(base, tokenizer, widths=(32,), frozen=False, dtype=torch.float32):
+def stack(base, tokenizer, widths=(32,), dtype=torch.float32):
     torch.manual_seed(0)
     encoders = [CLIPTextModel(CLIPTextConfig(hidden_size=widths[0], **TEXT)).eval()]
     if base == "sdxl":
         encoders.append(CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=widths[1], projection_dim=widths[1], **TEXT)).eval())
     for encoder in encoders:
-        encoder.requires_grad_(not frozen).to(dtype)
+        encoder.to(dtype)
     return TextEncoderStack(encoders, [tokenizer] * len(encoders), base=base)
 
 
@@ -82,49 +81,44 @@ def test_sdxl_two_encoders_widths_and_pooled(tokenizer):
 PROMPTS = ["a photo of a <subject> dog", "", "<subject>, on the beach", "a <subject> and a <subject>"]
 
 
+def every_group(text, tokens, splus):
+    """Reference: each group encoded on its own (G calls), group-major."""
+    return torch.cat([text(tokens, splus[:, g:g + 1])[0] for g in range(splus.shape[1])])
+
+
 @pytest.mark.parametrize("base,widths", [("sd15", (32,)), ("sdxl", (32, 48))])
-def test_shared_prefix_equals_every_groups_full_encode(tokenizer, base, widths):
-    text = stack(base, tokenizer, widths, frozen=True, dtype=torch.float64)
-    assert text.shares_prefix()
+def test_prompts_without_slot_encoded_once_equal_every_group(tokenizer, base, widths):
+    text = stack(base, tokenizer, widths, dtype=torch.float64)
     tokens = text.tokenize(PROMPTS, "<subject>")
-    assert tokens.slots == ((5,), (), (1,), (2, 5))   # mixed slot positions, a text-dropped row, two slots
+    assert tokens.slots == ((5,), (), (1,), (2, 5))   # mixed positions, a text-dropped row, two slots
     splus = torch.randn(4, 5, sum(widths), dtype=torch.float64, requires_grad=True)
     weights = torch.randn(20, 77, sum(widths), dtype=torch.float64)
-    shared, _ = text(tokens, splus)
-    full, _ = text._forward_copies(tokens, splus)
-    assert shared.shape == full.shape == (20, 77, sum(widths))
-    torch.testing.assert_close(shared, full, rtol=1e-12, atol=1e-12)
-    (grad_shared,) = torch.autograd.grad((shared * weights).sum(), splus)
-    (grad_full,) = torch.autograd.grad((full * weights).sum(), splus)
-    torch.testing.assert_close(grad_shared, grad_full, rtol=1e-10, atol=1e-12)
-    assert grad_full[1].abs().max() == 0 and grad_full[0].abs().min() > 0   # no slot: S+ has no effect
+    once, _ = text(tokens, splus)
+    reference = every_group(text, tokens, splus)
+    assert once.shape == reference.shape == (20, 77, sum(widths))
+    torch.testing.assert_close(once, reference, rtol=1e-12, atol=1e-12)
+    (grad_once,) = torch.autograd.grad((once * weights).sum(), splus)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), splus)
+    torch.testing.assert_close(grad_once, grad_reference, rtol=1e-10, atol=1e-12)
+    assert grad_once[1].abs().max() == 0 and grad_once[0].abs().min() > 0   # no slot: S+ has no effect
+    torch.testing.assert_close(once[1::4], once[1:2].expand(5, -1, -1))   # the dropped row in every group
 
 
-def test_unfrozen_encoders_take_the_full_path(tokenizer):
-    text = stack("sd15", tokenizer, frozen=True)
-    assert text.shares_prefix()
-    text.encoders[0].final_layer_norm.weight.requires_grad_(True)
-    assert not text.shares_prefix()   # a trained encoder's prefix would need its gradient
-    assert text_parts(torch.nn.Linear(2, 2)) is None
-
-
-def test_shared_prefix_flops_are_the_closed_form(tokenizer):
-    """Projection and MLP FLOPs scale with the positions encoded (5 groups of 4 prompts, forward)."""
-    text = stack("sd15", tokenizer, frozen=True)
+def test_prompts_without_slot_cost_one_encode(tokenizer):
+    """Projection and MLP FLOPs of the encoder call: 3 prompts with a slot x 5 groups + 1 prompt once."""
+    text = stack("sd15", tokenizer)
     tokens = text.tokenize(PROMPTS, "<subject>")
     groups, (d, inner, layers) = 5, (32, 64, 2)
-    vectors = torch.randn(groups, 4, d)
 
-    def linear_flops(fn):   # the attention products are left out: how SDPA is counted depends on the device
+    def linear_flops(splus):   # the attention products are left out: how SDPA is counted depends on the device
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            fn()
+            text(tokens, splus)
         ops = counter.get_flop_counts()["Global"]
         return sum(ops.get(op, 0) for op in (torch.ops.aten.addmm, torch.ops.aten.mm))
 
-    per_position = layers * 2 * (4 * d * d + 2 * d * inner)   # q, k, v, out projections + two MLP layers
-    shared = linear_flops(lambda: encode_groups(text_parts(text.encoders[0]), tokens.ids[0], tokens.slots,
-                                                vectors, penultimate=False))
-    full = linear_flops(lambda: text._forward_copies(tokens, vectors.transpose(0, 1)))
-    # three prompts with a slot (earliest at position 1): 1 prefix position once, 76 per group; one without: once
-    assert shared == per_position * (3 * 1 + groups * 3 * 76 + 77)
-    assert full == per_position * groups * 4 * 77
+    per_prompt = 77 * layers * 2 * (4 * d * d + 2 * d * inner)   # q, k, v, out projections + two MLP layers
+    assert linear_flops(torch.randn(4, groups, d)) == per_prompt * (3 * groups + 1)
+    all_slots = text.tokenize([PROMPTS[0]] * 4, "<subject>")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        text(all_slots, torch.randn(4, groups, d))
+    assert counter.get_flop_counts()["Global"][torch.ops.aten.addmm] == per_prompt * 4 * groups

@@ -1,10 +1,8 @@
 """Tokenizers and text encoders that encode a prompt once per S+ layer group (Sec. 3.2).
 
 The S+ vector of a group is written into the placeholder's word-embedding slot *before* position
-embeddings (textual-inversion semantics), so gradients reach the S+ tokens. Frozen transformers CLIP
-text models (4.x or 5.x) go through ``text_prefix.encode_groups``, which encodes what all groups share
-once; any other text model gets every copy through its own forward, the vector written by a forward
-hook on the token embedding.
+embeddings (textual-inversion semantics) through a forward hook on the token embedding, so any
+CLIP text model of transformers 4 or 5 works unchanged and gradients reach the S+ tokens.
 """
 from __future__ import annotations
 
@@ -18,8 +16,6 @@ from einops import rearrange, repeat
 from torch import Tensor, nn
 
 from customcontrast_core.prompt import collapse_placeholder, isolate_placeholders
-
-from .text_prefix import encode_groups, text_parts
 
 CONTEXT_LENGTH = 77
 
@@ -126,48 +122,62 @@ class TextEncoderStack(nn.Module):
     def forward(self, tokens: TokenizedPrompts, splus: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """Encodes prompts, once per S+ group when ``splus`` is given.
 
-        With ``splus`` and frozen encoders, each prompt's positions before its slot and prompts without
-        a slot are encoded once, not once per group (``text_prefix.encode_groups``: same values).
+        A prompt without a placeholder (text dropout) is the same in every group: it is encoded once
+        and its result repeated, in the same encoder call as the others (no extra calls or kernels).
         Shapes: splus (B, G, sum(widths)) or None -> context (G*B or B, 77, sum(widths)) in group-major
         order; pooled (B, P) for SDXL without ``splus`` (projected CLIP-G pooled output; the added
         condition uses the plain prompt), else None.
         """
-        if splus is not None and self.shares_prefix():
-            vectors = rearrange(splus, "b g d -> g b d").split(list(self.widths), dim=-1)
-            features = []
-            for encoder, ids, width_vectors in zip(self.encoders, tokens.ids, vectors):
-                device = next(encoder.parameters()).device
-                features.append(encode_groups(text_parts(encoder), ids.to(device), tokens.slots, width_vectors,
-                                              penultimate=self.base == "sdxl"))
-            return torch.cat(features, dim=-1), None
-        return self._forward_copies(tokens, splus)
-
-    def shares_prefix(self) -> bool:
-        """Whether every encoder is a frozen transformers CLIP text model (what ``encode_groups`` needs)."""
-        return all(text_parts(e) is not None and not any(p.requires_grad for p in e.parameters())
-                   for e in self.encoders)
-
-    def _forward_copies(self, tokens: TokenizedPrompts, splus: Tensor | None) -> tuple[Tensor, Tensor | None]:
-        """Every group's copy of every prompt through the whole encoder (the reference path)."""
         batch = tokens.ids[0].shape[0]
         groups = 1 if splus is None else splus.shape[1]
         slot_mask = torch.zeros(batch, CONTEXT_LENGTH, dtype=torch.bool)
         for row, where in enumerate(tokens.slots):
             slot_mask[row, list(where)] = True
-        slot_mask = repeat(slot_mask, "b t -> (g b) t", g=groups)
-        vectors = None if splus is None else rearrange(splus, "b g d -> (g b) d").split(list(self.widths), dim=-1)
+        copies = _Copies(tokens.slots, groups)
+        vectors = None if splus is None else copies.vectors(splus).split(list(self.widths), dim=-1)
         features, pooled = [], None
         for index, (encoder, ids) in enumerate(zip(self.encoders, tokens.ids)):
             device = next(encoder.parameters()).device
-            ids = repeat(ids, "b t -> (g b) t", g=groups).to(device)
             embedding = encoder.get_input_embeddings()
-            ctx = substituted_embeddings(embedding, slot_mask.to(device), vectors[index]) \
+            ctx = substituted_embeddings(embedding, copies.rows(slot_mask).to(device), vectors[index]) \
                 if vectors is not None else contextlib.nullcontext()
             with ctx:
-                out = encoder(input_ids=ids, output_hidden_states=True)
+                out = encoder(input_ids=copies.rows(ids).to(device), output_hidden_states=True)
             if self.base == "sdxl":
                 features.append(out.hidden_states[-2])          # penultimate, no final LayerNorm
                 pooled = getattr(out, "text_embeds", None) if splus is None else None
             else:
                 features.append(out.last_hidden_state)          # SD1.5: last layer with final LayerNorm
-        return torch.cat(features, dim=-1), pooled
+        return copies.expand(torch.cat(features, dim=-1)), pooled
+
+
+class _Copies:
+    """Which (group, row) copies of B prompts are encoded: every group of a row with a slot, group 0 of one without."""
+
+    def __init__(self, slots: Sequence[Sequence[int]], groups: int) -> None:
+        batch, self.groups = len(slots), groups
+        has_slot = [bool(where) for where in slots]
+        pairs = [(g, row) for g in range(groups) for row in range(batch) if g == 0 or has_slot[row]]
+        self.skipped = len(pairs) < groups * batch
+        if self.skipped:
+            self.group_of = torch.tensor([g for g, _ in pairs])
+            self.row_of = torch.tensor([row for _, row in pairs])
+            encoded = {pair: i for i, pair in enumerate(pairs)}
+            self.take = torch.tensor([encoded[(g if has_slot[row] else 0, row)]
+                                      for g in range(groups) for row in range(batch)])
+
+    def rows(self, x: Tensor) -> Tensor:
+        """Per-prompt rows -> per-copy rows. Shapes: (B, ...) -> (copies, ...)."""
+        if self.skipped:
+            return x.index_select(0, self.row_of.to(x.device))
+        return repeat(x, "b ... -> (g b) ...", g=self.groups)
+
+    def vectors(self, splus: Tensor) -> Tensor:
+        """Each copy's S+ vector. Shapes: (B, G, D) -> (copies, D)."""
+        if self.skipped:
+            return splus[self.row_of.to(splus.device), self.group_of.to(splus.device)]
+        return rearrange(splus, "b g d -> (g b) d")
+
+    def expand(self, encoded: Tensor) -> Tensor:
+        """Encoded copies -> every group's copy of every prompt. Shapes: (copies, ...) -> (G*B, ...) group-major."""
+        return encoded.index_select(0, self.take.to(encoded.device)) if self.skipped else encoded
