@@ -80,6 +80,7 @@ def main() -> None:
     from training.config import TrainConfig
     from training.loop import make_optimizer
     from training.models import clip_hidden_states
+    from training.processors import project_visual_kv
     from training.step import TrainingModule
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -129,9 +130,10 @@ def main() -> None:
             noisy = frozen.scheduler.add_noise(latents, noise, t).to(latents)
             state.reset()
             state.contexts, state.visual_tokens, state.slots, state.capture = None, visual, (), False
+            state.visual_kv = project_visual_kv(model.visual_kv, visual)    # the processors' one-matmul path
             pred = frozen.unet(noisy, t, encoder_hidden_states=context).sample
             loss = F.mse_loss(pred.float(), noise.float())
-        state.visual_tokens = None
+        state.visual_tokens = state.visual_kv = None
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -59,8 +59,9 @@ class SubjectBranch:
 class SubjectMaps:
     """Attention maps of one subject in one layer, fp32, mean over heads (Sec. 3.4 mask extraction)."""
 
-    text: Tensor    # (B, N) placeholder probability from the biased text softmax; 0 outside text_rows
-    visual: Tensor  # (B, N) visual attention normalised over space, mean over visual tokens; sums to 1 over N
+    text: Tensor            # (B, N) placeholder probability from the biased text softmax; 0 outside text_rows
+    visual: Tensor | None   # (B, N) visual attention normalised over space, mean over visual tokens; sums to 1
+                            # over N (None when not asked for: training's L_loc reads only the text map)
 
 
 # Helpers
@@ -170,7 +171,7 @@ def _placeholder_map(probs: Tensor, subject: SubjectBranch) -> Tensor:
 
 
 def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[SubjectBranch], bias: Tensor | None,
-              scale: float) -> tuple[Tensor, list[SubjectMaps]]:
+              scale: float, visual_maps: bool = True) -> tuple[Tensor, list[SubjectMaps]]:
     """Text and visual branches of one layer in two matmuls, explicit fp32, with the maps (Sec. 3.4).
 
     Logits of the queries against [K_t; K_v1; ...] are computed at once; the text part gets the bias
@@ -193,19 +194,18 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
     # the softmax scale is applied in fp32 inside the matmul (alpha); beta = 0 ignores the empty input
     sim = torch.baddbmm(qh.new_empty(()), qh.flatten(0, 1), keys.flatten(0, 1).transpose(1, 2), beta=0,
                         alpha=scale).unflatten(0, (batch, heads))                           # (B, H, N, T + S...)
-    text = sim[..., :text_keys]
+    # one split, not a slice per branch: its gradient is one concatenation instead of a zero-filled copy each
+    text, *parts = sim.split([text_keys, *(vk.shape[2] for vk in visual_k)], dim=-1)   # (B, H, N, T), (B, H, N, S)...
     if bias is not None:
         text = text + bias[:, None]                                               # b i j -> b 1 i j
     probs = [text.softmax(dim=-1)]
-    maps, offset = [], text_keys
-    for subject, vk in zip(subjects, visual_k):
-        part = sim[..., offset:offset + vk.shape[2]]                                       # (B, H, N, S)
-        offset += vk.shape[2]
+    maps = []
+    for subject, part in zip(subjects, parts):
         weight = subject.gamma if subject.mask is None else \
             subject.mask.to(q.device, torch.float32)[:, None, :, None] * subject.gamma   # b n -> b 1 n 1
         probs.append(part.softmax(dim=-1) * weight)
         maps.append(SubjectMaps(text=_placeholder_map(probs[0], subject),
-                                visual=part.softmax(dim=2).mean((1, 3))))          # b h i j -> b i
+                                visual=part.softmax(dim=2).mean((1, 3)) if visual_maps else None))   # b h i j -> b i
     out = torch.matmul(torch.cat(probs, dim=-1), values)                                 # (B, H, N, D)
     merged = out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)       # b n h d, one copy
     return merged.flatten(2), maps
@@ -224,6 +224,7 @@ def customcontrast_attention(
     capture: bool = False,
     scale: float | None = None,
     bias: Tensor | None = None,
+    visual_maps: bool = True,
 ) -> tuple[Tensor, list[SubjectMaps] | None]:
     """Computes masked text cross-attention plus each subject's masked visual branch (Eq. 3, Sec. 3.4).
 
@@ -233,7 +234,8 @@ def customcontrast_attention(
     The text softmax gets log max(M, eps) added on each subject's placeholder columns (only in its
     text_rows); a subject's visual output is weighted by gamma * M (M broadcast over heads and
     channels). Subjects sharing a column multiply their masks. A branch with gamma = 0 is skipped
-    unless maps are captured. `scale` defaults to D ** -0.5. `bias` (B, N, T) fp32 is
+    unless maps are captured; ``visual_maps=False`` leaves the visual maps out (None). `scale` defaults
+    to D ** -0.5. `bias` (B, N, T) fp32 is
     :func:`placeholder_bias` of the same subjects, when the caller already has it.
 
     Layers that capture maps compute every branch explicitly in fp32 in two matmuls; the others
@@ -250,7 +252,7 @@ def customcontrast_attention(
         raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}), got {tuple(bias.shape)}")
 
     if capture:
-        return _captured(q, k, v, heads, subjects, bias, scale)
+        return _captured(q, k, v, heads, subjects, bias, scale, visual_maps)
     qh = _heads(q, heads)
     out = _text_branch(qh, _heads(k, heads), _heads(v, heads), bias, scale)
     for subject in subjects:

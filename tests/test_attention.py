@@ -111,6 +111,23 @@ def test_visual_map_is_a_distribution_over_space_and_not_constant():
     assert (visual[0] - visual[1]).abs().max() > 1e-3
 
 
+def test_text_maps_alone_leave_output_and_text_maps_unchanged():
+    """Training asks only for the text maps (L_loc): same output, text maps and gradient, no visual map."""
+    heads = 4
+    q, k, v = _inputs(heads, seed=10)
+    vk, vv = _visual(heads, seed=11)
+    q.requires_grad_(True)
+    subject = SubjectBranch(vk, vv, gamma=0.7, mask=torch.rand(B, N), columns=(2, 5))
+    both, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=True)
+    text_only, text_maps = customcontrast_attention(q, k, v, heads=heads, subjects=[subject], capture=True,
+                                                    visual_maps=False)
+    assert maps[0].visual is not None and text_maps[0].visual is None
+    torch.testing.assert_close(text_only, both, rtol=0, atol=0)
+    torch.testing.assert_close(text_maps[0].text, maps[0].text, rtol=0, atol=0)
+    grads = [torch.autograd.grad(out.sum() + m[0].text.sum(), q)[0] for out, m in ((both, maps), (text_only, text_maps))]
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=0)
+
+
 def test_text_rows_leave_other_rows_unbiased():
     heads = 2
     q, k, v = _inputs(heads, seed=10)

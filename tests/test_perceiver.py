@@ -58,3 +58,15 @@ def test_qformer_blocks_are_residual():
         torch.nn.init.zeros_(block.ff[-1].weight)
     queries = torch.randn(2, 5, 16)
     torch.testing.assert_close(qformer(torch.randn(2, 7, 16), queries), queries)
+
+
+def test_perceiver_in_bfloat16_stays_within_its_rounding():
+    """Half-precision inputs go through the fused attention with fp32 softmax statistics."""
+    torch.manual_seed(1)
+    module = PerceiverAttention(32, heads=4, dim_head=8, feature_dim=48)
+    features, queries = torch.randn(2, 20, 48), torch.randn(2, 6, 32)
+    expected = naive_perceiver(module, features, queries)
+    out = module.to(torch.bfloat16)(features.bfloat16(), queries.bfloat16())
+    assert out.dtype == torch.bfloat16
+    error = (out.double() - expected).abs().max().item()
+    assert error < 0.05 * expected.abs().max().item()

@@ -10,25 +10,29 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention
 from customcontrast_core.layers import CrossAttentionLayer
 from customcontrast_core.masks import resize_mask
-from customcontrast_core.visual_kv import CustomContrastModel, KVProjection
+from customcontrast_core.visual_kv import CustomContrastModel, KVProjection, VisualKV
 
 
 @dataclass
 class ProcessorState:
     """What every patched layer of one UNet forward reads, and the maps they capture."""
 
-    contexts: Tensor | None = None          # (G, B, T, C) prompt encoded with each group's S+ token
+    contexts: Tensor | tuple | None = None  # (G, B, T, C) prompt encoded with each group's S+ token, or its
+                                            # G (B, T, C) slices unbound once (one gradient op, not one per layer)
     visual_tokens: Tensor | None = None     # (B, m, C) TV-fused visual tokens (blank reference where dropped)
+    visual_kv: dict[str, tuple[Tensor, Tensor]] | None = None   # project_visual_kv of visual_tokens; None: per layer
     slots: tuple[tuple[int, ...], ...] = ()  # per row, placeholder positions in the context (empty: none)
     gamma: float = 1.0
     mask: Tensor | None = None               # (B, H, W) subject mask from the previous step (inference); None: M = 1
     latent_hw: tuple[int, int] = (0, 0)
     capture: bool = False
+    visual_maps: bool = True                 # with capture, also the visual maps (mask propagation; L_loc reads text)
     maps: dict[str, SubjectMaps] = field(default_factory=dict)   # layer name -> maps of the last forward
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
@@ -71,27 +75,45 @@ class CustomContrastProcessor:
 
     def _with_subject(self, q: Tensor, k: Tensor, v: Tensor, heads: int, capture: bool):
         st = self.state
-        visual_k, visual_v = self.kv(st.visual_tokens.to(q.dtype))
+        if st.visual_kv is not None:
+            visual_k, visual_v = (x.to(q.dtype) for x in st.visual_kv[self.layer.name])
+        else:
+            visual_k, visual_v = self.kv(st.visual_tokens.to(q.dtype))
         slots = st.slots or ((),) * q.shape[0]
         mask = None if st.mask is None else resize_mask(st.mask.to(q.device), layer_grid(st.latent_hw, self.layer.downsample))
         if len(set(slots)) == 1:   # the usual case: every prompt has its placeholder at the same position
             branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=slots[0])
-            out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture)
+            out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
+                                                 visual_maps=st.visual_maps)
             return out, (maps[0] if maps else None)
         out = torch.empty_like(q)
         text = torch.zeros(q.shape[:2], device=q.device) if capture else None
-        visual = torch.zeros(q.shape[:2], device=q.device) if capture else None
+        visual = torch.zeros(q.shape[:2], device=q.device) if capture and st.visual_maps else None
         for where in sorted(set(slots)):
             rows = torch.tensor([i for i, s in enumerate(slots) if s == where], device=q.device)
             branch = SubjectBranch(visual_k[rows], visual_v[rows], gamma=st.gamma, columns=where,
                                    mask=None if mask is None else mask[rows])
             part, maps = customcontrast_attention(q[rows], k[rows], v[rows], heads=heads, subjects=[branch],
-                                                  capture=capture)
+                                                  capture=capture, visual_maps=st.visual_maps)
             out = out.index_copy(0, rows, part)
             if capture:
                 text = text.index_copy(0, rows, maps[0].text)
-                visual = visual.index_copy(0, rows, maps[0].visual)
+                if visual is not None:
+                    visual = visual.index_copy(0, rows, maps[0].visual)
         return out, (SubjectMaps(text=text, visual=visual) if capture else None)
+
+
+def project_visual_kv(visual_kv: VisualKV, tokens: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
+    """Every layer's visual K and V in one matmul with the stacked weights (``VisualKV.fused``), differentiable.
+
+    The same values as each layer's own ``KVProjection``; in a training step that is 1 matmul instead of
+    2 per layer forward, and 2 instead of 4 per layer (plus the accumulation into the tokens' gradient)
+    backward. Compute it outside gradient-checkpointed blocks (the training step does, before the UNet).
+    Shapes: tokens (B, m, C) -> layer name -> (key (B, m, inner), value (B, m, inner)).
+    """
+    weight, slices = visual_kv.fused()
+    parts = F.linear(tokens, weight).split([slices[name][1] for name in visual_kv for _ in "kv"], dim=-1)
+    return {name: (parts[2 * i], parts[2 * i + 1]) for i, name in enumerate(visual_kv)}
 
 
 def install_processors(unet, model: CustomContrastModel, state: ProcessorState,

@@ -21,7 +21,7 @@ from customcontrast_core.visual_kv import CustomContrastModel
 from .config import TrainConfig
 from .losses import cscl_loss, gather_with_grad, localization_loss, macl_loss, sample_condition_dropout, total_loss
 from .models import FrozenModels, appearance_features, clip_hidden_states
-from .processors import ProcessorState, install_processors
+from .processors import ProcessorState, install_processors, project_visual_kv
 
 PLACEHOLDER = "<subject>"
 
@@ -98,8 +98,9 @@ class TrainingModule(nn.Module):
         noisy = frozen.scheduler.add_noise(latents, noise, timesteps).to(latents)
         state = self.state
         state.reset()
-        state.contexts, state.visual_tokens, state.slots = contexts, visual, tokens.slots
-        state.latent_hw, state.capture = tuple(latents.shape[-2:]), True
+        state.contexts, state.visual_tokens, state.slots = contexts.unbind(0), visual, tokens.slots
+        state.visual_kv = project_visual_kv(self.model.visual_kv, visual)
+        state.latent_hw, state.capture, state.visual_maps = tuple(latents.shape[-2:]), True, False   # L_loc: text maps
         pred = frozen.unet(noisy, timesteps, encoder_hidden_states=contexts[0], added_cond_kwargs=added).sample
         ldm_target = noise if frozen.scheduler.config.prediction_type == "epsilon" \
             else frozen.scheduler.get_velocity(latents, noise, timesteps).to(latents)
@@ -112,7 +113,7 @@ class TrainingModule(nn.Module):
                                   gather_with_grad(app_ref), gather_with_grad(app_pos),
                                   temperature=cfg.macl_temperature, r_min=cfg.r_min)
         terms["loc"] = self._localization(batch["target_mask"].to(device), tokens.slots)
-        state.contexts = state.visual_tokens = None
+        state.contexts = state.visual_tokens = state.visual_kv = None
         # each process sees all negatives but back-propagates only its rows; DDP averages over processes,
         # so the contrastive weight is scaled by the process count to give the single-process gradient
         trained = {k: v for k, v in terms.items() if k not in ("cscl", "macl") or k in cfg.contrastive_terms}
