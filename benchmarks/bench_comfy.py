@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .common import interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+from .common import flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
 
 
 def encoding_time(run, device: str) -> dict:
@@ -62,12 +62,10 @@ def encoding_time(run, device: str) -> dict:
 
 def count_flops(variants: dict) -> dict:
     """Floating-point operations of one warm run of each variant (its second run: the first fills the caches)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     flops = {}
     for name, fn in variants.items():
         fn()
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter() as counter:
             fn()
         flops[name] = counter.get_total_flops()
         print(f"[comfy] {name}: {flops[name] / 1e12:.3f} TFLOP per run", flush=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import CountOps, interleaved, machine, peak_memory_gb, reset_peak, write_json
+from .common import CountOps, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, write_json
 
 
 def build(device: str, dtype: torch.dtype, size: int):
@@ -150,8 +150,7 @@ def main() -> None:
             print(f"[training] {name}: {counted.count} ATen operators per step, {counted.kernels} kernels",
                   flush=True)
         if args.count_flops:
-            from torch.utils.flop_counter import FlopCounterMode
-            with FlopCounterMode(display=False) as counter:
+            with flop_counter() as counter:
                 step()
             flops[name] = counter.get_total_flops()
             print(f"[training] {name}: {flops[name] / 1e12:.3f} TFLOP per step", flush=True)

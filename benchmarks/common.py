@@ -11,7 +11,6 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-# Operators that only re-describe memory (no kernel on a GPU)
 # operators that launch nothing on a GPU: views, allocations, and host-side scalars
 NO_LAUNCH_OPS = frozenset({"aten::view", "aten::_unsafe_view", "aten::expand", "aten::slice", "aten::select",
                            "aten::permute", "aten::transpose", "aten::t", "aten::unsqueeze", "aten::squeeze",
@@ -34,6 +33,28 @@ class CountOps(TorchDispatchMode):
             self.count += 1
             self.kernels += func._schema.name not in NO_LAUNCH_OPS
         return func(*args, **(kwargs or {}))
+
+
+def flop_counter():
+    """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU kernels of fused attention.
+
+    torch's counter has formulas for the CUDA SDPA kernels only: on the CPU every
+    ``scaled_dot_product_attention`` call (the UNet's self-attention, CLIP's attention) would count 0.
+    The CPU flash kernel and its backward get torch's own SDPA formulas here (QK^T and PV, full
+    rectangle also when causal, as for CUDA).
+    """
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    def forward(query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_flop_count(query, key, value)
+
+    def backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+        return sdpa_backward_flop_count(grad_out, query, key, value)
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def sync(device: str) -> None:

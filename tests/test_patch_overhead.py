@@ -64,3 +64,15 @@ def test_graph_mode_leaves_few_host_operators_per_layer(family, use_mask, limit)
     result = measure(family, use_mask, evaluations=2, graphs="emulate")
     assert result["max_abs_diff_vs_eager"] < 1e-5
     assert result["ops_per_layer_patched"] <= limit < measure(family, use_mask, evaluations=2)["ops_per_layer_patched"]
+
+
+def test_flop_counter_counts_fused_attention_on_the_cpu():
+    """The benchmarks' FLOP counts include SDPA: QK^T and PV forward, 2.5x that backward (torch's formulas)."""
+    from benchmarks.common import flop_counter
+
+    q = torch.randn(2, 3, 40, 16, requires_grad=True)
+    k, v = torch.randn(2, 3, 24, 16), torch.randn(2, 3, 24, 16)
+    with flop_counter() as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, k, v).sum().backward()
+    forward = 2 * (2 * 3 * 40 * 24 * 16) * 2   # two products of 2*B*H*L*S*D each
+    assert counter.get_total_flops() == forward + forward * 5 // 2
