@@ -18,7 +18,7 @@ from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel
 
 from ..models import FrozenModels, clip_hidden_states
-from ..processors import ProcessorState, install_processors
+from ..processors import ProcessorState, install_processors, project_visual_kv
 
 PLACEHOLDER = "<subject>"
 
@@ -70,7 +70,7 @@ class SubjectSampler:
         for t in scheduler.timesteps:
             state.reset()
             if reference is None:
-                state.contexts = state.visual_tokens = None
+                state.contexts = state.visual_tokens = state.visual_kv = None
                 context = torch.cat([negative, positive])
             else:
                 enc = encoder.encode_timestep(image, t.float().reshape(1).to(device))
@@ -79,6 +79,7 @@ class SubjectSampler:
                 uncond = negative.expand_as(cond)
                 state.contexts = rearrange(torch.stack([uncond, cond]), "two g t c -> g two t c")
                 state.visual_tokens = torch.cat([blank_enc.visual_tokens, enc.visual_tokens])
+                state.visual_kv = project_visual_kv(self.model.visual_kv, state.visual_tokens)   # one matmul
                 state.slots, state.gamma = ((), tokens.slots[0]), settings.gamma
                 state.latent_hw = (size, size)
                 masks = tracker.mask_for(float(t)) if settings.use_mask else None
@@ -92,7 +93,7 @@ class SubjectSampler:
                     tracker.add(0, SubjectMaps(text=maps.text[1:], visual=maps.visual[1:]), state.grids[name])
             uncond_pred, cond_pred = pred.chunk(2)
             latents = scheduler.step(uncond_pred + settings.guidance * (cond_pred - uncond_pred), t, latents).prev_sample
-        state.contexts = state.visual_tokens = state.mask = None
+        state.contexts = state.visual_tokens = state.visual_kv = state.mask = None
         state.capture = False
         image = frozen.vae.decode(latents / frozen.vae.config.scaling_factor).sample
         return ((image[0].float() + 1) / 2).clamp(0, 1).cpu()
