@@ -4,7 +4,7 @@ import torch
 
 from customcontrast_core import CustomContrastModel, get_preset
 from training.models import build_tiny
-from training.processors import ProcessorState, install_processors, project_visual_kv
+from training.processors import CustomContrastProcessor, ProcessorState, install_processors, project_visual_kv
 
 
 def test_projected_visual_kv_equals_each_layers_projection():
@@ -62,4 +62,37 @@ def test_unet_forward_with_fast_inputs_equals_per_layer_inputs(preset):
     torch.testing.assert_close(maps_b, maps_a, rtol=1e-5, atol=1e-7)
     assert grads_a[0].abs().sum() > 0 and grads_a[1].abs().sum() > 0
     for fast, slow in zip(grads_b, grads_a):
+        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_text_dropped_rows_share_the_call_of_the_others(monkeypatch, with_mask):
+    """Rows without a placeholder (text dropout, the uncond row at evaluation) go through the same call with
+    ``text_rows``: same output, maps and gradients as one call per slot position."""
+    config = get_preset("tiny")
+    torch.manual_seed(1)
+    frozen, model = build_tiny(config), CustomContrastModel(config)
+    state = ProcessorState()
+    install_processors(frozen.unet, model, state, capture_downsample=(2, 4))
+    b = 3
+    contexts = torch.randn(config.num_groups, b, 77, config.context_dim, requires_grad=True)
+    visual = torch.randn(b, config.num_visual_tokens, config.context_dim, requires_grad=True)
+    latents, timesteps = torch.randn(b, 4, 16, 16), torch.tensor([10, 400, 700])
+    results = []
+    for one_call in (True, False):
+        if not one_call:
+            monkeypatch.setattr(CustomContrastProcessor, "_one_call", CustomContrastProcessor._per_position)
+        state.reset()
+        state.contexts, state.visual_tokens, state.visual_kv = contexts, visual, None
+        state.slots, state.latent_hw, state.capture = ((4,), (), (4,)), (16, 16), True
+        state.mask = torch.rand(b, 16, 16, generator=torch.Generator().manual_seed(2)) if with_mask else None
+        out = frozen.unet(latents, timesteps, encoder_hidden_states=contexts[0]).sample
+        maps = torch.cat([torch.cat([m.text, m.visual], dim=1) for m in state.maps.values()], dim=1)
+        grads = torch.autograd.grad(out.square().mean() + maps.square().sum(), [contexts, visual])
+        results.append((out.detach(), maps.detach(), grads))
+    (out_a, maps_a, grads_a), (out_b, maps_b, grads_b) = results
+    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(maps_a, maps_b, rtol=1e-5, atol=1e-7)
+    assert maps_a.view(b, -1)[1].abs().max() > 0   # the dropped row still has visual maps
+    for fast, slow in zip(grads_a, grads_b):
         torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)

@@ -81,11 +81,26 @@ class CustomContrastProcessor:
             visual_k, visual_v = self.kv(st.visual_tokens.to(q.dtype))
         slots = st.slots or ((),) * q.shape[0]
         mask = None if st.mask is None else resize_mask(st.mask.to(q.device), layer_grid(st.latent_hw, self.layer.downsample))
-        if len(set(slots)) == 1:   # the usual case: every prompt has its placeholder at the same position
-            branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=slots[0])
-            out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
-                                                 visual_maps=st.visual_maps)
-            return out, (maps[0] if maps else None)
+        if len(set(slots) - {()}) <= 1:
+            return self._one_call(q, k, v, heads, capture, slots, visual_k, visual_v, mask)
+        return self._per_position(q, k, v, heads, capture, slots, visual_k, visual_v, mask)
+
+    def _one_call(self, q: Tensor, k: Tensor, v: Tensor, heads: int, capture: bool, slots: tuple,
+                  visual_k: Tensor, visual_v: Tensor, mask: Tensor | None) -> tuple[Tensor, SubjectMaps | None]:
+        """The usual case: every prompt has its placeholder at the same position, or none (text dropout:
+        those rows get no bias and a zero text map through ``text_rows``)."""
+        st = self.state
+        columns = next((where for where in slots if where), ())
+        text_rows = None if all(slots) or not columns else torch.tensor([bool(w) for w in slots], device=q.device)
+        branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=columns, text_rows=text_rows)
+        out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
+                                             visual_maps=st.visual_maps)
+        return out, (maps[0] if maps else None)
+
+    def _per_position(self, q: Tensor, k: Tensor, v: Tensor, heads: int, capture: bool, slots: tuple,
+                      visual_k: Tensor, visual_v: Tensor, mask: Tensor | None) -> tuple[Tensor, SubjectMaps | None]:
+        """Prompts with the placeholder at different positions: one call per position (rows gathered)."""
+        st = self.state
         out = torch.empty_like(q)
         text = torch.zeros(q.shape[:2], device=q.device) if capture else None
         visual = torch.zeros(q.shape[:2], device=q.device) if capture and st.visual_maps else None
