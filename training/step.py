@@ -26,11 +26,10 @@ from .processors import ProcessorState, install_processors, project_visual_kv
 PLACEHOLDER = "<subject>"
 
 
-def _split(encoding: SubjectEncoding, b: int) -> tuple[SubjectEncoding, SubjectEncoding]:
-    """Splits an encoding of 2B rows into its first and last B rows (views)."""
-    fields = {f.name: getattr(encoding, f.name) for f in dataclasses.fields(encoding)}
-    return (SubjectEncoding(**{k: v[:b] for k, v in fields.items()}),
-            SubjectEncoding(**{k: v[b:] for k, v in fields.items()}))
+def _split(encoding: SubjectEncoding, sizes: list[int]) -> list[SubjectEncoding]:
+    """Splits an encoding's rows into consecutive parts of ``sizes`` rows (views)."""
+    fields = {f.name: getattr(encoding, f.name).split(sizes) for f in dataclasses.fields(encoding)}
+    return [SubjectEncoding(**{k: v[i] for k, v in fields.items()}) for i in range(len(sizes))]
 
 
 class TrainingModule(nn.Module):
@@ -42,6 +41,7 @@ class TrainingModule(nn.Module):
         self.cfg = cfg
         self.__dict__["frozen"] = frozen          # not a submodule: never trained, never synced
         self.state = ProcessorState()
+        self._blank_hidden: dict[tuple, Tensor] = {}   # (device, dtype, size) -> CLIP features of a blank image
         install_processors(frozen.unet, model, self.state, cfg.capture_downsample)
 
     def forward(self, batch: Mapping[str, Tensor | list], generator: torch.Generator, *, rank: int = 0,
@@ -63,20 +63,22 @@ class TrainingModule(nn.Module):
         timesteps = torch.randint(0, frozen.scheduler.config.num_train_timesteps, (b * world,),
                                   generator=generator)[mine].to(device)
 
-        # subject encodings: the reference and its positive view at the same timestep, each frozen and
-        # trainable encoder run once on both (per-sample models: same values, half the calls), then
-        # the blank reference for image-dropped rows
+        # subject encodings: the reference, its positive view and, for image-dropped rows, the blank
+        # reference, at the same timestep, through each frozen and trainable encoder once (per-sample
+        # models: the same values as separate calls); a blank image's CLIP features are computed once
         with torch.no_grad():
             views = torch.cat([reference, positive])                                   # (2B, 3, H, W)
             clip_both = clip_hidden_states(frozen.clip_vision, views, layers)
             app_ref, app_pos = appearance_features(frozen.appearance, views).float().chunk(2)
-        enc, enc_pos = _split(encoder(clip_both, timesteps.float().repeat(2)), b)
+        rows = drop_image.nonzero().squeeze(1).to(device)                              # image-dropped rows
+        hidden, steps = clip_both, timesteps.float().repeat(2)
+        if len(rows):
+            blank_hidden = self._blank_features(reference, clip_both.dtype)
+            hidden = torch.cat([hidden, blank_hidden.expand(len(rows), -1, -1, -1)])
+            steps = torch.cat([steps, timesteps[rows].float()])
+        enc, enc_pos, blank = _split(encoder(hidden, steps), [b, b, len(rows)])
         splus, visual = enc.splus, enc.visual_tokens
-        if drop_image.any():
-            rows = drop_image.nonzero().squeeze(1).to(device)
-            with torch.no_grad():
-                clip_blank = clip_hidden_states(frozen.clip_vision, torch.zeros_like(reference[rows]), layers)
-            blank = encoder(clip_blank, timesteps[rows].float())
+        if len(rows):
             splus = splus.index_copy(0, rows, blank.splus)
             visual = visual.index_copy(0, rows, blank.visual_tokens)
 
@@ -119,6 +121,17 @@ class TrainingModule(nn.Module):
         trained = {k: v for k, v in terms.items() if k not in ("cscl", "macl") or k in cfg.contrastive_terms}
         loss = total_loss(trained, lambda_contrast=cfg.lambda_contrast * world, lambda_loc=cfg.lambda_loc)
         return loss, terms
+
+    def _blank_features(self, reference: Tensor, dtype: torch.dtype) -> Tensor:
+        """CLIP-vision features of a blank (all-zero) reference, computed once per device, dtype and size:
+        the vision model is frozen, so they never change. Shapes: -> (1, K, T, D)."""
+        key = (reference.device, dtype, tuple(reference.shape[1:]))
+        if key not in self._blank_hidden:
+            with torch.no_grad():
+                blank = torch.zeros_like(reference[:1])
+                features = clip_hidden_states(self.frozen.clip_vision, blank, self.model.config.clip_layers)
+            self._blank_hidden[key] = features.to(dtype)
+        return self._blank_hidden[key]
 
     def _added_conditions(self, tokens, b: int, device: torch.device) -> dict[str, Tensor] | None:
         """SDXL's pooled text embedding and size/crop ids (original = target = training size, no crop)."""
