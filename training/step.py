@@ -70,15 +70,18 @@ class TrainingModule(nn.Module):
             views = torch.cat([reference, positive])                                   # (2B, 3, H, W)
             clip_both = clip_hidden_states(frozen.clip_vision, views, layers)
             app_ref, app_pos = appearance_features(frozen.appearance, views).float().chunk(2)
-        rows = drop_image.nonzero().squeeze(1).to(device)                              # image-dropped rows
+        dropped = int(drop_image.sum())                  # drop_image lives on the CPU: no device read
         hidden, steps = clip_both, timesteps.float().repeat(2)
-        if len(rows):
+        if dropped:
+            rows = drop_image.nonzero().squeeze(1).to(device)                          # image-dropped rows
             blank_hidden = self._blank_features(reference, clip_both.dtype)
             hidden = torch.cat([hidden, blank_hidden.expand(len(rows), -1, -1, -1)])
             steps = torch.cat([steps, timesteps[rows].float()])
-        enc, enc_pos, blank = _split(encoder(hidden, steps), [b, b, len(rows)])
+        parts = _split(encoder(hidden, steps), [b, b, dropped] if dropped else [b, b])   # no empty part
+        enc, enc_pos = parts[:2]
         splus, visual = enc.splus, enc.visual_tokens
-        if len(rows):
+        if dropped:
+            blank = parts[2]
             splus = splus.index_copy(0, rows, blank.splus)
             visual = visual.index_copy(0, rows, blank.visual_tokens)
 
