@@ -34,6 +34,8 @@ class SubjectBranch:
     mask: Tensor | None = None       # (B or 1, N) subject location in [0, 1] from the previous step; None: M = 1
     columns: tuple[int, ...] = ()    # placeholder key positions in the text context (p, p + 77, ... when LCM-padded)
     text_rows: Tensor | None = None  # (B,) bool: rows whose text context holds the placeholder (cond chunks); None: all
+    column_weights: Tensor | None = None   # (B, T) float, 1 at each row's own placeholder columns (rows differ);
+                                           # used instead of `columns`
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.gamma) or self.gamma < 0:
@@ -53,6 +55,13 @@ class SubjectBranch:
         if any(c < 0 for c in columns) or len(set(columns)) != len(columns):
             raise ValueError(f"columns must be distinct non-negative key positions, got {columns}")
         object.__setattr__(self, "columns", columns)
+        if self.column_weights is not None and (columns or self.column_weights.ndim != 2):
+            raise ValueError("column_weights (B, T) replaces columns: give one of them, got columns "
+                             f"{columns} and column_weights of shape {tuple(self.column_weights.shape)}")
+
+    @property
+    def has_columns(self) -> bool:
+        return bool(self.columns) or self.column_weights is not None
 
 
 @dataclass(frozen=True, eq=False)
@@ -88,6 +97,10 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequenc
             )
         if subject.text_rows is not None and subject.text_rows.shape[0] != batch:
             raise ValueError(f"subject {index}: text_rows must have {batch} rows, got {subject.text_rows.shape[0]}")
+        weights = subject.column_weights
+        if weights is not None and (weights.shape[0] not in (1, batch) or weights.shape[1] != k.shape[1]):
+            raise ValueError(f"subject {index}: column_weights must be ({batch} or 1, {k.shape[1]}), "
+                             f"got {tuple(weights.shape)}")
         if subject.columns and max(subject.columns) >= k.shape[1]:
             raise ValueError(
                 f"subject {index}: placeholder column {max(subject.columns)} is outside a text context "
@@ -114,12 +127,14 @@ def placeholder_bias(
     """
     bias = None
     for subject in subjects:
-        if subject.mask is None or not subject.columns:
+        if subject.mask is None or not subject.has_columns:
             continue
         if bias is None:
             bias = torch.zeros(batch, queries, keys, device=device)
         log_mask = torch.log(subject.mask.to(device=device, dtype=torch.float32).clamp_min(eps))
         log_mask = log_mask.expand(batch, queries) * _row_weights(subject, batch, device)   # (B, N)
+        if subject.column_weights is not None:   # each row its own columns: b n, b t -> b n t
+            bias = bias + log_mask[:, :, None] * subject.column_weights.to(device, torch.float32)[:, None, :]
         for column in subject.columns:
             bias[:, :, column] += log_mask
     return bias
@@ -159,9 +174,13 @@ def _visual_branch(qh: Tensor, subject: SubjectBranch, heads: int, scale: float)
 def _placeholder_map(probs: Tensor, subject: SubjectBranch) -> Tensor:
     """The placeholder's text-attention probability, mean over heads. Shapes: probs (B, H, N, T) -> (B, N)."""
     batch, _, queries, _ = probs.shape
-    if not subject.columns:
+    if subject.column_weights is not None:   # each row its own columns: b h n t, b t -> b h n
+        weights = subject.column_weights.to(probs.device, probs.dtype)[:, None, :, None]   # b t -> b 1 t 1
+        placeholder = torch.matmul(probs, weights).squeeze(-1)
+    elif not subject.columns:
         return torch.zeros(batch, queries, device=probs.device)
-    placeholder = probs[..., subject.columns[0]]                                  # (B, H, N), integer index
+    else:
+        placeholder = probs[..., subject.columns[0]]                              # (B, H, N), integer index
     for column in subject.columns[1:]:
         placeholder = placeholder + probs[..., column]
     text = placeholder.mean(1)                                                    # b h n -> b n

@@ -211,3 +211,25 @@ def test_capture_path_casts_inside_its_operators(dtype, visual_dtype):
     torch.testing.assert_close(maps_grad[0].text.detach(), maps[0].text, rtol=0, atol=0)
     out_grad.float().sum().backward()
     assert trained.grad is not None and trained.grad.abs().sum() > 0
+
+
+def test_per_row_columns_equal_one_call_per_row():
+    """column_weights (B, T): each row its own placeholder columns, biased and mapped as with `columns`."""
+    heads = 2
+    q, k, v = _inputs(heads, seed=30)
+    vk, vv = _visual(heads, seed=31)
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(32))
+    weights = torch.zeros(B, T)
+    weights[0, 3], weights[1, [2, 9]] = 1.0, 1.0
+    batched, maps = customcontrast_attention(q, k, v, heads=heads, capture=True, subjects=[
+        SubjectBranch(vk, vv, mask=mask, column_weights=weights)])
+    for row, columns in enumerate([(3,), (2, 9)]):
+        one = slice(row, row + 1)
+        out, row_maps = customcontrast_attention(q[one], k[one], v[one], heads=heads, capture=True, subjects=[
+            SubjectBranch(vk[one], vv[one], mask=mask[one], columns=columns)])
+        torch.testing.assert_close(batched[one], out, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(maps[0].text[one], row_maps[0].text, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="replaces columns"):
+        SubjectBranch(vk, vv, columns=(1,), column_weights=weights)
+    with pytest.raises(ValueError, match="column_weights must be"):
+        customcontrast_attention(q, k, v, heads=heads, subjects=[SubjectBranch(vk, vv, column_weights=weights[:, :5])])

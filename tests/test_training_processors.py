@@ -4,7 +4,7 @@ import torch
 
 from customcontrast_core import CustomContrastModel, get_preset
 from training.models import build_tiny
-from training.processors import CustomContrastProcessor, ProcessorState, install_processors, project_visual_kv
+from training.processors import ProcessorState, install_processors, project_visual_kv
 
 
 def test_projected_visual_kv_equals_each_layers_projection():
@@ -66,9 +66,11 @@ def test_unet_forward_with_fast_inputs_equals_per_layer_inputs(preset):
 
 
 @pytest.mark.parametrize("with_mask", [False, True])
-def test_text_dropped_rows_share_the_call_of_the_others(monkeypatch, with_mask):
-    """Rows without a placeholder (text dropout, the uncond row at evaluation) go through the same call with
-    ``text_rows``: same output, maps and gradients as one call per slot position."""
+@pytest.mark.parametrize("slots", [((4,), (), (4,)), ((4,), (), (6,)), ((2, 7), (5,), ())])
+def test_rows_with_other_or_no_placeholder_share_one_call(with_mask, slots):
+    """Prompts without a placeholder (text dropout, the uncond row when evaluating) or with it at other
+    positions go through one call per layer (``text_rows``, per-row ``column_weights``): the batched UNet
+    equals one UNet call per row (outputs, maps, gradients)."""
     config = get_preset("tiny")
     torch.manual_seed(1)
     frozen, model = build_tiny(config), CustomContrastModel(config)
@@ -78,21 +80,23 @@ def test_text_dropped_rows_share_the_call_of_the_others(monkeypatch, with_mask):
     contexts = torch.randn(config.num_groups, b, 77, config.context_dim, requires_grad=True)
     visual = torch.randn(b, config.num_visual_tokens, config.context_dim, requires_grad=True)
     latents, timesteps = torch.randn(b, 4, 16, 16), torch.tensor([10, 400, 700])
-    results = []
-    for one_call in (True, False):
-        if not one_call:
-            monkeypatch.setattr(CustomContrastProcessor, "_one_call", CustomContrastProcessor._per_position)
+    masks = torch.rand(b, 16, 16, generator=torch.Generator().manual_seed(2)) if with_mask else None
+
+    def run(rows):
         state.reset()
-        state.contexts, state.visual_tokens, state.visual_kv = contexts, visual, None
-        state.slots, state.latent_hw, state.capture = ((4,), (), (4,)), (16, 16), True
-        state.mask = torch.rand(b, 16, 16, generator=torch.Generator().manual_seed(2)) if with_mask else None
-        out = frozen.unet(latents, timesteps, encoder_hidden_states=contexts[0]).sample
+        state.contexts, state.visual_tokens, state.visual_kv = contexts[:, rows], visual[rows], None
+        state.slots, state.latent_hw, state.capture = tuple(slots[i] for i in rows), (16, 16), True
+        state.mask = None if masks is None else masks[rows]
+        out = frozen.unet(latents[rows], timesteps[rows], encoder_hidden_states=contexts[0, rows]).sample
         maps = torch.cat([torch.cat([m.text, m.visual], dim=1) for m in state.maps.values()], dim=1)
-        grads = torch.autograd.grad(out.square().mean() + maps.square().sum(), [contexts, visual])
-        results.append((out.detach(), maps.detach(), grads))
-    (out_a, maps_a, grads_a), (out_b, maps_b, grads_b) = results
-    torch.testing.assert_close(out_a, out_b, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(maps_a, maps_b, rtol=1e-5, atol=1e-7)
-    assert maps_a.view(b, -1)[1].abs().max() > 0   # the dropped row still has visual maps
-    for fast, slow in zip(grads_a, grads_b):
-        torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-6)
+        return out, maps
+
+    out, maps = run(list(range(b)))
+    grads = torch.autograd.grad(out.square().sum() + maps.square().sum(), [contexts, visual])
+    alone = [run([i]) for i in range(b)]
+    grads_alone = torch.autograd.grad(sum(o.square().sum() + m.square().sum() for o, m in alone), [contexts, visual])
+    torch.testing.assert_close(out, torch.cat([o for o, _ in alone]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(maps, torch.cat([m for _, m in alone]), rtol=1e-5, atol=1e-6)
+    for batched, single in zip(grads, grads_alone):
+        torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+    assert maps[1].abs().max() > 0   # every row has visual maps, the dropped one a zero text map

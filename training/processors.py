@@ -36,9 +36,29 @@ class ProcessorState:
     maps: dict[str, SubjectMaps] = field(default_factory=dict)   # layer name -> maps of the last forward
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 
+    _rows: dict = field(default_factory=dict)     # (slots, what, ...) -> row tensors, built once per forward
+
     def reset(self) -> None:
         self.maps.clear()
         self.grids.clear()
+        self._rows.clear()
+
+    def rows_with_slot(self, slots: tuple, device: torch.device) -> Tensor:
+        """(B,) bool: the rows whose prompt has a placeholder (built once per forward)."""
+        key = (slots, "rows", device)
+        if key not in self._rows:
+            self._rows[key] = torch.tensor([bool(where) for where in slots], device=device)
+        return self._rows[key]
+
+    def column_weights(self, slots: tuple, keys: int, device: torch.device) -> Tensor:
+        """(B, keys) fp32: 1 at each row's placeholder positions (built once per forward)."""
+        key = (slots, "columns", keys, device)
+        if key not in self._rows:
+            weights = torch.zeros(len(slots), keys)
+            for row, where in enumerate(slots):
+                weights[row, list(where)] = 1.0
+            self._rows[key] = weights.to(device)
+        return self._rows[key]
 
 
 def layer_grid(latent_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
@@ -81,41 +101,18 @@ class CustomContrastProcessor:
             visual_k, visual_v = self.kv(st.visual_tokens.to(q.dtype))
         slots = st.slots or ((),) * q.shape[0]
         mask = None if st.mask is None else resize_mask(st.mask.to(q.device), layer_grid(st.latent_hw, self.layer.downsample))
-        if len(set(slots) - {()}) <= 1:
-            return self._one_call(q, k, v, heads, capture, slots, visual_k, visual_v, mask)
-        return self._per_position(q, k, v, heads, capture, slots, visual_k, visual_v, mask)
-
-    def _one_call(self, q: Tensor, k: Tensor, v: Tensor, heads: int, capture: bool, slots: tuple,
-                  visual_k: Tensor, visual_v: Tensor, mask: Tensor | None) -> tuple[Tensor, SubjectMaps | None]:
-        """The usual case: every prompt has its placeholder at the same position, or none (text dropout:
-        those rows get no bias and a zero text map through ``text_rows``)."""
-        st = self.state
-        columns = next((where for where in slots if where), ())
-        text_rows = None if all(slots) or not columns else torch.tensor([bool(w) for w in slots], device=q.device)
-        branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=columns, text_rows=text_rows)
+        positions = set(slots) - {()}
+        if len(positions) <= 1:   # the usual case: one placeholder position for every prompt that has one
+            columns, weights = next(iter(positions), ()), None
+        else:                     # captions with the placeholder at different positions: per-row columns
+            columns, weights = (), st.column_weights(slots, k.shape[1], q.device)
+        # rows without a placeholder (text dropout, the uncond row when evaluating): no bias, zero text map
+        text_rows = None if all(slots) or not positions else st.rows_with_slot(slots, q.device)
+        branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=columns,
+                               text_rows=text_rows, column_weights=weights)
         out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
                                              visual_maps=st.visual_maps)
         return out, (maps[0] if maps else None)
-
-    def _per_position(self, q: Tensor, k: Tensor, v: Tensor, heads: int, capture: bool, slots: tuple,
-                      visual_k: Tensor, visual_v: Tensor, mask: Tensor | None) -> tuple[Tensor, SubjectMaps | None]:
-        """Prompts with the placeholder at different positions: one call per position (rows gathered)."""
-        st = self.state
-        out = torch.empty_like(q)
-        text = torch.zeros(q.shape[:2], device=q.device) if capture else None
-        visual = torch.zeros(q.shape[:2], device=q.device) if capture and st.visual_maps else None
-        for where in sorted(set(slots)):
-            rows = torch.tensor([i for i, s in enumerate(slots) if s == where], device=q.device)
-            branch = SubjectBranch(visual_k[rows], visual_v[rows], gamma=st.gamma, columns=where,
-                                   mask=None if mask is None else mask[rows])
-            part, maps = customcontrast_attention(q[rows], k[rows], v[rows], heads=heads, subjects=[branch],
-                                                  capture=capture, visual_maps=st.visual_maps)
-            out = out.index_copy(0, rows, part)
-            if capture:
-                text = text.index_copy(0, rows, maps[0].text)
-                if visual is not None:
-                    visual = visual.index_copy(0, rows, maps[0].visual)
-        return out, (SubjectMaps(text=text, visual=visual) if capture else None)
 
 
 def project_visual_kv(visual_kv: VisualKV, tokens: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
