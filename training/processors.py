@@ -107,7 +107,8 @@ class CustomContrastProcessor:
         else:                     # captions with the placeholder at different positions: per-row columns
             columns, weights = (), st.column_weights(slots, k.shape[1], q.device)
         # rows without a placeholder (text dropout, the uncond row when evaluating): no bias, zero text map
-        text_rows = None if all(slots) or not positions else st.rows_with_slot(slots, q.device)
+        # (per-row weights are already 0 there; shared columns need text_rows)
+        text_rows = None if all(slots) or not columns else st.rows_with_slot(slots, q.device)
         branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=columns,
                                text_rows=text_rows, column_weights=weights)
         out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
