@@ -4,6 +4,8 @@
     COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cpu --size 64 --steps 3   # CPU smoke
     COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cpu --families sd15 --steps 2 \
         --repeats 0 --count-flops          # arithmetic of each variant at the target size (no timing)
+    COMFYUI_PATH=/path/to/ComfyUI python -m benchmarks.bench_comfy --device cpu --size 64 --steps 3 \
+        --repeats 0 --count-ops            # kernel launches of each variant (what a launch-bound GPU pays)
 
 Random full-size SD1.5 / SDXL UNets and text encoders (ComfyUI's own modules), a random full-size
 CustomContrast checkpoint, one subject; whole sampling runs (euler, normal, CFG) timed warm and
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+from .common import CountOps, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
 
 
 def encoding_time(run, device: str) -> dict:
@@ -72,13 +74,28 @@ def count_flops(variants: dict) -> dict:
     return {"flops_per_run": flops, "flops_ratio": {k: v / flops["plain"] for k, v in flops.items()}}
 
 
+def count_kernels(variants: dict, steps: int) -> dict:
+    """ATen operators that launch a kernel (views and allocations aside) in one warm run of each variant, and per
+    model evaluation (CFG: one batched evaluation per step with euler): on a GPU whose steps are bound by launching
+    kernels from Python, the time ratio follows this ratio."""
+    kernels = {}
+    for name, fn in variants.items():
+        fn()
+        with CountOps() as counter:
+            fn()
+        kernels[name] = counter.kernels
+        print(f"[comfy] {name}: {kernels[name]} kernels per run ({kernels[name] / steps:.0f} per step)", flush=True)
+    return {"kernels_per_run": kernels, "kernels_per_step": {k: v / steps for k, v in kernels.items()},
+            "kernels_ratio": {k: v / kernels["plain"] for k, v in kernels.items()}}
+
+
 def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps: int, cfg: float,
-                 repeats: int, buckets: int, flops: bool = False) -> dict:
+                 repeats: int, buckets: int, flops: bool = False, ops: bool = False, narrow: int = 1) -> dict:
     from . import comfy_runtime as rt
 
     install = rt.extension()
-    models = rt.build_models(family, device, dtype)
-    loaded, subject = rt.customcontrast(family, device, dtype)
+    models = rt.build_models(family, device, dtype, narrow=narrow)
+    loaded, subject = rt.customcontrast(family, device, dtype, narrow=narrow)
     negative = rt.encode(models.clip, "")
     plain_positive = rt.encode(models.clip, rt.PLAIN_PROMPT)
 
@@ -111,8 +128,11 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
         variants["cuda_graphs"] = lambda: run(graphed, positive_g, negative)
         variants[f"cuda_graphs_buckets_{buckets}"] = lambda: run(graphed_b, positive_gb, negative)
     arithmetic = count_flops(variants) if flops else {}
+    if ops:
+        arithmetic.update(count_kernels(variants, steps))
     if repeats <= 0:
-        return {"family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype), **arithmetic}
+        return {"family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype), "narrow": narrow,
+                **arithmetic}
     reset_peak(device)
     times = interleaved(variants, repeats, device)
     plain = times["plain"]["median"]
@@ -127,7 +147,7 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
         agreement = {"cuda_graphs_vs_default_max_abs": float((replayed - eager).abs().max()),
                      "cuda_graphs_vs_default_rel_l2": float((replayed - eager).norm() / eager.norm().clamp_min(1e-12))}
     return {
-        "family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype),
+        "family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype), "narrow": narrow,
         "seconds": times, "ratio": {name: t["median"] / plain for name, t in times.items()},
         "text_encoder_calls_per_run": calls, "splus_encoding_cold_run": encoding,
         "peak_memory_gb": peak_memory_gb(device), **agreement, **arithmetic,
@@ -145,19 +165,32 @@ def main() -> None:
     p.add_argument("--buckets", type=int, default=10)
     p.add_argument("--count-flops", action="store_true",
                    help="also count the floating-point operations of one run of each variant (--repeats 0: only that)")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also count the kernels (non-view ATen operators) of one run of each variant, with "
+                        "ComfyUI's SDPA attention as on an NVIDIA GPU")
+    p.add_argument("--narrow", type=int, default=1,
+                   help="divide the UNet's channel widths by this (1, 2, 5 or 10): the same kernels with almost no "
+                        "arithmetic, so the CPU times the host cost per run, as on a GPU bound by launching kernels")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/comfy.json"))
     args = p.parse_args()
+    if args.count_ops:   # count what an NVIDIA GPU runs: ComfyUI picks fused SDPA attention there
+        from . import comfy_runtime
+
+        comfy_runtime.PYTORCH_ATTENTION = True
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     result = {"machine": machine(args.device), "path": "ComfyUI sampler", "families": {}}
     for family in args.families.split(","):
         size = args.size or (1024 if family == "sdxl" else 512)
         r = bench_family(family, args.device, dtype, size, args.steps, args.cfg, args.repeats, args.buckets,
-                         args.count_flops)
+                         args.count_flops, args.count_ops, args.narrow)
         result["families"][family] = r
         write_json(args.out, result)
         if args.count_flops:
             ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["flops_ratio"].items() if k != "plain")
             print(f"[comfy] {family} {size}px {args.steps} steps: FLOPs per run vs plain: {ratios}", flush=True)
+        if args.count_ops:
+            ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["kernels_ratio"].items() if k != "plain")
+            print(f"[comfy] {family} {args.steps} steps: kernels per run vs plain: {ratios}", flush=True)
         if "seconds" not in r:
             continue
         ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["ratio"].items() if k != "plain")

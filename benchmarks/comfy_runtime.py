@@ -6,6 +6,7 @@ speed and memory do not depend on them.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -24,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGE = "customcontrast_ext"
 PROMPT = "a photo of <subject> on the beach"
 PLAIN_PROMPT = "a photo of dog on the beach"
+# ComfyUI's attention backend: None leaves ComfyUI's choice (fused SDPA on an NVIDIA GPU, split or
+# sub-quadratic einsum attention on the CPU); True forces SDPA everywhere (set before the first import)
+PYTORCH_ATTENTION: bool | None = None
 
 
 def load_comfy(device: str) -> ModuleType:
@@ -35,6 +39,8 @@ def load_comfy(device: str) -> ModuleType:
         sys.path.insert(0, str(Path(root).resolve()))
     import comfy.cli_args
     comfy.cli_args.args.cpu = device == "cpu"
+    if PYTORCH_ATTENTION is not None and "comfy.model_management" not in sys.modules:
+        comfy.cli_args.args.use_pytorch_cross_attention = PYTORCH_ATTENTION
     import comfy.model_management
     import comfy.sample
     import comfy.sd
@@ -67,8 +73,10 @@ def _unet_config(family: str, dtype: torch.dtype) -> dict:
                 transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
 
 
-def build_models(family: str, device: str, dtype: torch.dtype, seed: int = 0) -> SimpleNamespace:
-    """A random full-size ComfyUI MODEL (ModelPatcher) and CLIP of the family."""
+def build_models(family: str, device: str, dtype: torch.dtype, seed: int = 0, narrow: int = 1) -> SimpleNamespace:
+    """A random full-size ComfyUI MODEL (ModelPatcher) and CLIP of the family; ``narrow`` > 1 divides the UNet's
+    channel widths by it (same modules, layers and kernels per evaluation, almost no arithmetic: the host cost
+    of a run, as on a GPU that is bound by launching kernels)."""
     load_comfy(device)
     import comfy.model_detection
     import comfy.sd
@@ -79,6 +87,8 @@ def build_models(family: str, device: str, dtype: torch.dtype, seed: int = 0) ->
     if config is None:
         raise RuntimeError(f"this ComfyUI does not recognise the {family} UNet config")
     config.set_inference_dtype(dtype, None)
+    if narrow > 1:
+        config.unet_config = dict(config.unet_config, model_channels=_narrowed(320, narrow))
     base = config.get_model({}, device=mm.get_torch_device())
     randomize_(base.diffusion_model, seed)
     model = comfy.model_patcher.ModelPatcher(base, load_device=mm.get_torch_device(),
@@ -98,14 +108,26 @@ class BenchSubject:
     layers: tuple[int, ...]
 
 
-def customcontrast(family: str, device: str, dtype: torch.dtype, seed: int = 0):
-    """A random full-size CustomContrast model of the family, wrapped as the Loader node returns it."""
+def _narrowed(channels: int, narrow: int) -> int:
+    """``channels / narrow``, checked: GroupNorm's 32 groups need a multiple of 32."""
+    if channels % narrow or (channels // narrow) % 32:
+        raise ValueError(f"narrow must divide 320 into a multiple of 32 (1, 2, 5 or 10), got {narrow}")
+    return channels // narrow
+
+
+def customcontrast(family: str, device: str, dtype: torch.dtype, seed: int = 0, narrow: int = 1):
+    """A random full-size CustomContrast model of the family, wrapped as the Loader node returns it; with
+    ``narrow`` > 1 its visual K/V fit the narrowed UNet of :func:`build_models`."""
     load_comfy(device)
     import comfy.model_management as mm
     import comfy.model_patcher
 
     torch.manual_seed(seed)
-    model = CustomContrastModel(get_preset(family)).to(dtype).eval()
+    config = get_preset(family)
+    if narrow > 1:
+        mult = (1, 2, 4, 4) if family == "sd15" else (1, 2, 4)
+        config = dataclasses.replace(config, block_out_channels=tuple(_narrowed(320, narrow) * m for m in mult))
+    model = CustomContrastModel(config).to(dtype).eval()
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     config = model.config

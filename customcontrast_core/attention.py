@@ -7,9 +7,10 @@ For one cross-attention layer with queries Q from the latent,
 
 where K_t, V_t come from the prompt encoded with this layer's S+ token and K_s, V_s are the subject's
 visual tokens projected by W_k^v, W_v^v. The log-bias is the same as multiplying the placeholder's
-probability by M and renormalising each row. Layers whose maps are captured compute both branches
-explicitly in fp32 (77 + m keys: cheap) to read the probabilities; the others run fused SDPA per
-branch with the bias as a float attention mask (same function, the inputs' precision).
+probability by M and renormalising each row. Every branch is fused attention (SDPA) with the bias as
+a float attention mask. Layers whose maps are captured run in fp32 and read the placeholder's
+probability from extra value channels of the text attention (one per subject, 1 on its columns);
+the others run in the inputs' precision.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["SubjectBranch", "SubjectMaps", "customcontrast_attention", "placeholder_bias", "plain_attention"]
+__all__ = ["SubjectBranch", "SubjectMaps", "customcontrast_attention", "placeholder_bias", "placeholder_probe",
+           "plain_attention"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -115,29 +117,60 @@ def _row_weights(subject: SubjectBranch, batch: int, device: torch.device) -> Te
     return subject.text_rows.to(device=device, dtype=torch.float32)[:, None]          # b -> b 1
 
 
+BIAS_ALIGNMENT = 16   # the key axis of a bias is allocated in multiples of this: fused attention kernels that
+                      # need aligned rows of an additive mask (CUDA memory-efficient SDPA) read it without a padded copy
+PROBE_WIDTH = 8       # value channels added per 8 subjects in capture layers (fused kernels want widths in multiples of 8)
+
+
 def placeholder_bias(
-    subjects: Sequence[SubjectBranch], batch: int, queries: int, keys: int, eps: float, device: torch.device
+    subjects: Sequence[SubjectBranch], batch: int, queries: int, keys: int, eps: float, device: torch.device,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor | None:
     """Builds the additive log max(M, eps) bias on every subject's placeholder columns (Eq. 3).
 
-    Shapes: -> (B, N, T) fp32, or None when no subject has both a mask and columns. Columns are
-    written one integer index at a time: no index tensor is copied to the device. The result depends
-    only on the masks, columns and text rows, so a caller may compute it once for several layers of
-    the same grid and pass it to :func:`customcontrast_attention` as ``bias``.
+    Shapes: -> (B, N, T) in ``dtype`` (its rows padded to a multiple of BIAS_ALIGNMENT in memory: a view),
+    or None when no subject has both a mask and columns. Columns are written one integer index at a
+    time: no index tensor is copied to the device. The result depends only on the masks, columns and
+    text rows, so a caller may compute it once for several layers of the same grid and pass it to
+    :func:`customcontrast_attention` as ``bias``.
     """
     bias = None
     for subject in subjects:
         if subject.mask is None or not subject.has_columns:
             continue
         if bias is None:
-            bias = torch.zeros(batch, queries, keys, device=device)
+            padded = -(-keys // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
+            bias = torch.zeros(batch, queries, padded, device=device, dtype=dtype)[..., :keys]
         log_mask = torch.log(subject.mask.to(device=device, dtype=torch.float32).clamp_min(eps))
-        log_mask = log_mask.expand(batch, queries) * _row_weights(subject, batch, device)   # (B, N)
+        log_mask = log_mask.expand(batch, queries)
+        if subject.text_rows is not None:   # 0 in rows without the placeholder
+            log_mask = torch.where(subject.text_rows.to(device)[:, None], log_mask, 0.0)      # (B, N)
         if subject.column_weights is not None:   # each row its own columns: b n, b t -> b n t
-            bias = bias + log_mask[:, :, None] * subject.column_weights.to(device, torch.float32)[:, None, :]
+            bias.add_(log_mask[:, :, None] * subject.column_weights.to(device, torch.float32)[:, None, :])
         for column in subject.columns:
-            bias[:, :, column] += log_mask
+            bias.select(2, column).add_(log_mask)
     return bias
+
+
+def placeholder_probe(subjects: Sequence[SubjectBranch], batch: int, keys: int, device: torch.device) -> Tensor:
+    """Value channels that make the text attention of a capture layer return each subject's map (Sec. 3.4).
+
+    Channel s is 1 on subject s's placeholder columns (its per-row ``column_weights`` as given) in its
+    text rows and 0 elsewhere: appended to V_t, the attention output's channel D + s is the placeholder's
+    probability (summed over its columns) at every query, from the same biased softmax as the output.
+    Like the bias it depends only on the columns and rows: compute it once for many layers.
+    Shapes: -> (B, 1, T, P) fp32 with P = PROBE_WIDTH * ceil(S / PROBE_WIDTH).
+    """
+    width = PROBE_WIDTH * max(1, -(-len(subjects) // PROBE_WIDTH))
+    probe = torch.zeros(batch, keys, width, device=device)
+    for index, subject in enumerate(subjects):
+        rows = None if subject.text_rows is None else _row_weights(subject, batch, device)      # (B, 1)
+        if subject.column_weights is not None:
+            weights = subject.column_weights.to(device, torch.float32).expand(batch, keys)
+            probe[:, :, index] = weights if rows is None else weights * rows
+        for column in subject.columns:
+            probe[:, column, index] = 1.0 if rows is None else rows[:, 0]
+    return probe[:, None]
 
 
 # The per-layer helpers below run for every patched layer at every model evaluation, where host time
@@ -171,62 +204,60 @@ def _visual_branch(qh: Tensor, subject: SubjectBranch, heads: int, scale: float)
     return _merge(F.scaled_dot_product_attention(qh, vk, vv, scale=scale))
 
 
-def _placeholder_map(probs: Tensor, subject: SubjectBranch) -> Tensor:
-    """The placeholder's text-attention probability, mean over heads. Shapes: probs (B, H, N, T) -> (B, N)."""
-    batch, _, queries, _ = probs.shape
-    if subject.column_weights is not None:   # each row its own columns: b h n t, b t -> b h n
-        weights = subject.column_weights.to(probs.device, probs.dtype)[:, None, :, None]   # b t -> b 1 t 1
-        placeholder = torch.matmul(probs, weights).squeeze(-1)
-    elif not subject.columns:
-        return torch.zeros(batch, queries, device=probs.device)
-    else:
-        placeholder = probs[..., subject.columns[0]]                              # (B, H, N), integer index
-    for column in subject.columns[1:]:
-        placeholder = placeholder + probs[..., column]
-    text = placeholder.mean(1)                                                    # b h n -> b n
-    if subject.text_rows is None:
-        return text
-    return torch.where(subject.text_rows.to(probs.device)[:, None], text, 0.0)   # 0 outside the text rows
+def _probed_text(qh: Tensor, kh: Tensor, values: Tensor, mask: Tensor | None, scale: float,
+                 equal_widths: bool) -> Tensor:
+    """Text attention over values wider than the keys (V_t and the probe channels), fused.
+
+    CUDA's memory-efficient kernel takes value widths other than the key width; the CPU's fused kernel
+    does not (it would fall back to the unfused math), so there ``equal_widths`` pads queries and keys with
+    zero channels, which add 0 to every logit. Shapes: qh (B, H, N, D), kh (B, H, T, D), values
+    (B, H, T, D + P), mask (B, 1, N, T) or None -> (B, H, N, D + P).
+    """
+    if equal_widths:
+        extra = values.shape[-1] - qh.shape[-1]
+        qh, kh = F.pad(qh, (0, extra)), F.pad(kh, (0, extra))
+    return F.scaled_dot_product_attention(qh, kh, values, attn_mask=mask, scale=scale)
 
 
 def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[SubjectBranch], bias: Tensor | None,
-              scale: float, visual_maps: bool = True) -> tuple[Tensor, list[SubjectMaps]]:
-    """Text and visual branches of one layer in two matmuls, explicit fp32, with the maps (Sec. 3.4).
+              probe: Tensor, scale: float, visual_maps: bool = True) -> tuple[Tensor, list[SubjectMaps]]:
+    """Both branches of one layer in fp32 fused attention, with the maps (Sec. 3.4).
 
-    Logits of the queries against [K_t; K_v1; ...] are computed at once; the text part gets the bias
-    and its own softmax, each subject's part its own softmax (over its tokens for the output, over
-    space for the map), weighted by gamma * M; then one matmul with [V_t; V_v1; ...] sums the branches.
-    The fp32 casts ride on operators that run anyway: q is cast in the copy that makes its heads
-    contiguous, the key and value concatenations promote to fp32, the scale is the matmul's alpha, and
-    the output is merged and cast back in one copy.
-    Shapes: q (B, N, H*D), k/v (B, T, H*D), any float dtype -> (B, N, H*D) in q's dtype, one SubjectMaps
-    (fp32) per subject.
+    The text attention runs over V_t with the probe channels appended (:func:`placeholder_probe`), so its
+    output carries each subject's placeholder probability next to the attended values: the text map costs
+    one mean over heads. The visual map needs the visual logits normalised over space (not over the visual
+    tokens, as the output does): one matmul with the queries and a softmax over them. The fp32 casts ride on
+    copies that run anyway (q's heads made contiguous for that matmul, the values' concatenation), and the
+    output is merged and cast back in one copy.
+    Shapes: q (B, N, H*D), k/v (B, T, H*D), any float dtype, probe (B, 1, T, P) -> (B, N, H*D) in q's dtype,
+    one SubjectMaps (fp32) per subject.
     """
-    batch, text_keys = q.shape[0], k.shape[1]
+    batch, dims = q.shape[0], q.shape[-1] // heads
     qh = _heads(q, heads).to(torch.float32, memory_format=torch.contiguous_format)        # (B, H, N, D), one copy
-    visual_k = [_heads(s.visual_k.to(q.device), heads).expand(batch, -1, -1, -1) for s in subjects]
-    visual_v = [_heads(s.visual_v.to(q.device), heads).expand(batch, -1, -1, -1) for s in subjects]
-    # concatenated per head (contiguous for the matmuls), promoted to fp32 by cat: the casts are no-ops
-    # unless every input is in a lower precision
-    keys = torch.cat([_heads(k, heads), *visual_k], dim=2).to(torch.float32)              # (B, H, T + S..., D)
-    values = torch.cat([_heads(v, heads), *visual_v], dim=2).to(torch.float32)
-    # the softmax scale is applied in fp32 inside the matmul (alpha); beta = 0 ignores the empty input
-    sim = torch.baddbmm(qh.new_empty(()), qh.flatten(0, 1), keys.flatten(0, 1).transpose(1, 2), beta=0,
-                        alpha=scale).unflatten(0, (batch, heads))                           # (B, H, N, T + S...)
-    # one split, not a slice per branch: its gradient is one concatenation instead of a zero-filled copy each
-    text, *parts = sim.split([text_keys, *(vk.shape[2] for vk in visual_k)], dim=-1)   # (B, H, N, T), (B, H, N, S)...
-    if bias is not None:
-        text = text + bias[:, None]                                               # b i j -> b 1 i j
-    probs = [text.softmax(dim=-1)]
-    maps = []
-    for subject, part in zip(subjects, parts):
-        weight = subject.gamma if subject.mask is None else \
-            subject.mask.to(q.device, torch.float32)[:, None, :, None] * subject.gamma   # b n -> b 1 n 1
-        probs.append(part.softmax(dim=-1) * weight)
-        maps.append(SubjectMaps(text=_placeholder_map(probs[0], subject),
-                                visual=part.softmax(dim=2).mean((1, 3)) if visual_maps else None))   # b h i j -> b i
-    out = torch.matmul(torch.cat(probs, dim=-1), values)                                 # (B, H, N, D)
-    merged = out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)       # b n h d, one copy
+    kh = _heads(k, heads).to(torch.float32)
+    # the concatenation promotes V_t to fp32 (the cast is a no-op unless the inputs are float64)
+    values = torch.cat([_heads(v, heads), probe.expand(batch, heads, -1, -1)], dim=-1).to(torch.float32)
+    mask = None if bias is None else bias[:, None].to(torch.float32)                     # b i j -> b 1 i j
+    text = _probed_text(qh, kh, values, mask, scale, equal_widths=qh.device.type == "cpu")   # (B, H, N, D + P)
+    out, maps = text[..., :dims], []
+    for index, subject in enumerate(subjects):
+        visual_k = _heads(subject.visual_k.to(q.device, torch.float32), heads).expand(batch, -1, -1, -1)
+        visual = None
+        if visual_maps:   # softmax over space of the visual logits, mean over heads and visual tokens
+            logits = torch.baddbmm(qh.new_empty(()), qh.flatten(0, 1), visual_k.flatten(0, 1).transpose(1, 2),
+                                   beta=0, alpha=scale)                                     # (B*H, N, S), scaled
+            visual = logits.unflatten(0, (batch, heads)).softmax(dim=2).mean((1, 3))     # b h i j -> b i
+        maps.append(SubjectMaps(text=text[..., dims + index].mean(1), visual=visual))     # b h n -> b n
+        if subject.gamma == 0:
+            continue
+        visual_v = _heads(subject.visual_v.to(q.device, torch.float32), heads).expand(batch, -1, -1, -1)
+        branch = F.scaled_dot_product_attention(qh, visual_k, visual_v, scale=scale)       # (B, H, N, D)
+        if subject.mask is None:
+            out = torch.add(out, branch, alpha=subject.gamma)
+        else:
+            weight = subject.mask.to(q.device, torch.float32)[:, None, :, None]           # b n -> b 1 n 1
+            out = torch.addcmul(out, weight, branch, value=subject.gamma)
+    merged = out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)      # b n h d, one copy
     return merged.flatten(2), maps
 
 
@@ -243,6 +274,7 @@ def customcontrast_attention(
     capture: bool = False,
     scale: float | None = None,
     bias: Tensor | None = None,
+    probe: Tensor | None = None,
     visual_maps: bool = True,
 ) -> tuple[Tensor, list[SubjectMaps] | None]:
     """Computes masked text cross-attention plus each subject's masked visual branch (Eq. 3, Sec. 3.4).
@@ -254,11 +286,12 @@ def customcontrast_attention(
     text_rows); a subject's visual output is weighted by gamma * M (M broadcast over heads and
     channels). Subjects sharing a column multiply their masks. A branch with gamma = 0 is skipped
     unless maps are captured; ``visual_maps=False`` leaves the visual maps out (None). `scale` defaults
-    to D ** -0.5. `bias` (B, N, T) fp32 is
-    :func:`placeholder_bias` of the same subjects, when the caller already has it.
+    to D ** -0.5. `bias` (B, N, T) is :func:`placeholder_bias` of the same subjects and `probe`
+    :func:`placeholder_probe`, when the caller already has them (one per grid and evaluation).
 
-    Layers that capture maps compute every branch explicitly in fp32 in two matmuls; the others
-    stay in q's dtype (fused SDPA per branch, the visual output added with one fused multiply-add).
+    Every branch is fused attention with the bias as a float mask. Layers that capture maps run in fp32
+    and read the text map from probe channels of the text attention (:func:`_captured`); the others
+    stay in q's dtype (the visual output added with one fused multiply-add).
     """
     _check_inputs(q, k, v, heads, subjects)
     if eps <= 0:
@@ -266,12 +299,19 @@ def customcontrast_attention(
     batch, queries, inner = q.shape
     scale = (inner // heads) ** -0.5 if scale is None else scale
     if bias is None:
-        bias = placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device)
+        bias = placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device,
+                                torch.float32 if capture else q.dtype)
     elif tuple(bias.shape) != (batch, queries, k.shape[1]):
         raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}), got {tuple(bias.shape)}")
 
     if capture:
-        return _captured(q, k, v, heads, subjects, bias, scale, visual_maps)
+        if probe is None:
+            probe = placeholder_probe(subjects, batch, k.shape[1], q.device)
+        elif probe.ndim != 4 or probe.shape[0] not in (1, batch) or probe.shape[2] != k.shape[1] \
+                or probe.shape[3] < len(subjects):
+            raise ValueError(f"probe must be ({batch} or 1, 1, {k.shape[1]}, >= {len(subjects)}), "
+                             f"got {tuple(probe.shape)}")
+        return _captured(q, k, v, heads, subjects, bias, probe, scale, visual_maps)
     qh = _heads(q, heads)
     out = _text_branch(qh, _heads(k, heads), _heads(v, heads), bias, scale)
     for subject in subjects:

@@ -73,14 +73,14 @@ def minmax_normalize(x: Tensor, *, rtol: float = 1e-6) -> Tensor:
 
     Shapes: x (B, ...) -> same shape, fp32. A sample counts as constant when its range is at most
     `rtol` times its largest magnitude (fp32 round-off of an averaged map), which avoids NaN and
-    avoids blowing rounding noise up into a mask.
+    avoids blowing rounding noise up into a mask (its range is taken as infinite: (x - low) / inf = 0).
     """
     x = x.float()
-    space = tuple(range(1, x.ndim))
-    low = x.amin(dim=space, keepdim=True)                          # (B, 1, ...)
-    span = x.amax(dim=space, keepdim=True) - low
-    constant = span <= rtol * x.abs().amax(dim=space, keepdim=True)
-    return torch.where(constant, torch.zeros_like(x), (x - low) / torch.where(constant, 1.0, span))
+    low, high = torch.aminmax(x.flatten(1), dim=1, keepdim=True)     # (B, 1) each, one reduction
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    low, span = low.view(shape), (high - low).view(shape)
+    constant = span <= torch.maximum(high, -low.view_as(high)).view(shape) * rtol   # range vs largest |x|
+    return (x - low) / span.masked_fill(constant, float("inf"))
 
 
 def make_mask(maps: Tensor, cfg: MaskConfig, *, normalized: bool = False) -> Tensor:
@@ -94,7 +94,7 @@ def make_mask(maps: Tensor, cfg: MaskConfig, *, normalized: bool = False) -> Ten
         raise ValueError(f"maps must be (B, H, W), got shape {tuple(maps.shape)}")
     normalised = maps.float() if normalized else minmax_normalize(maps)
     if cfg.mode == "soft":
-        return torch.where(normalised >= cfg.threshold, normalised, torch.zeros_like(normalised))
+        return normalised.masked_fill(normalised < cfg.threshold, 0.0)
     flat = rearrange(normalised, "b h w -> b (h w)")
     keep = max(1, round(cfg.topk_ratio * flat.shape[1]))
     top = flat.topk(keep, dim=1).indices

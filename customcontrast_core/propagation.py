@@ -10,16 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import SubjectMaps
-from .masks import MaskConfig, combine_maps, make_mask, minmax_normalize
+from .masks import MaskConfig, make_mask, minmax_normalize
 
 
 @dataclass
 class _Pending:
     sigma: float
-    sums: list[dict[tuple[int, int], list]]   # per subject: grid -> [text sum (B, N), visual sum (B, N), layers]
+    maps: list[dict[tuple[int, int], list]]   # per subject: grid -> [text maps, visual maps, layers] (each (B, N))
 
 
 def subject_location(text: Tensor, visual: Tensor) -> Tensor:
@@ -29,9 +30,14 @@ def subject_location(text: Tensor, visual: Tensor) -> Tensor:
     different scales (a probability per pixel vs a distribution over space), so each is
     normalised before averaging (both in one call: the normalisation is per sample).
     """
-    both = minmax_normalize(torch.cat([text, visual]))                # (2B, H, W)
-    text, visual = both.chunk(2)
-    return minmax_normalize((text + visual) / 2)
+    return _location(torch.cat([text, visual]))
+
+
+def _location(both: Tensor) -> Tensor:
+    """:func:`subject_location` of the text maps stacked over the visual maps. Shapes: (2B, H, W) -> (B, H, W).
+    The mean of the two normalised maps is normalised again: their sum gives the same result (scale-free)."""
+    text, visual = minmax_normalize(both).chunk(2)
+    return minmax_normalize(text + visual)
 
 
 @dataclass
@@ -58,38 +64,40 @@ class MaskTracker:
 
     def add(self, subject: int, maps: SubjectMaps, grid: tuple[int, int], layers: int = 1) -> None:
         """Records the maps of one subject for the current evaluation: one layer's, or with ``layers`` > 1
-        the sum of that many layers' maps at ``grid``. Shapes: maps (B, h*w)."""
+        the sum of that many layers' maps at ``grid``. The tensors are kept, not copied (they are summed
+        when the evaluation is finalised): a caller that reuses its buffers passes copies. Shapes: maps (B, h*w)."""
         if self.pending is None:
             raise RuntimeError("MaskTracker.add called before begin(sigma)")
         if layers < 1:
             raise ValueError(f"layers must be >= 1, got {layers}")
         grid = (int(grid[0]), int(grid[1]))
-        entry = self.pending.sums[subject].get(grid)
-        text, visual = maps.text.detach().float(), maps.visual.detach().float()
-        if entry is None:   # a copy: the caller may reuse its buffers (CUDA-graph outputs)
-            self.pending.sums[subject][grid] = [text.clone(), visual.clone(), layers]
-        else:
-            entry[0], entry[1], entry[2] = entry[0] + text, entry[1] + visual, entry[2] + layers
+        entry = self.pending.maps[subject].setdefault(grid, [[], [], 0])
+        entry[0].append(maps.text.detach())
+        entry[1].append(maps.visual.detach())
+        entry[2] += layers
 
     def _finalise(self) -> None:
-        """Mean over layers of each map type (bilinear resize to the largest grid is linear, so the sums of
-        each grid are resized once), then the location map and the mask."""
+        """Mean over layers of each map type, then the location map and the mask. Per grid the layers' text and
+        visual maps are summed in one stack; bilinear resizing to the largest grid is linear, so each grid's sums
+        are resized once, text and visual together. The mean's factor (grids / layers summed) is a positive
+        constant per subject, which the min-max normalisation of the location removes."""
         pending, self.pending = self.pending, None
-        if pending is None or not any(pending.sums):
+        if pending is None or not any(pending.maps):
             return
         result = []
-        for sums in pending.sums:
-            if not sums:
+        for per_grid in pending.maps:
+            if not per_grid:
                 return
-            grids = list(sums)
-            grid = max(grids, key=lambda g: g[0] * g[1])
-            # the mean over layers is these maps times len(grids) / (layers summed): a positive constant
-            # per subject, which the min-max normalisation of subject_location removes
-            text = combine_maps([sums[g][0] for g in grids], grids, grid)
-            visual = combine_maps([sums[g][1] for g in grids], grids, grid)
-            result.append(make_mask(subject_location(text, visual), self.config, normalized=True))
+            grid = max(per_grid, key=lambda g: g[0] * g[1])
+            total = None
+            for (h, w), (text, visual, _) in per_grid.items():
+                sums = torch.stack(text + visual).float().unflatten(0, (2, len(text))).sum(1)   # (2, B, h*w)
+                image = sums.flatten(0, 1).unflatten(1, (1, h, w))                                # (2B, 1, h, w)
+                if (h, w) != grid:
+                    image = F.interpolate(image, size=grid, mode="bilinear", align_corners=False)
+                total = image if total is None else total + image
+            result.append(make_mask(_location(total.squeeze(1)), self.config, normalized=True))
         self.masks[pending.sigma] = result
-
     def mask_for(self, sigma: float) -> list[Tensor] | None:
         """The masks of the closest earlier evaluation (smallest recorded sigma greater than ``sigma``)."""
         earlier = [s for s in self.masks if s > float(sigma)]

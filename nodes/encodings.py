@@ -48,6 +48,7 @@ class Encodings:
     visual: list[Tensor]             # per subject (1, m, C) TV-fused visual tokens
     blank_visual: list[Tensor]       # per subject (1, m, C) for uncond rows (blank reference)
     prepared: dict = field(default_factory=dict)   # (device, length, dtype) -> (G, length, C) contexts
+    tokens: dict = field(default_factory=dict)     # (device, dtype) -> per subject (2, m, C): visual; blank
 
     def contexts_for(self, device: torch.device, length: int, dtype: torch.dtype,
                      ready: Tensor | None = None) -> Tensor:
@@ -59,6 +60,14 @@ class Encodings:
         elif key not in self.prepared:
             self.prepared[key] = reorder_for(self.contexts, length).to(device, dtype)
         return self.prepared[key]
+
+    def tokens_for(self, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+        """Per subject its visual tokens over the blank reference's, as the visual K/V projection reads them
+        (made once). Shapes: -> (2, m, C) per subject."""
+        key = (torch.device(device), dtype)
+        if key not in self.tokens:
+            self.tokens[key] = [torch.cat([v, b]).to(device, dtype) for v, b in zip(self.visual, self.blank_visual)]
+        return self.tokens[key]
 
 
 @dataclass

@@ -15,7 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention, placeholder_bias
+from customcontrast_core.attention import (
+    SubjectBranch,
+    SubjectMaps,
+    customcontrast_attention,
+    placeholder_bias,
+    placeholder_probe,
+)
 from customcontrast_core.encoder import ImageFeatures
 from customcontrast_core.layers import CrossAttentionLayer
 from customcontrast_core.masks import MaskConfig, intersect_user_mask, resize_mask
@@ -64,6 +70,8 @@ class _Evaluation:
     kinds: Tensor | None = None      # (B,) long: 0 for cond rows, 1 for uncond rows
     masks: dict = field(default_factory=dict)   # (subject, grid, dtype) -> (B or 1, N) layer mask
     biases: dict = field(default_factory=dict)  # (grid, keys, dtype) -> (B, N, T) placeholder log-bias
+    probes: dict = field(default_factory=dict)  # keys -> (B, 1, T, P) probe channels of the capture layers (kept
+                                                # with the rows: the same in every evaluation of a run)
     encodings: Encodings | None = None
     visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
     swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
@@ -227,12 +235,12 @@ class SubjectPatch:
         if rows not in self._rows:   # the same every step of a run: built (and copied to the device) once
             swap = torch.tensor([i in swapped for i in range(len(chunks)) for _ in range(b)], device=context.device)
             kinds = torch.tensor([int(kind != 0) for kind in chunks for _ in range(b)], device=context.device)
-            self._rows[rows] = (swap, swap[:, None, None], kinds)
+            self._rows[rows] = (swap, swap[:, None, None], kinds, {})   # {}: the probes of these rows (per key length)
         if ev.context is not None:   # everything derived from the previous rows goes with them
             ev = self._eval = _Evaluation(sigmas=ev.sigmas, sigma=ev.sigma, encodings=ev.encodings,
                                           step_masks=ev.step_masks)
         ev.context, ev.chunks, ev.swapped_chunks = context, chunks, swapped
-        ev.swap, ev.swap_rows, ev.kinds = self._rows[rows]
+        ev.swap, ev.swap_rows, ev.kinds, ev.probes = self._rows[rows]
         return ev
 
     # attn2_patch: swap the cond context for this layer's S+ prompt
@@ -299,10 +307,15 @@ class SubjectPatch:
                                       text_rows=ev.swap) for s in subjects]
             bias_key = ((h, w), k.shape[1], dtype)
             if bias_key not in ev.biases:
-                bias = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1], self.settings.mask.eps, q.device)
-                ev.biases[bias_key] = None if bias is None else bias.to(dtype)
+                ev.biases[bias_key] = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1],
+                                                       self.settings.mask.eps, q.device, dtype)
+            probe = None
+            if capture:
+                probe = ev.probes.get(k.shape[1])
+                if probe is None:
+                    probe = ev.probes[k.shape[1]] = placeholder_probe(branches, q.shape[0], k.shape[1], q.device)
             out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=self.settings.mask.eps,
-                                                 capture=capture, bias=ev.biases[bias_key])
+                                                 capture=capture, bias=ev.biases[bias_key], probe=probe)
         if maps:
             for s, m in enumerate(maps):
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
@@ -337,8 +350,9 @@ class SubjectPatch:
             return
         b = ev.kinds.shape[0] // len(ev.chunks)
         for (s, grid), layers in ev.map_layers.items():
-            text, visual = ev.map_sums[(s, grid)]
-            self.tracker.add(s, _per_latent(SubjectMaps(text=text, visual=visual), ev.swapped_chunks, b), grid, layers)
+            text, visual = ev.map_sums[(s, grid)]   # static buffers, rewritten by the next evaluation: copied
+            self.tracker.add(s, _per_latent(SubjectMaps(text=text.clone(), visual=visual.clone()), ev.swapped_chunks, b),
+                             grid, layers)
         ev.map_layers.clear()
         ev.map_sums.clear()
 
@@ -351,18 +365,21 @@ class SubjectPatch:
         if fused is not None:
             weight, slices = fused
             if dtype not in ev.visual_kv:
-                ev.visual_kv[dtype] = []
-                for visual, blank in zip(enc.visual, enc.blank_visual):
-                    tokens = torch.cat([visual, blank]).to(weight.device, weight.dtype)      # (2, m, C)
-                    with torch.no_grad():
-                        projected = F.linear(tokens, weight)                                # (2, m, sum 2*inner)
-                    ev.visual_kv[dtype].append(projected.to(device, dtype).index_select(0, ev.kinds))
+                done = next(iter(ev.visual_kv.values()), None)
+                if done is not None:   # the other dtype's rows, cast (the projection ran in the weights' dtype)
+                    ev.visual_kv[dtype] = [kv.to(dtype) for kv in done]
+                else:
+                    ev.visual_kv[dtype] = []
+                    for tokens in enc.tokens_for(weight.device, weight.dtype):               # (2, m, C)
+                        with torch.no_grad():
+                            projected = F.linear(tokens, weight)                            # (2, m, sum 2*inner)
+                        ev.visual_kv[dtype].append(projected.to(device, dtype).index_select(0, ev.kinds))
             offset, inner = slices[name]
             kv = ev.visual_kv[dtype][subject]
             return kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner]
         projection = self.model.visual_kv[name]
         weight = projection.to_k.weight
-        tokens = torch.cat([enc.visual[subject], enc.blank_visual[subject]]).to(weight.device, weight.dtype)
+        tokens = enc.tokens_for(weight.device, weight.dtype)[subject]
         with torch.no_grad():
             k, v = projection(tokens)
         return k.to(device, dtype).index_select(0, ev.kinds), v.to(device, dtype).index_select(0, ev.kinds)

@@ -5,7 +5,15 @@ import pytest
 import torch
 from einops import einsum, rearrange
 
-from customcontrast_core.attention import SubjectBranch, customcontrast_attention, plain_attention
+from customcontrast_core.attention import (
+    BIAS_ALIGNMENT,
+    SubjectBranch,
+    _probed_text,
+    customcontrast_attention,
+    placeholder_bias,
+    placeholder_probe,
+    plain_attention,
+)
 
 B, N, T, S = 2, 24, 12, 5
 
@@ -233,3 +241,56 @@ def test_per_row_columns_equal_one_call_per_row():
         SubjectBranch(vk, vv, columns=(1,), column_weights=weights)
     with pytest.raises(ValueError, match="column_weights must be"):
         customcontrast_attention(q, k, v, heads=heads, subjects=[SubjectBranch(vk, vv, column_weights=weights[:, :5])])
+
+
+def test_probe_channels_need_no_equal_widths():
+    """Values wider than the keys (the CUDA route) and zero-padded queries/keys (the CPU route) agree."""
+    heads = 4
+    q, k, v = _inputs(heads, seed=40)
+    subject = SubjectBranch(*_visual(heads, seed=41), columns=(3, 8), text_rows=torch.tensor([True, False]))
+    probe = placeholder_probe([subject], B, T, q.device).expand(B, heads, -1, -1)
+    qh, kh, vh = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
+    bias = torch.randn(B, 1, N, T, generator=torch.Generator().manual_seed(42))
+    values = torch.cat([vh, probe], dim=-1)
+    wide = _probed_text(qh, kh, values, bias, 0.35, equal_widths=False)
+    padded = _probed_text(qh, kh, values, bias, 0.35, equal_widths=True)
+    torch.testing.assert_close(padded, wide, rtol=1e-5, atol=1e-6)
+    probs = (einsum(qh.double(), kh.double(), "b h i d, b h j d -> b h i j") * 0.35 + bias.double()).softmax(-1)
+    torch.testing.assert_close(wide[..., 8 * 1].double(), probs[..., [3, 8]].sum(-1) * torch.tensor([1.0, 0.0]).double()
+                               .view(B, 1, 1), rtol=1e-5, atol=1e-6)   # channel D + 0: the placeholder, text rows only
+
+
+def test_probe_and_bias_layouts():
+    """The probe has one channel per subject in blocks of 8; the bias rows are padded in memory to the alignment of
+    fused kernels and hold log max(M, eps) on each subject's columns (summed where subjects share one)."""
+    heads = 2
+    g = torch.Generator().manual_seed(43)
+    masks = [torch.rand(B, N, generator=g) for _ in range(9)]
+    subjects = [SubjectBranch(*_visual(heads), mask=m, columns=(i % T,)) for i, m in enumerate(masks)]
+    probe = placeholder_probe(subjects, B, T, torch.device("cpu"))
+    assert probe.shape == (B, 1, T, 16)
+    expected = torch.zeros(B, 1, T, 16)
+    for i in range(9):
+        expected[:, :, i % T, i] = 1.0
+    torch.testing.assert_close(probe, expected, rtol=0, atol=0)
+    bias = placeholder_bias(subjects, B, N, T, 1e-6, torch.device("cpu"), torch.float16)
+    assert bias.shape == (B, N, T) and bias.dtype == torch.float16 and bias.stride(1) % BIAS_ALIGNMENT == 0
+    dense = torch.zeros(B, N, T)
+    for i, m in enumerate(masks):
+        dense[:, :, i % T] += m.clamp_min(1e-6).log()
+    torch.testing.assert_close(bias.float(), dense.half().float(), rtol=2e-3, atol=2e-3)
+
+
+def test_many_subjects_capture_each_placeholder_map():
+    """Nine subjects (two blocks of probe channels): each text map is its own placeholder's probability."""
+    heads = 2
+    q, k, v = _inputs(heads, seed=44)
+    columns = [(i,) for i in range(9)]
+    subjects = [SubjectBranch(*_visual(heads, seed=45 + i), gamma=0.1, columns=c) for i, c in enumerate(columns)]
+    _, maps = customcontrast_attention(q, k, v, heads=heads, subjects=subjects, capture=True)
+    _, probs = _reference_text(q, k, v, heads, [])
+    for m, c in zip(maps, columns):
+        torch.testing.assert_close(m.text.double(), probs[..., c[0]].mean(1), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="probe must be"):
+        customcontrast_attention(q, k, v, heads=heads, subjects=subjects, capture=True,
+                                 probe=torch.zeros(B, 1, T, 8))
