@@ -74,6 +74,7 @@ class _Evaluation:
                                                 # with the rows: the same in every evaluation of a run)
     encodings: Encodings | None = None
     visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
+    visual_rows: dict = field(default_factory=dict)  # weight dtype -> per subject (B, m, C): each row's visual tokens
     swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
@@ -379,10 +380,14 @@ class SubjectPatch:
             return kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner]
         projection = self.model.visual_kv[name]
         weight = projection.to_k.weight
-        tokens = enc.tokens_for(weight.device, weight.dtype)[subject]
+        rows = ev.visual_rows.get(weight.dtype)
+        if rows is None:   # each row's tokens (subject or blank) once per evaluation: a layer projects them directly
+            kinds = ev.kinds.to(weight.device)
+            rows = ev.visual_rows[weight.dtype] = [t.index_select(0, kinds)
+                                                   for t in enc.tokens_for(weight.device, weight.dtype)]
         with torch.no_grad():
-            k, v = projection(tokens)
-        return k.to(device, dtype).index_select(0, ev.kinds), v.to(device, dtype).index_select(0, ev.kinds)
+            k, v = projection(rows[subject])                                              # (B, m, inner) each
+        return k.to(device, dtype), v.to(device, dtype)
 
     def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
                     n_chunks: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:

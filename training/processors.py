@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention
+from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention, placeholder_probe
 from customcontrast_core.layers import CrossAttentionLayer
 from customcontrast_core.masks import resize_mask
 from customcontrast_core.visual_kv import CustomContrastModel, KVProjection, VisualKV
@@ -111,8 +111,14 @@ class CustomContrastProcessor:
         text_rows = None if all(slots) or not columns else st.rows_with_slot(slots, q.device)
         branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=columns,
                                text_rows=text_rows, column_weights=weights)
+        probe = None
+        if capture:   # the same for every capture layer of this forward: built once
+            key = (slots, "probe", k.shape[1], q.device)
+            probe = st._rows.get(key)
+            if probe is None:
+                probe = st._rows[key] = placeholder_probe([branch], q.shape[0], k.shape[1], q.device)
         out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
-                                             visual_maps=st.visual_maps)
+                                             probe=probe, visual_maps=st.visual_maps)
         return out, (maps[0] if maps else None)
 
 
