@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from customcontrast_core.attention import (
@@ -29,9 +28,10 @@ from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel
 
 from .encodings import PROMPTS_PER_CALL, Encodings, RecentUse, encode_timesteps, encoding_key, window
+from .evaluation import Evaluation as _Evaluation
+from .evaluation import per_latent as _per_latent
 from .graphed import LayerGraphs
 from .replace import Attn2Replace, sigma_of
-from .stacked_kv import stacked_visual_kv
 from .text_encode import PlaceholderPrompt, reorder_for
 
 __all__ = ["ApplySettings", "Attn2Replace", "Encodings", "PlaceholderPrompt", "SubjectPatch", "sigma_of"]
@@ -54,32 +54,6 @@ class ApplySettings:
     def __post_init__(self) -> None:
         if self.sigma_end > self.sigma_start:
             raise ValueError(f"start must come before end: got start sigma {self.sigma_start} < end sigma {self.sigma_end}")
-
-
-@dataclass
-class _Evaluation:
-    """What every layer of one model evaluation shares, computed by its first layer (no per-layer syncs)."""
-
-    sigmas: Tensor                   # extra_options["sigmas"] of this evaluation (held: identity is the key)
-    sigma: float
-    context: Tensor | None = None    # the context whose cond rows were checked
-    chunks: tuple[int, ...] = ()
-    swap: Tensor | None = None       # (B,) bool: rows whose context is the Apply node's prompt
-    swap_rows: Tensor | None = None  # (B, 1, 1) view of swap
-    swapped_chunks: tuple[int, ...] = ()
-    kinds: Tensor | None = None      # (B,) long: 0 for cond rows, 1 for uncond rows
-    masks: dict = field(default_factory=dict)   # (subject, grid, dtype) -> (B or 1, N) layer mask
-    biases: dict = field(default_factory=dict)  # (grid, keys, dtype) -> (B, N, T) placeholder log-bias
-    probes: dict = field(default_factory=dict)  # keys -> (B, 1, T, P) probe channels of the capture layers (kept
-                                                # with the rows: the same in every evaluation of a run)
-    encodings: Encodings | None = None
-    visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
-    visual_rows: dict = field(default_factory=dict)  # weight dtype -> per subject (B, m, C): each row's visual tokens
-    swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
-    map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
-    map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
-    step_masks: list[Tensor] | None = None          # per subject, the previous step's mask it applies (or None)
-    columns: dict = field(default_factory=dict)     # key length -> per subject, its placeholder columns
 
 
 @dataclass
@@ -303,7 +277,7 @@ class SubjectPatch:
         if graphed:
             out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
         else:
-            branches = [SubjectBranch(*self._visual_kv(ev, enc, layer.name, s, dtype, q.device),
+            branches = [SubjectBranch(*ev.visual_kv_of(self.model.visual_kv, enc, layer.name, s, dtype, q.device),
                                       gamma=self.settings.gamma, mask=layer_masks[s], columns=columns[s],
                                       text_rows=ev.swap) for s in subjects]
             bias_key = ((h, w), k.shape[1], dtype)
@@ -357,38 +331,6 @@ class SubjectPatch:
         ev.map_layers.clear()
         ev.map_sums.clear()
 
-    def _visual_kv(self, ev: _Evaluation, enc: Encodings, name: str, subject: int, dtype: torch.dtype,
-                   device: torch.device) -> tuple[Tensor, Tensor]:
-        """One layer's visual K and V for this evaluation's rows (cond rows: the subject, uncond rows: the blank
-        reference). With the stacked weights, every layer is projected in one matmul per evaluation and each
-        layer takes slices. Shapes: -> (B, m, inner) twice."""
-        fused = stacked_visual_kv(self.model.visual_kv)
-        if fused is not None:
-            weight, slices = fused
-            if dtype not in ev.visual_kv:
-                done = next(iter(ev.visual_kv.values()), None)
-                if done is not None:   # the other dtype's rows, cast (the projection ran in the weights' dtype)
-                    ev.visual_kv[dtype] = [kv.to(dtype) for kv in done]
-                else:
-                    ev.visual_kv[dtype] = []
-                    for tokens in enc.tokens_for(weight.device, weight.dtype):               # (2, m, C)
-                        with torch.no_grad():
-                            projected = F.linear(tokens, weight)                            # (2, m, sum 2*inner)
-                        ev.visual_kv[dtype].append(projected.to(device, dtype).index_select(0, ev.kinds))
-            offset, inner = slices[name]
-            kv = ev.visual_kv[dtype][subject]
-            return kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner]
-        projection = self.model.visual_kv[name]
-        weight = projection.to_k.weight
-        rows = ev.visual_rows.get(weight.dtype)
-        if rows is None:   # each row's tokens (subject or blank) once per evaluation: a layer projects them directly
-            kinds = ev.kinds.to(weight.device)
-            rows = ev.visual_rows[weight.dtype] = [t.index_select(0, kinds)
-                                                   for t in enc.tokens_for(weight.device, weight.dtype)]
-        with torch.no_grad():
-            k, v = projection(rows[subject])                                              # (B, m, inner) each
-        return k.to(device, dtype), v.to(device, dtype)
-
     def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
                     n_chunks: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """The subject's mask on a layer grid, in ``dtype``, once per evaluation. Shapes: -> (B or 1, N)."""
@@ -411,13 +353,3 @@ class SubjectPatch:
             flat = flat[:b].repeat(n_chunks, 1)
         ev.masks[(subject, grid, dtype)] = flat                 # (1, N) broadcasts over every row
         return flat
-
-
-def _per_latent(maps: SubjectMaps, chunks: tuple[int, ...], b: int) -> SubjectMaps:
-    """Averages the maps of the swapped (cond) chunks into one map per latent. Shapes: (B_total, N) -> (B, N)."""
-    if len(chunks) == 1:
-        rows = slice(chunks[0] * b, (chunks[0] + 1) * b)
-        return SubjectMaps(text=maps.text[rows], visual=maps.visual[rows])
-    text = torch.stack([maps.text[i * b:(i + 1) * b] for i in chunks]).mean(0)
-    visual = torch.stack([maps.visual[i * b:(i + 1) * b] for i in chunks]).mean(0)
-    return SubjectMaps(text=text, visual=visual)
