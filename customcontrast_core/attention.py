@@ -178,8 +178,8 @@ def placeholder_probe(subjects: Sequence[SubjectBranch], batch: int, keys: int, 
 # which dispatch the same view operators as the einops patterns in their comments in about half the time.
 
 def _heads(x: Tensor, heads: int) -> Tensor:
-    """b n (h d) -> b h n d (a view)."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+    """b n (h d) -> b h n d (a view; ``view`` dispatches faster than ``unflatten``, a Python-level wrapper)."""
+    return x.view(*x.shape[:-1], heads, -1).transpose(1, 2)
 
 
 def _merge(x: Tensor) -> Tensor:
