@@ -35,6 +35,7 @@ class Evaluation:
     encodings: Encodings | None = None
     visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
     visual_rows: dict = field(default_factory=dict)  # weight dtype -> per subject (B, m, C): each row's visual tokens
+    stacked: tuple | None = None                     # (stacked_visual_kv result,) once looked up
     swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
@@ -46,7 +47,9 @@ class Evaluation:
         """One layer's visual K and V for this evaluation's rows (cond rows: the subject, uncond rows: the blank
         reference). With the stacked weights, every layer is projected in one matmul per evaluation and each
         layer takes slices. Shapes: -> (B, m, inner) twice."""
-        fused = stacked_visual_kv(visual_kv)
+        if self.stacked is None:   # looked up once per evaluation (weights may move between evaluations)
+            self.stacked = (stacked_visual_kv(visual_kv),)
+        fused = self.stacked[0]
         if fused is not None:
             weight, slices = fused
             if dtype not in self.visual_kv:
