@@ -122,10 +122,10 @@ class _Counted:
     """While active, emulated graph replays count as what they are on a GPU: the three input copies and one
     launch (the emulation re-runs the layer's kernels on the host, which a replay does not)."""
 
-    def __init__(self, counter: CountOps) -> None:
+    def __init__(self, counter: CountOps, module=None) -> None:
         from .comfy_runtime import extension
 
-        self.module, self.counter = extension("nodes.graphed"), counter
+        self.module, self.counter = module or extension("nodes.graphed"), counter
 
     def __enter__(self):
         counter, base = self.counter, self.module.StaticCall

@@ -3,6 +3,7 @@
     python -m benchmarks.bench_training --device cuda                     # SD1.5, 512 px, batch 4, bf16
     python -m benchmarks.bench_training --device cpu --size 64 --batch 2 --repeats 1   # CPU smoke
     python -m benchmarks.bench_training --device cpu --repeats 1 --count-flops         # arithmetic at the target size
+    python -m benchmarks.bench_training --device cuda --cuda-graphs      # also with frozen encoders as CUDA graphs
 
 Random full-size SD1.5 models (diffusers UNet and VAE, CLIP-L text encoder, ViT-H/14-size CLIP
 vision, a ViT-B/32-size appearance encoder) and the full-size ``sd15`` MFI-Encoder. The CustomContrast
@@ -79,7 +80,11 @@ def make_batch(batch: int, size: int, device: str) -> dict:
 def main() -> None:
     from training.config import TrainConfig
     from training.loop import make_optimizer
-    from training.models import clip_hidden_states
+    import training.graphed
+    from training.graphed import FrozenGraphs
+
+    from .bench_layer_overhead import _Counted
+    from training.models import clip_hidden_states, vae_latent_moments
     from training.processors import project_visual_kv
     from training.step import TrainingModule
 
@@ -92,6 +97,8 @@ def main() -> None:
                    help="also count the ATen operators of one step each (the fused AdamW of a GPU run, also on CPU)")
     p.add_argument("--count-flops", action="store_true",
                    help="also count the floating-point operations of one step each (forward + backward)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="also time both steps with the frozen encoders' forward passes as CUDA graphs (CUDA only)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
     args = p.parse_args()
     device = args.device
@@ -108,7 +115,14 @@ def main() -> None:
     autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
                               enabled=device.startswith("cuda"))
 
-    def customcontrast_step():
+    # on the CPU the graphs are emulated: their kernel counts are what a replay launches (not timed)
+    emulated = args.cuda_graphs and not device.startswith("cuda")
+    graphs = FrozenGraphs(emulate=emulated) if args.cuda_graphs else None
+    counter = CountOps()
+    replays = _Counted(counter, training.graphed).__enter__() if emulated else None   # before any graph exists
+
+    def customcontrast_step(graphed: bool = False):
+        module.graphs = graphs if graphed else None
         with autocast:
             loss, _ = module(batch, generator)
         loss.backward()
@@ -118,12 +132,15 @@ def main() -> None:
     encoder, state = model.encoder, module.state
     tokens = frozen.text.tokenize([c.replace("<subject>", "dog") for c in batch["caption"]], "<subject>")
 
-    def adapter_step():
+    def adapter_step(graphed: bool = False):
+        frozen_graphs = graphs if graphed else None
         with autocast:
             with torch.no_grad():
-                hidden = clip_hidden_states(frozen.clip_vision, batch["reference"], model.config.clip_layers)
+                hidden = clip_hidden_states(frozen.clip_vision, batch["reference"], model.config.clip_layers,
+                                            frozen_graphs)
                 context, _ = frozen.text(tokens)
-                latents = frozen.vae.encode(batch["target"].to(dtype)).latent_dist.sample() * 0.18215
+                mean, std = vae_latent_moments(frozen.vae, batch["target"].to(dtype), frozen_graphs)
+                latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean)) * 0.18215
             visual = encoder.visual_out(encoder.encode_image(hidden).visual)          # (B, m, C)
             t = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
             noise = torch.randn(latents.shape, generator=generator).to(latents)
@@ -139,30 +156,47 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
 
     memory, ops, flops = {}, {}, {}
-    for name, step in (("customcontrast", customcontrast_step), ("adapter", adapter_step)):
+    steps = {"customcontrast": customcontrast_step, "adapter": adapter_step}
+    if graphs is not None:
+        steps.update(customcontrast_graphs=lambda: customcontrast_step(True), adapter_graphs=lambda: adapter_step(True))
+    for name, step in steps.items():
         reset_peak(device)
         step()
         memory[name] = peak_memory_gb(device)
         if args.count_ops:
-            with CountOps() as counted:
+            counter.count = counter.kernels = 0
+            with counter:
                 step()
-            ops[name] = {"ops": counted.count, "kernels": counted.kernels}
-            print(f"[training] {name}: {counted.count} ATen operators per step, {counted.kernels} kernels",
+            ops[name] = {"ops": counter.count, "kernels": counter.kernels}
+            print(f"[training] {name}: {counter.count} ATen operators per step, {counter.kernels} kernels",
                   flush=True)
         if args.count_flops:
             with flop_counter() as counter:
                 step()
             flops[name] = counter.get_total_flops()
             print(f"[training] {name}: {flops[name] / 1e12:.3f} TFLOP per step", flush=True)
-    times = interleaved({"adapter": adapter_step, "customcontrast": customcontrast_step}, args.repeats, device)
+    variants = {"adapter": adapter_step, "customcontrast": customcontrast_step}
+    if graphs is not None and not emulated:   # the frozen encoders' forward passes as CUDA graphs, in both steps
+        variants.update(adapter_graphs=steps["adapter_graphs"], customcontrast_graphs=steps["customcontrast_graphs"])
+    times = interleaved(variants, args.repeats, device)
+    if replays is not None:
+        replays.__exit__(None, None, None)
+    graph_ratios = {} if graphs is None or emulated else {
+        "ratio_graphs": times["customcontrast_graphs"]["median"] / times["adapter_graphs"]["median"],
+        "customcontrast_graphs_vs_eager": times["customcontrast_graphs"]["median"] / times["customcontrast"]["median"],
+        "graphs_captured": sum(call is not None for call in graphs.calls.values())}
     result = {"machine": machine(device), "size": args.size, "batch": args.batch, "dtype": str(dtype),
-              "seconds": times, "ratio": times["customcontrast"]["median"] / times["adapter"]["median"],
+              "seconds": times, "ratio": times["customcontrast"]["median"] / times["adapter"]["median"], **graph_ratios,
               "peak_memory_gb": memory, **({"operators_per_step": ops} if ops else {}),
               **({"flops_per_step": flops, "flops_ratio": flops["customcontrast"] / flops["adapter"]} if flops else {})}
     write_json(args.out, result)
     print(f"[training] sd15 {args.size}px batch {args.batch} {dtype}: adapter {times['adapter']['median']:.3f}s  "
           f"customcontrast {times['customcontrast']['median']:.3f}s  ratio {result['ratio']:.3f}x  "
           f"peak GB {memory}  -> {args.out}", flush=True)
+    if graph_ratios:
+        print(f"[training] with CUDA graphs of the frozen encoders: adapter {times['adapter_graphs']['median']:.3f}s  "
+              f"customcontrast {times['customcontrast_graphs']['median']:.3f}s  ratio {graph_ratios['ratio_graphs']:.3f}x  "
+              f"({graph_ratios['graphs_captured']} graphs)", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 # 2. the CUDA tests of the graph mode when pytest is installed;
 # 3. ComfyUI sampler, SD1.5 512 px then SDXL 1024 px: plain, default (warm), default_cold, buckets, mask off,
 #    and default and buckets with graphs;
-# 4. the training step against the plain adapter step (fused AdamW), last: the parts that finish leave their JSON.
+# 4. the training step against the plain adapter step (fused AdamW), eager and with the frozen encoders as CUDA
+#    graphs, last: the parts that finish leave their JSON.
 source "$(dirname "$0")/bench_env.sh" "$@"
 run 90 benchmarks.bench_layer_overhead --device cuda --evaluations 20 --out "$out/layer_overhead_cuda.json"
 if "$py" -m pytest --version >/dev/null 2>&1; then
@@ -15,4 +16,4 @@ if [ -n "${COMFYUI_PATH:-}" ]; then
     run 150 benchmarks.bench_comfy --families sd15 --repeats 3 --out "$out/comfy_sd15_graphs.json"
     run 220 benchmarks.bench_comfy --families sdxl --repeats 2 --out "$out/comfy_sdxl_graphs.json"
 fi
-run 150 benchmarks.bench_training --repeats 3 --out "$out/training_fused_adamw.json"
+run 150 benchmarks.bench_training --repeats 3 --cuda-graphs --out "$out/training_fused_adamw.json"

@@ -52,6 +52,7 @@ class TrainConfig:
     capture_downsample: tuple[int, ...] = (2, 4)   # layers whose maps feed L_loc (16x16 and 32x32 at 512 px)
     mixed_precision: str = "no"           # "no", "bf16" or "fp16" (accelerate)
     gradient_checkpointing: bool = False
+    cuda_graphs: bool = False             # frozen encoders' forward passes as CUDA graphs (training/graphed.py)
     save_every: int = 30
     log_every: int = 5
     num_workers: int = 0

@@ -20,7 +20,8 @@ from customcontrast_core.visual_kv import CustomContrastModel
 
 from .config import TrainConfig
 from .losses import cscl_loss, gather_with_grad, localization_loss, macl_loss, sample_condition_dropout, total_loss
-from .models import FrozenModels, appearance_features, clip_hidden_states
+from .graphed import FrozenGraphs
+from .models import FrozenModels, appearance_features, clip_hidden_states, vae_latent_moments
 from .processors import ProcessorState, install_processors, project_visual_kv
 
 PLACEHOLDER = "<subject>"
@@ -42,6 +43,7 @@ class TrainingModule(nn.Module):
         self.__dict__["frozen"] = frozen          # not a submodule: never trained, never synced
         self.state = ProcessorState()
         self._blank_hidden: dict[tuple, Tensor] = {}   # (device, dtype, size) -> CLIP features of a blank image
+        self.graphs = FrozenGraphs() if cfg.cuda_graphs else None   # frozen forward passes as CUDA graphs
         install_processors(frozen.unet, model, self.state, cfg.capture_downsample)
 
     def forward(self, batch: Mapping[str, Tensor | list], generator: torch.Generator, *, rank: int = 0,
@@ -68,8 +70,8 @@ class TrainingModule(nn.Module):
         # models: the same values as separate calls); a blank image's CLIP features are computed once
         with torch.no_grad():
             views = torch.cat([reference, positive])                                   # (2B, 3, H, W)
-            clip_both = clip_hidden_states(frozen.clip_vision, views, layers)
-            app_ref, app_pos = appearance_features(frozen.appearance, views).float().chunk(2)
+            clip_both = clip_hidden_states(frozen.clip_vision, views, layers, self.graphs)
+            app_ref, app_pos = appearance_features(frozen.appearance, views, self.graphs).float().chunk(2)
         dropped = int(drop_image.sum())                  # drop_image lives on the CPU: no device read
         hidden, steps = clip_both, timesteps.float().repeat(2)
         if dropped:
@@ -95,10 +97,10 @@ class TrainingModule(nn.Module):
         # diffusion reconstruction of the target view (another frame of the subject)
         with torch.no_grad():
             target = batch["target"].to(device, dtype=next(frozen.vae.parameters()).dtype)
-            dist = frozen.vae.encode(target).latent_dist
-            shape = (b * world, *dist.mean.shape[1:])
-            eps = torch.randn(shape, generator=generator)[mine].to(dist.mean)
-            latents = (dist.mean + dist.std * eps) * frozen.vae.config.scaling_factor
+            mean, std = vae_latent_moments(frozen.vae, target, self.graphs)
+            shape = (b * world, *mean.shape[1:])
+            eps = torch.randn(shape, generator=generator)[mine].to(mean)
+            latents = (mean + std * eps) * frozen.vae.config.scaling_factor
         noise = torch.randn(shape, generator=generator)[mine].to(latents)
         noisy = frozen.scheduler.add_noise(latents, noise, timesteps).to(latents)
         state = self.state
