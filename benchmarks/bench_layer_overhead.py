@@ -51,8 +51,9 @@ def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"
                          base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
                          settings=ApplySettings(use_mask=use_mask, cuda_graphs=graphs == "cuda"),
                          timestep_of=lambda s: s * 100)
-    if graphs == "emulate":
+    if graphs == "emulate":   # the layers and the mask step, as replays would run them
         patch.graphs = patch_module.LayerGraphs(emulate=True)
+        patch.tracker.graphs = "emulate"
     for sigma in range(1, 200):
         shape = (1, config.num_visual_tokens, config.context_dim)
         patch.cache[float(sigma)] = Encodings(
@@ -134,7 +135,8 @@ class _Counted:
         class Replay(base):
             def __call__(self, *values):
                 for static, value in zip(self.inputs, values):
-                    static.copy_(value)
+                    if value is not static:
+                        static.copy_(value)
                 paused, counter.paused = counter.paused, True
                 try:
                     return super().__call__(*values)
@@ -164,7 +166,9 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
         plain.append(_timed(lambda: _plain(config, device=device, dtype=dtype), device))
     with CountOps() as ops_patched:
         if graphs == "emulate":   # graphs captured while counting, so the Replay class is theirs
-            with _Counted(ops_patched):
+            import customcontrast_core.propagation as propagation
+
+            with _Counted(ops_patched), _Counted(ops_patched, propagation):
                 ops_patched.paused = True
                 patch, config, base = _patch(family, use_mask, device, graphs, dtype=dtype)
                 for s in sigmas[:4]:

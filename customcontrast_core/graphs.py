@@ -82,7 +82,8 @@ class StaticCall:
             if value.shape != static.shape:
                 raise ValueError(f"input {index}: expected shape {tuple(static.shape)} (the captured one), "
                                  f"got {tuple(value.shape)}")
-            static.copy_(value)
+            if value is not static:   # callers may fill the static inputs themselves
+                static.copy_(value)
         if self.graph is not None:
             self.graph.replay()
         elif self.outputs is None:

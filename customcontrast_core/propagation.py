@@ -7,6 +7,7 @@ earlier (noisier) evaluation. The first evaluation uses M = 1 (no mask).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -14,7 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import SubjectMaps
+from .graphs import CaptureError, StaticCall
 from .masks import MaskConfig, make_mask, minmax_normalize
+
+log = logging.getLogger("customcontrast")
 
 
 @dataclass
@@ -48,6 +52,8 @@ class MaskTracker:
     num_subjects: int = 1
     masks: dict[float, list[Tensor]] = field(default_factory=dict)   # sigma -> per subject (B, H, W)
     pending: _Pending | None = None
+    graphs: str = "off"   # "cuda": CUDA tensors are finalised by a graph replay per map layout; "emulate": CPU tests
+    _finalisers: dict = field(default_factory=dict)   # layout -> StaticCall, or None where capture failed
 
     def reset(self) -> None:
         """Forgets everything: called at the start of each sampling run."""
@@ -77,10 +83,8 @@ class MaskTracker:
         entry[2] += layers
 
     def _finalise(self) -> None:
-        """Mean over layers of each map type, then the location map and the mask. Per grid the layers' text and
-        visual maps are summed in one stack; bilinear resizing to the largest grid is linear, so each grid's sums
-        are resized once, text and visual together. The mean's factor (grids / layers summed) is a positive
-        constant per subject, which the min-max normalisation of the location removes."""
+        """Mean over layers of each map type, then the location map and the mask (:meth:`_mask_of`), per subject:
+        each grid's maps in one stack, the rest one graph replay when ``graphs`` applies."""
         pending, self.pending = self.pending, None
         if pending is None or not any(pending.maps):
             return
@@ -88,16 +92,50 @@ class MaskTracker:
         for per_grid in pending.maps:
             if not per_grid:
                 return
-            grid = max(per_grid, key=lambda g: g[0] * g[1])
-            total = None
-            for (h, w), (text, visual, _) in per_grid.items():
-                sums = torch.stack(text + visual).float().unflatten(0, (2, len(text))).sum(1)   # (2, B, h*w)
-                image = sums.flatten(0, 1).unflatten(1, (1, h, w))                                # (2B, 1, h, w)
-                if (h, w) != grid:
-                    image = F.interpolate(image, size=grid, mode="bilinear", align_corners=False)
-                total = image if total is None else total + image
-            result.append(make_mask(_location(total.squeeze(1)), self.config, normalized=True))
+            grids, maps = tuple(per_grid), [text + visual for text, visual, _ in per_grid.values()]
+            mask = self._replayed(grids, maps)
+            result.append(mask if mask is not None else self._mask_of(grids, [torch.stack(m) for m in maps]))
         self.masks[pending.sigma] = result
+
+    def _mask_of(self, grids: tuple[tuple[int, int], ...], stacks: list[Tensor]) -> Tensor:
+        """The mask from each grid's stacked maps (the layers' text maps, then their visual maps). Bilinear
+        resizing to the largest grid is linear, so each grid's sums are resized once, text and visual together;
+        the mean's factor (grids / layers summed) is a positive constant per subject, which the min-max
+        normalisation of the location removes. Shapes: stacks[i] (2 L_i, B, h_i*w_i) -> (B, H, W)."""
+        grid = max(grids, key=lambda g: g[0] * g[1])
+        total = None
+        for (h, w), stack in zip(grids, stacks):
+            sums = stack.float().unflatten(0, (2, -1)).sum(1)                                  # (2, B, h*w)
+            image = sums.flatten(0, 1).unflatten(1, (1, h, w))                                # (2B, 1, h, w)
+            if (h, w) != grid:
+                image = F.interpolate(image, size=grid, mode="bilinear", align_corners=False)
+            total = image if total is None else total + image
+        return make_mask(_location(total.squeeze(1)), self.config, normalized=True)
+
+    def _replayed(self, grids: tuple[tuple[int, int], ...], maps: list[list[Tensor]]) -> Tensor | None:
+        """:meth:`_mask_of` as one graph replay (its inputs stacked straight into the graph's static buffers),
+        or None where graphs do not apply or the capture failed (then it runs eagerly from then on)."""
+        first = maps[0][0]
+        if self.graphs == "off" or (self.graphs == "cuda" and not first.is_cuda):
+            return None
+        layout = (grids, tuple((len(m), *m[0].shape) for m in maps), first.dtype, first.device)
+        call = self._finalisers.get(layout, False)
+        if call is None:
+            return None
+        try:
+            if call is False:
+                statics = [torch.empty((len(m), *m[0].shape), dtype=first.dtype, device=first.device) for m in maps]
+                for static, m in zip(statics, maps):
+                    torch.stack(m, out=static)
+                call = self._finalisers[layout] = StaticCall(lambda: (self._mask_of(grids, statics),), statics,
+                                                             emulate=self.graphs == "emulate")
+            for static, m in zip(call.inputs, maps):
+                torch.stack(m, out=static)
+            return call(*call.inputs)[0].clone()   # the next replay rewrites the graph's output
+        except CaptureError as error:
+            log.warning("CustomContrast: the mask step runs without a CUDA graph: %s", error)
+            self._finalisers[layout] = None
+            return None
     def mask_for(self, sigma: float) -> list[Tensor] | None:
         """The masks of the closest earlier evaluation (smallest recorded sigma greater than ``sigma``)."""
         earlier = [s for s in self.masks if s > float(sigma)]

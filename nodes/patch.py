@@ -85,7 +85,8 @@ class SubjectPatch:
     graphs: LayerGraphs | None = None           # CUDA graphs of the layers (settings.cuda_graphs)
 
     def __post_init__(self) -> None:
-        self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects))
+        self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects),
+                                   graphs="cuda" if self.settings.cuda_graphs else "off")
         config = self.model.config
         group_of = {layer.name: group for layer, group in zip(config.layers, config.layer_groups)}
         self.groups = {key: group_of[layer.name] for key, layer in self.layers.items()}

@@ -56,11 +56,12 @@ def test_stacked_and_per_layer_visual_projection_give_the_same_layers(family, mo
         torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 15), ("sd15", False, 9),
-                                                   ("sdxl", True, 9), ("sdxl", False, 8)])
+@pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 11), ("sd15", False, 9),
+                                                   ("sdxl", True, 8), ("sdxl", False, 8)])
 def test_graph_mode_leaves_few_host_operators_per_layer(family, use_mask, limit):
     """With each layer a graph replay (emulated, counted as one launch), a layer costs its input copies, the
-    replay and the context swap; what is left is per evaluation (masks, rows). Outputs equal the eager ones."""
+    replay and the context swap; what is left is per evaluation (masks, rows; the mask step is one replay).
+    Outputs equal the eager ones."""
     result = measure(family, use_mask, evaluations=2, graphs="emulate")
     assert result["max_abs_diff_vs_eager"] < 1e-5
     assert result["ops_per_layer_patched"] <= limit < measure(family, use_mask, evaluations=2)["ops_per_layer_patched"]
