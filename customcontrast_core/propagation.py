@@ -55,6 +55,10 @@ class MaskTracker:
     graphs: str = "off"   # "cuda": CUDA tensors are finalised by a graph replay per map layout; "emulate": CPU tests
     _finalisers: dict = field(default_factory=dict)   # layout -> StaticCall, or None where capture failed
 
+    def __post_init__(self) -> None:
+        if self.graphs not in ("off", "cuda", "emulate"):
+            raise ValueError(f"graphs must be 'off', 'cuda' or 'emulate', got {self.graphs!r}")
+
     def reset(self) -> None:
         """Forgets everything: called at the start of each sampling run."""
         self.masks.clear()
@@ -136,6 +140,7 @@ class MaskTracker:
             log.warning("CustomContrast: the mask step runs without a CUDA graph: %s", error)
             self._finalisers[layout] = None
             return None
+
     def mask_for(self, sigma: float) -> list[Tensor] | None:
         """The masks of the closest earlier evaluation (smallest recorded sigma greater than ``sigma``)."""
         earlier = [s for s in self.masks if s > float(sigma)]

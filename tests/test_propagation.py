@@ -119,3 +119,5 @@ def test_mask_step_as_a_replay_equals_the_eager_one(mode):
             torch.testing.assert_close(b, a, rtol=0, atol=0)
     assert len(replayed._finalisers) == 1 and None not in replayed._finalisers.values()
     assert (replayed.masks[5.0][0] - replayed.masks[4.0][0]).abs().max() > 0
+    with pytest.raises(ValueError, match="graphs must be 'off', 'cuda' or 'emulate'"):
+        MaskTracker(MaskConfig(), graphs="on")
