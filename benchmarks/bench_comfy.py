@@ -77,12 +77,22 @@ def count_flops(variants: dict) -> dict:
 def count_kernels(variants: dict, steps: int) -> dict:
     """ATen operators that launch a kernel (views and allocations aside) in one warm run of each variant, and per
     model evaluation (CFG: one batched evaluation per step with euler): on a GPU whose steps are bound by launching
-    kernels from Python, the time ratio follows this ratio."""
+    kernels from Python, the time ratio follows this ratio. A variant whose CUDA graphs are emulated on the CPU
+    counts each replay as what it launches on a GPU (its input copies and one launch)."""
+    import customcontrast_core.propagation as propagation
+
+    from .bench_layer_overhead import _Counted
+
     kernels = {}
     for name, fn in variants.items():
-        fn()
-        with CountOps() as counter:
-            fn()
+        counter = CountOps()
+        counter.paused = True
+        with _Counted(counter), _Counted(counter, propagation):
+            fn()   # the warm run (graphs are captured here, as their Replay class)
+            counter.count = counter.kernels = 0
+            counter.paused = False
+            with counter:
+                fn()
         kernels[name] = counter.kernels
         print(f"[comfy] {name}: {kernels[name]} kernels per run ({kernels[name] / steps:.0f} per step)", flush=True)
     return {"kernels_per_run": kernels, "kernels_per_step": {k: v / steps for k, v in kernels.items()},
@@ -129,7 +139,14 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
         variants[f"cuda_graphs_buckets_{buckets}"] = lambda: run(graphed_b, positive_gb, negative)
     arithmetic = count_flops(variants) if flops else {}
     if ops:
-        arithmetic.update(count_kernels(variants, steps))
+        counted = dict(variants)
+        if not device.startswith("cuda"):   # the graph mode's launches, its graphs emulated on the CPU
+            emulated, positive_e = patched(cuda_graphs=True)
+            emulated_patch = emulated.model_options["transformer_options"]["customcontrast"][-1]
+            emulated_patch.graphs = rt.extension("nodes.graphed").LayerGraphs(emulate=True)
+            emulated_patch.tracker.graphs = "emulate"
+            counted["cuda_graphs_emulated"] = lambda: run(emulated, positive_e, negative)
+        arithmetic.update(count_kernels(counted, steps))
     if repeats <= 0:
         return {"family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype), "narrow": narrow,
                 **arithmetic}
