@@ -4,8 +4,8 @@ Off by default (``ApplySettings.cuda_graphs``). Per model evaluation, what every
 subject's visual tokens, which rows are cond/uncond, the masks of each grid) is copied once into static
 buffers; each layer's graph reads those and its own static q, k, v and computes the visual K/V
 projection, the placeholder bias and both attention branches; capture layers also add their maps to
-per-grid sums (static accumulators zeroed once per evaluation, handed to the mask tracker when the
-next evaluation starts). A layer then costs three copies and one replay instead of a few dozen
+per-grid sums (static accumulators that the grid's first capture layer writes and the others add to,
+handed to the mask tracker when the next evaluation starts). A layer then costs three copies and one replay instead of a few dozen
 launches. Static inputs and outputs are shared by the graphs of equal shapes: ComfyUI consumes
 ``out`` (``to_out``) before the next layer replays. A key that cannot be captured runs eagerly from
 then on (logged once).
@@ -63,13 +63,6 @@ class LayerGraphs:
                                                                  value.device).copy_(value)
         return fresh[name]
 
-    def zeroed(self, evaluation: object, name: tuple, shape: Sequence[int], device: torch.device) -> Tensor:
-        """A persistent fp32 buffer, set to zero once per evaluation (map accumulators)."""
-        fresh = self._fresh_of(evaluation)
-        if name not in fresh:
-            fresh[name] = self.buffer(name, shape, torch.float32, device).zero_()
-        return fresh[name]
-
     def buffer(self, name: tuple, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
         """The persistent buffer ``name`` of that shape, dtype and device (allocated at first use)."""
         signature = (name, tuple(shape), dtype, device)
@@ -80,25 +73,26 @@ class LayerGraphs:
     def attention(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, *, heads: int, projection: KVProjection,
                   tokens: Sequence[Tensor], kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None],
                   columns: Sequence[tuple[int, ...]], gamma: float, eps: float,
-                  sums: Sequence[tuple[Tensor, Tensor]] = ()) -> Tensor:
+                  sums: Sequence[tuple[Tensor, Tensor]] = (), assign: bool = False) -> Tensor:
         """One layer of ``customcontrast_attention`` through its graph (captured at the first call of a new key).
 
         Shapes: q (B, N, H*D), k/v (B, T, H*D); tokens per subject (2, m, C) (subject; blank reference),
         kinds (B,) long (0 cond, 1 uncond row), rows (B,) bool, masks per subject (B, N) or None. With
         ``sums`` (per subject: text and visual (B, N) fp32 accumulators) the layer captures its maps and
-        adds them to the accumulators.
+        adds them to the accumulators (``assign``: writes them, for the first capture layer of a grid).
         """
         weight, capture = projection.to_k.weight, bool(sums)
         statics = (*tokens, kinds, rows, *(m for m in masks if m is not None), *(t for pair in sums for t in pair))
-        graph_key = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, heads, capture,
+        graph_key = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, heads, capture, assign,
                      tuple(m is None for m in masks), tuple(columns), gamma, eps, weight.dtype, weight.device,
                      weight.data_ptr(), projection.to_v.weight.data_ptr(), tuple(id(t) for t in statics))
         call = self.calls.get(graph_key, False)
         if call is False:
             call = self._capture(graph_key, q, k, v, heads, projection, tokens, kinds, rows, masks, columns,
-                                 gamma, eps, sums)
+                                 gamma, eps, sums, assign)
         if call is None:
-            return _attention(q, k, v, heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, sums)[0]
+            return _attention(q, k, v, heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, sums,
+                              assign)[0]
         return call(q, k, v)[0]
 
     def _capture(self, graph_key, q, k, v, *args) -> StaticCall | None:
@@ -106,14 +100,15 @@ class LayerGraphs:
         # after another and each output is consumed before the next replay): memory of one layer per shape
         sq, sk, sv = (self.buffer((name,), x.shape, x.dtype, x.device).copy_(x)
                       for name, x in (("q", q), ("k", k), ("v", v)))
-        target, sums = self.buffer(("out",), q.shape, q.dtype, q.device), args[-1]
+        *layer, sums, assign = args
+        target = self.buffer(("out",), q.shape, q.dtype, q.device)
         scratch = [(torch.zeros_like(text), torch.zeros_like(visual)) for text, visual in sums]
 
         def run() -> tuple[Tensor, ...]:
-            return (target.copy_(_attention(sq, sk, sv, *args)[0]),)
+            return (target.copy_(_attention(sq, sk, sv, *layer, sums, assign)[0]),)
 
-        def warmup() -> None:   # the same kernels, accumulating into scratch buffers
-            _attention(sq, sk, sv, *args[:-1], scratch)
+        def warmup() -> None:   # the same kernels, writing into scratch buffers
+            _attention(sq, sk, sv, *layer, scratch, assign)
 
         try:
             if not self.emulate and self._pool is None:
@@ -130,9 +125,10 @@ class LayerGraphs:
 
 def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, projection: KVProjection, tokens: Sequence[Tensor],
                kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None], columns: Sequence[tuple[int, ...]],
-               gamma: float, eps: float, sums: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, list[SubjectMaps] | None]:
+               gamma: float, eps: float, sums: Sequence[tuple[Tensor, Tensor]],
+               assign: bool = False) -> tuple[Tensor, list[SubjectMaps] | None]:
     """The layer's work from static inputs: visual K/V of each subject for each row, the patched attention,
-    and with ``sums`` each subject's maps added to its accumulators."""
+    and with ``sums`` each subject's maps added to its accumulators (written to them with ``assign``)."""
     branches = []
     with torch.no_grad():
         for subject_tokens, mask, cols in zip(tokens, masks, columns):
@@ -142,6 +138,10 @@ def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, projection: KVProjec
                                           gamma=gamma, mask=mask, columns=cols, text_rows=rows))
         out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=eps, capture=bool(sums))
         for (text, visual), m in zip(sums, maps or ()):
-            text.add_(m.text)
-            visual.add_(m.visual)
+            if assign:
+                text.copy_(m.text)
+                visual.copy_(m.visual)
+            else:
+                text.add_(m.text)
+                visual.add_(m.visual)
         return out, maps

@@ -176,8 +176,10 @@ class SubjectPatch:
         sigmas = extra_options["sigmas"]
         if self._eval is None or sigmas is not self._eval.sigmas:
             sigma = sigma_of(extra_options)
-            self._flush(self._eval)
             previous = self._eval.sigma if self._eval is not None else None
+            # a new sigma makes the tracker finalise the flushed maps at once, before any layer rewrites the
+            # graph mode's accumulators: they need no copies then
+            self._flush(self._eval, copy=sigma == previous or not self.settings.use_mask)
             self._eval = _Evaluation(sigmas=sigmas, sigma=sigma)
             if sigma != previous and self.settings.use_mask:
                 self.tracker.begin(sigma)
@@ -303,32 +305,35 @@ class SubjectPatch:
         """The layer through its CUDA graph; the evaluation's shared inputs go to static buffers once, and the
         maps of capture layers are summed per grid inside the graphs (handed to the tracker by ``_flush``)."""
         graphs, weight, subjects = self.graphs, projection.to_k.weight, range(len(self.subjects))
-        tokens = [graphs.static(ev, ("tokens", s), lambda s=s: torch.cat([enc.visual[s], enc.blank_visual[s]]).to(
-            weight.device, weight.dtype)) for s in subjects]
+        tokens = [graphs.static(ev, ("tokens", s), lambda s=s: enc.tokens_for(weight.device, weight.dtype)[s])
+                  for s in subjects]
         masks = [None if m is None else graphs.static(ev, ("mask", s, grid), lambda m=m: m) for s, m in enumerate(masks)]
-        sums = []
+        sums, first = [], False
         for s in subjects if capture else ():
             pair = ev.map_sums.get((s, grid))
-            if pair is None:
-                pair = ev.map_sums[(s, grid)] = (graphs.zeroed(ev, ("text", s, grid), q.shape[:2], q.device),
-                                                 graphs.zeroed(ev, ("visual", s, grid), q.shape[:2], q.device))
+            if pair is None:   # the grid's first capture layer writes its maps, the later ones add theirs
+                first = True
+                pair = ev.map_sums[(s, grid)] = (graphs.buffer(("text", s, grid), q.shape[:2], torch.float32, q.device),
+                                                 graphs.buffer(("visual", s, grid), q.shape[:2], torch.float32, q.device))
             sums.append(pair)
             ev.map_layers[(s, grid)] = ev.map_layers.get((s, grid), 0) + 1
         # the row tensors are built once per run (``_rows``) and stay allocated: the graphs read them directly
         out = graphs.attention(key, q, k, v, heads=heads, projection=projection, tokens=tokens, kinds=ev.kinds,
                                rows=ev.swap, masks=masks, columns=columns,
-                               gamma=self.settings.gamma, eps=self.settings.mask.eps, sums=sums)
+                               gamma=self.settings.gamma, eps=self.settings.mask.eps, sums=sums, assign=first)
         return out, None
 
-    def _flush(self, ev: _Evaluation | None) -> None:
-        """Hands the evaluation's per-grid map sums (graph mode) to the mask tracker, once."""
+    def _flush(self, ev: _Evaluation | None, copy: bool = True) -> None:
+        """Hands the evaluation's per-grid map sums (graph mode) to the mask tracker, once: copies of the static
+        accumulators unless the tracker consumes them before the next evaluation rewrites them (``copy``)."""
         if ev is None or not ev.map_layers:
             return
         b = ev.kinds.shape[0] // len(ev.chunks)
         for (s, grid), layers in ev.map_layers.items():
-            text, visual = ev.map_sums[(s, grid)]   # static buffers, rewritten by the next evaluation: copied
-            self.tracker.add(s, _per_latent(SubjectMaps(text=text.clone(), visual=visual.clone()), ev.swapped_chunks, b),
-                             grid, layers)
+            text, visual = ev.map_sums[(s, grid)]
+            if copy:
+                text, visual = text.clone(), visual.clone()
+            self.tracker.add(s, _per_latent(SubjectMaps(text=text, visual=visual), ev.swapped_chunks, b), grid, layers)
         ev.map_layers.clear()
         ev.map_sums.clear()
 

@@ -34,6 +34,31 @@ def test_emulated_graphs_give_the_eager_layers_and_masks(family, use_mask, subje
             torch.testing.assert_close(m_graph[subject], m_eager[subject], rtol=1e-5, atol=1e-5)
 
 
+def test_emulated_graphs_with_two_evaluations_at_one_sigma_give_the_eager_masks():
+    """Two evaluations at the same sigma with different latents (a sampler that evaluates a sigma twice, or cond
+    and uncond in separate batches) add to the same pending maps; the graph mode's accumulators are then copied
+    when handed over, since the next evaluation rewrites them before the tracker sums them."""
+    from benchmarks.bench_layer_overhead import _evaluation, _patch
+
+    sigmas = (9.0, 8.0, 8.0, 7.0, 6.0)
+    results = []
+    for graphs in ("off", "emulate"):
+        torch.manual_seed(0)
+        patch, config, base = _patch("sd15", True, graphs=graphs)
+        outputs = []
+        for call, sigma in enumerate(sigmas):
+            torch.manual_seed(call)                      # each evaluation its own latents
+            _evaluation(patch, config, base, sigma, outputs=outputs)
+        patch.finish()
+        results.append((patch.last_masks, outputs))
+    (eager_masks, expected), (graph_masks, got) = results
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
+    assert [s for s, _ in graph_masks] == [s for s, _ in eager_masks] == [9.0, 8.0, 7.0, 6.0]
+    for (_, m_eager), (_, m_graph) in zip(eager_masks, graph_masks):
+        torch.testing.assert_close(m_graph[0], m_eager[0], rtol=1e-5, atol=1e-5)
+
+
 def test_graph_outputs_are_static_tensors_refilled_at_each_call():
     static = torch.zeros(3)
     call = StaticCall(lambda: (static * 2 + 1,), (static,), emulate=True)
