@@ -103,8 +103,8 @@ def make_mask(maps: Tensor, cfg: MaskConfig, *, normalized: bool = False) -> Ten
     return rearrange(hard, "b (h w) -> b h w", h=maps.shape[1])
 
 
-def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Resizes a mask bilinearly to a layer's token grid and flattens it for Eq. 3.
+def resize_mask(mask: Tensor, grid: tuple[int, int], *, out: Tensor | None = None) -> Tensor:
+    """Resizes a mask bilinearly to a layer's token grid and flattens it for Eq. 3 (into ``out`` when given).
 
     Shapes: mask (B, H, W) -> (B, h*w) fp32 in [0, 1] with grid = (h, w).
     """
@@ -114,7 +114,7 @@ def resize_mask(mask: Tensor, grid: tuple[int, int]) -> Tensor:
     image = rearrange(mask.float(), "b h w -> b 1 h w")
     if tuple(mask.shape[1:]) != grid:
         image = F.interpolate(image, size=grid, mode="bilinear", align_corners=False)
-    return rearrange(image, "b 1 h w -> b (h w)").clamp(0.0, 1.0)
+    return torch.clamp(rearrange(image, "b 1 h w -> b (h w)"), 0.0, 1.0, out=out)
 
 
 def intersect_user_mask(mask: Tensor, user: Tensor) -> Tensor:

@@ -53,6 +53,10 @@ class LayerGraphs:
             self._fresh = (evaluation, {})
         return self._fresh[1]
 
+    def start(self, evaluation: object) -> None:
+        """Marks the evaluation the next buffers belong to (past MAX_GRAPHS graphs, it starts afresh)."""
+        self._fresh_of(evaluation)
+
     def static(self, evaluation: object, name: tuple, make: Callable[[], Tensor | None]) -> Tensor | None:
         """The static buffer holding ``make()`` of this evaluation: computed and copied once per evaluation,
         the same tensor in every evaluation whose value has the same shape, dtype and device."""

@@ -275,8 +275,15 @@ class SubjectPatch:
         # eager capture layers compute in fp32, the others in the UNet's dtype (graphs read fp32 masks): visual
         # K/V, masks and bias are made once per evaluation in each dtype, not once per layer
         dtype = torch.float32 if capture or graphed else q.dtype
-        layer_masks = [self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device, dtype)
-                       for s in subjects]
+        # graph mode: each grid's masks are made straight in the static buffers its graphs read
+        static = None
+        if graphed:
+            self.graphs.start(ev)
+
+            def static(s: int, shape: tuple) -> Tensor:
+                return self.graphs.buffer(("mask", s, (h, w)), shape, torch.float32, q.device)
+        layer_masks = [self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device, dtype,
+                                        static) for s in subjects]
         if graphed:
             out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
         else:
@@ -307,7 +314,6 @@ class SubjectPatch:
         graphs, weight, subjects = self.graphs, projection.to_k.weight, range(len(self.subjects))
         tokens = [graphs.static(ev, ("tokens", s), lambda s=s: enc.tokens_for(weight.device, weight.dtype)[s])
                   for s in subjects]
-        masks = [None if m is None else graphs.static(ev, ("mask", s, grid), lambda m=m: m) for s, m in enumerate(masks)]
         sums, first = [], False
         for s in subjects if capture else ():
             pair = ev.map_sums.get((s, grid))
@@ -338,8 +344,10 @@ class SubjectPatch:
         ev.map_sums.clear()
 
     def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
-                    n_chunks: int, device: torch.device, dtype: torch.dtype) -> Tensor | None:
-        """The subject's mask on a layer grid, in ``dtype``, once per evaluation. Shapes: -> (B or 1, N)."""
+                    n_chunks: int, device: torch.device, dtype: torch.dtype,
+                    static: Callable[[int, tuple], Tensor] | None = None) -> Tensor | None:
+        """The subject's mask on a layer grid, in ``dtype``, once per evaluation; in fp32 made in the buffer
+        ``static(subject, shape)`` when given (graph mode). Shapes: -> (B or 1, N)."""
         user = self.settings.user_mask
         if mask is None and user is None:
             return None
@@ -354,8 +362,11 @@ class SubjectPatch:
         mask = mask.to(device)
         if user is not None:
             mask = intersect_user_mask(mask, user.to(device))
-        flat = resize_mask(mask, grid)                          # (B or 1, N)
-        if flat.shape[0] != 1:                                  # one mask per latent, the same in every chunk
+        single = mask.shape[0] == 1                             # (1, N) broadcasts over every row
+        flat = resize_mask(mask, grid, out=static(subject, (1, grid[0] * grid[1])) if static and single else None)
+        if not single:                                          # one mask per latent, the same in every chunk
             flat = flat[:b].repeat(n_chunks, 1)
-        ev.masks[(subject, grid, dtype)] = flat                 # (1, N) broadcasts over every row
+            if static is not None:
+                flat = static(subject, tuple(flat.shape)).copy_(flat)
+        ev.masks[(subject, grid, dtype)] = flat
         return flat

@@ -106,3 +106,11 @@ def test_make_mask_of_normalized_maps_skips_nothing(mode):
     torch.testing.assert_close(make_mask(minmax_normalize(maps), cfg, normalized=True), make_mask(maps, cfg),
                                rtol=0, atol=0)
     assert make_mask(minmax_normalize(maps), cfg, normalized=True)[3].abs().sum() == 0
+
+
+def test_resize_mask_into_a_given_buffer():
+    mask = torch.rand(1, 8, 8, generator=torch.Generator().manual_seed(5))
+    out = torch.empty(1, 16)
+    result = resize_mask(mask, (4, 4), out=out)
+    assert result is out
+    torch.testing.assert_close(out, resize_mask(mask, (4, 4)), rtol=0, atol=0)
