@@ -8,13 +8,16 @@ host: both are CUDA graph rules, and the CPU emulation enforces the second and r
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import logging
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CaptureError", "StaticCall"]
+__all__ = ["CaptureError", "StaticCall", "replay"]
+
+log = logging.getLogger("customcontrast")
 
 # Operators that copy a device value to the host (or build a tensor from host data): not capturable.
 HOST_READS = frozenset({"aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero",
@@ -93,3 +96,22 @@ class StaticCall:
             for static, value in zip(self.outputs, self.fn()):
                 static.copy_(value)
         return self.outputs
+
+
+def replay(calls: dict, key: Hashable, make: Callable[[], StaticCall],
+           values: Callable[[StaticCall], Sequence[Tensor]], what: str) -> tuple[Tensor, ...] | None:
+    """Runs the ``StaticCall`` of ``key`` in ``calls`` on ``values(call)``, made by ``make()`` at the key's first
+    use. Returns None when the key cannot be captured (now or at an earlier call: ``calls[key]`` is None), after
+    logging it once: the caller then runs the function eagerly. Emulated calls refuse host reads at their first
+    replay, CUDA ones at capture: both count as a failed capture."""
+    call = calls.get(key, False)
+    if call is None:
+        return None
+    try:
+        if call is False:
+            call = calls[key] = make()
+        return call(*values(call))
+    except CaptureError as error:
+        log.warning("CustomContrast: %s runs without a CUDA graph: %s", what, error)
+        calls[key] = None
+        return None

@@ -7,7 +7,7 @@ earlier (noisier) evaluation. The first evaluation uses M = 1 (no mask).
 """
 from __future__ import annotations
 
-import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -15,10 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import SubjectMaps
-from .graphs import CaptureError, StaticCall
+from .graphs import StaticCall, replay
 from .masks import MaskConfig, make_mask, minmax_normalize
-
-log = logging.getLogger("customcontrast")
 
 
 @dataclass
@@ -123,23 +121,18 @@ class MaskTracker:
         if self.graphs == "off" or (self.graphs == "cuda" and not first.is_cuda):
             return None
         layout = (grids, tuple((len(m), *m[0].shape) for m in maps), first.dtype, first.device)
-        call = self._finalisers.get(layout, False)
-        if call is None:
-            return None
-        try:
-            if call is False:
-                statics = [torch.empty((len(m), *m[0].shape), dtype=first.dtype, device=first.device) for m in maps]
-                for static, m in zip(statics, maps):
-                    torch.stack(m, out=static)
-                call = self._finalisers[layout] = StaticCall(lambda: (self._mask_of(grids, statics),), statics,
-                                                             emulate=self.graphs == "emulate")
-            for static, m in zip(call.inputs, maps):
+
+        def fill(statics: Sequence[Tensor]) -> Sequence[Tensor]:   # each grid's maps stacked into the static inputs
+            for static, m in zip(statics, maps):
                 torch.stack(m, out=static)
-            return call(*call.inputs)[0].clone()   # the next replay rewrites the graph's output
-        except CaptureError as error:
-            log.warning("CustomContrast: the mask step runs without a CUDA graph: %s", error)
-            self._finalisers[layout] = None
-            return None
+            return statics
+
+        def make() -> StaticCall:
+            statics = fill([torch.empty((len(m), *m[0].shape), dtype=first.dtype, device=first.device) for m in maps])
+            return StaticCall(lambda: (self._mask_of(grids, statics),), statics, emulate=self.graphs == "emulate")
+
+        outputs = replay(self._finalisers, layout, make, lambda call: fill(call.inputs), "the mask step")
+        return None if outputs is None else outputs[0].clone()   # the next replay rewrites the graph's output
 
     def mask_for(self, sigma: float) -> list[Tensor] | None:
         """The masks of the closest earlier evaluation (smallest recorded sigma greater than ``sigma``)."""

@@ -5,24 +5,22 @@ subject's visual tokens, which rows are cond/uncond, the masks of each grid) is 
 buffers; each layer's graph reads those and its own static q, k, v and computes the visual K/V
 projection, the placeholder bias and both attention branches; capture layers also add their maps to
 per-grid sums (static accumulators that the grid's first capture layer writes and the others add to,
-handed to the mask tracker when the next evaluation starts). A layer then costs three copies and one replay instead of a few dozen
-launches. Static inputs and outputs are shared by the graphs of equal shapes: ComfyUI consumes
+handed to the mask tracker when the next evaluation starts). A layer then costs three copies and one
+replay instead of a few dozen launches. Static inputs and outputs are shared by the graphs of equal shapes: ComfyUI consumes
 ``out`` (``to_out``) before the next layer replays. A key that cannot be captured runs eagerly from
 then on (logged once).
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention
-from customcontrast_core.graphs import CaptureError, StaticCall
+from customcontrast_core.graphs import StaticCall, replay
 from customcontrast_core.visual_kv import KVProjection
 
-log = logging.getLogger("customcontrast")
 
 MAX_GRAPHS = 512   # graphs kept per patch (layers x shapes x first-step/masked variants); beyond, the next
                    # evaluation starts afresh (graphs and buffers of earlier resolutions are released)
@@ -90,16 +88,12 @@ class LayerGraphs:
         graph_key = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, heads, capture, assign,
                      tuple(m is None for m in masks), tuple(columns), gamma, eps, weight.dtype, weight.device,
                      weight.data_ptr(), projection.to_v.weight.data_ptr(), tuple(id(t) for t in statics))
-        call = self.calls.get(graph_key, False)
-        if call is False:
-            call = self._capture(graph_key, q, k, v, heads, projection, tokens, kinds, rows, masks, columns,
-                                 gamma, eps, sums, assign)
-        if call is None:
-            return _attention(q, k, v, heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, sums,
-                              assign)[0]
-        return call(q, k, v)[0]
+        args = (heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, sums, assign)
+        outputs = replay(self.calls, graph_key, lambda: self._capture(q, k, v, *args), lambda call: (q, k, v),
+                         f"layer {key}")
+        return _attention(q, k, v, *args)[0] if outputs is None else outputs[0]
 
-    def _capture(self, graph_key, q, k, v, *args) -> StaticCall | None:
+    def _capture(self, q: Tensor, k: Tensor, v: Tensor, *args) -> StaticCall:
         # inputs and outputs live in buffers shared by every graph of the same shapes (the layers run one
         # after another and each output is consumed before the next replay): memory of one layer per shape
         sq, sk, sv = (self.buffer((name,), x.shape, x.dtype, x.device).copy_(x)
@@ -114,16 +108,10 @@ class LayerGraphs:
         def warmup() -> None:   # the same kernels, writing into scratch buffers
             _attention(sq, sk, sv, *layer, scratch, assign)
 
-        try:
-            if not self.emulate and self._pool is None:
-                self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(q.device)
-            call = StaticCall(run, (sq, sk, sv), emulate=self.emulate, warmup=warmup, pool=self._pool,
-                              stream=self._stream)
-            self.captures += 1
-        except CaptureError as error:
-            log.warning("CustomContrast: layer %s runs without a CUDA graph: %s", graph_key[0], error)
-            call = None
-        self.calls[graph_key] = call
+        if not self.emulate and self._pool is None:
+            self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream(q.device)
+        call = StaticCall(run, (sq, sk, sv), emulate=self.emulate, warmup=warmup, pool=self._pool, stream=self._stream)
+        self.captures += 1
         return call
 
 

@@ -11,17 +11,14 @@ static buffers, which its next replay rewrites. Preprocessing that builds tensor
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from customcontrast_core.graphs import CaptureError, StaticCall
+from customcontrast_core.graphs import StaticCall, replay
 
 __all__ = ["FrozenGraphs", "run_frozen"]
-
-log = logging.getLogger("customcontrast")
 
 
 class FrozenGraphs:
@@ -40,17 +37,13 @@ class FrozenGraphs:
             return tuple(fn(x))
         kind = x.device.type   # a graph captured under autocast holds its casts: the autocast state is in the key
         key = (name, tuple(x.shape), x.dtype, x.device, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
-        call = self.calls.get(key, False)
-        if call is None:
-            return tuple(fn(x))
-        try:
-            if call is False:
-                static = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
-                call = self.calls[key] = StaticCall(lambda: tuple(fn(static)), (static,), emulate=self.emulate)
-            outputs = call(x)
-        except CaptureError as error:
-            log.warning("CustomContrast training: %s runs without a CUDA graph: %s", name, error)
-            self.calls[key] = None
+
+        def make() -> StaticCall:
+            static = torch.empty_like(x, memory_format=torch.contiguous_format).copy_(x)
+            return StaticCall(lambda: tuple(fn(static)), (static,), emulate=self.emulate)
+
+        outputs = replay(self.calls, key, make, lambda call: (x,), f"training's {name}")
+        if outputs is None:
             return tuple(fn(x))
         return tuple(t.clone() for t in outputs)
 

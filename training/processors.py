@@ -60,6 +60,14 @@ class ProcessorState:
             self._rows[key] = weights.to(device)
         return self._rows[key]
 
+    def probe(self, slots: tuple, branch: SubjectBranch, keys: int, device: torch.device) -> Tensor:
+        """The capture layers' probe channels (``placeholder_probe``) of a branch built from ``slots``, once per
+        forward. Shapes: -> (B, 1, keys, P)."""
+        key = (slots, "probe", keys, device)
+        if key not in self._rows:
+            self._rows[key] = placeholder_probe([branch], len(slots), keys, device)
+        return self._rows[key]
+
 
 def layer_grid(latent_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
     """Token grid of a layer: the latent grid divided by ``downsample`` (stride-2 convs round up)."""
@@ -111,12 +119,7 @@ class CustomContrastProcessor:
         text_rows = None if all(slots) or not columns else st.rows_with_slot(slots, q.device)
         branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=columns,
                                text_rows=text_rows, column_weights=weights)
-        probe = None
-        if capture:   # the same for every capture layer of this forward: built once
-            key = (slots, "probe", k.shape[1], q.device)
-            probe = st._rows.get(key)
-            if probe is None:
-                probe = st._rows[key] = placeholder_probe([branch], q.shape[0], k.shape[1], q.device)
+        probe = st.probe(slots, branch, k.shape[1], q.device) if capture else None
         out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
                                              probe=probe, visual_maps=st.visual_maps)
         return out, (maps[0] if maps else None)
