@@ -61,6 +61,16 @@ class SubjectBranch:
             raise ValueError("column_weights (B, T) replaces columns: give one of them, got columns "
                              f"{columns} and column_weights of shape {tuple(self.column_weights.shape)}")
 
+    @classmethod
+    def unchecked(cls, visual_k: Tensor, visual_v: Tensor, gamma: float, mask: Tensor | None,
+                  columns: tuple[int, ...], text_rows: Tensor | None) -> "SubjectBranch":
+        """The same branch without the checks of ``__post_init__``, for a caller that built and validated these
+        values once (the per-layer hot path of sampling: ``columns`` a tuple of distinct ints, ``gamma`` >= 0)."""
+        branch = object.__new__(cls)
+        branch.__dict__.update(visual_k=visual_k, visual_v=visual_v, gamma=gamma, mask=mask, columns=columns,
+                               text_rows=text_rows, column_weights=None)
+        return branch
+
     @property
     def has_columns(self) -> bool:
         return bool(self.columns) or self.column_weights is not None
@@ -177,6 +187,16 @@ def placeholder_probe(subjects: Sequence[SubjectBranch], batch: int, keys: int, 
 # counts (a GPU step is bound by launching kernels from Python): they use tensor methods directly,
 # which dispatch the same view operators as the einops patterns in their comments in about half the time.
 
+def _as(x: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``x.to(device, dtype)``, without a dispatcher call when it is one already."""
+    return x if x.dtype == dtype and x.device == device else x.to(device, dtype)
+
+
+def _batched(x: Tensor, batch: int) -> Tensor:
+    """Expands the leading axis of (1, ...) to ``batch``; no dispatcher call when it has it already."""
+    return x if x.shape[0] == batch else x.expand(batch, *x.shape[1:])
+
+
 def _heads(x: Tensor, heads: int) -> Tensor:
     """b n (h d) -> b h n d (a view; ``view`` dispatches faster than ``unflatten``, a Python-level wrapper)."""
     return x.view(*x.shape[:-1], heads, -1).transpose(1, 2)
@@ -187,20 +207,25 @@ def _merge(x: Tensor) -> Tensor:
     return x.transpose(1, 2).flatten(2)
 
 
+def _over_heads(bias: Tensor) -> Tensor:
+    """A bias broadcast over heads: (B, N, T) -> (B, 1, N, T); already 4-D: as it is."""
+    return bias if bias.ndim == 4 else bias[:, None]
+
+
 def _text_branch(qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None, scale: float) -> Tensor:
     """Text cross-attention with the additive placeholder bias, fused SDPA in the inputs' dtype.
 
-    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), bias (B, N, T) fp32 or None -> (B, N, H*D).
+    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), bias (B, N, T) or (B, 1, N, T), or None -> (B, N, H*D).
     """
-    mask = None if bias is None else bias[:, None].to(qh.dtype)                  # b i j -> b 1 i j
+    mask = None if bias is None else _as(_over_heads(bias), qh.device, qh.dtype)     # b i j -> b 1 i j
     return _merge(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale))
 
 
 def _visual_branch(qh: Tensor, subject: SubjectBranch, heads: int, scale: float) -> Tensor:
     """One subject's visual attention (Eq. 3, second term), fused SDPA. Shapes: qh (B, H, N, D) -> (B, N, H*D)."""
     batch = qh.shape[0]
-    vk = _heads(subject.visual_k.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1)
-    vv = _heads(subject.visual_v.to(qh.device, qh.dtype), heads).expand(batch, -1, -1, -1)
+    vk = _batched(_heads(_as(subject.visual_k, qh.device, qh.dtype), heads), batch)
+    vv = _batched(_heads(_as(subject.visual_v, qh.device, qh.dtype), heads), batch)
     return _merge(F.scaled_dot_product_attention(qh, vk, vv, scale=scale))
 
 
@@ -227,38 +252,58 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
     output carries each subject's placeholder probability next to the attended values: the text map costs
     one mean over heads. The visual map needs the visual logits normalised over space (not over the visual
     tokens, as the output does): one matmul with the queries and a softmax over them. The fp32 casts ride on
-    copies that run anyway (q's heads made contiguous for that matmul, the values' concatenation), and the
-    output is merged and cast back in one copy.
-    Shapes: q (B, N, H*D), k/v (B, T, H*D), any float dtype, probe (B, 1, T, P) -> (B, N, H*D) in q's dtype,
-    one SubjectMaps (fp32) per subject.
+    copies that run anyway (q's heads made contiguous for that matmul, the values' concatenation); without
+    autograd the last branch is added straight into the merged output in q's dtype (no copy to merge and cast).
+    Shapes: q (B, N, H*D), k/v (B, T, H*D), any float dtype, probe (B or 1, 1 or H, T, P),
+    bias (B, N, T) or (B, 1, N, T) -> (B, N, H*D) in q's dtype, one SubjectMaps (fp32) per subject.
     """
-    batch, dims = q.shape[0], q.shape[-1] // heads
-    qh = _heads(q, heads).to(torch.float32, memory_format=torch.contiguous_format)        # (B, H, N, D), one copy
-    kh = _heads(k, heads).to(torch.float32)
+    batch, queries, dims, device = q.shape[0], q.shape[1], q.shape[-1] // heads, q.device
+    f32 = torch.float32
+    qh = _heads(q, heads).to(f32, memory_format=torch.contiguous_format)                 # (B, H, N, D), one copy
+    kh = _heads(k, heads).to(f32)
+    if probe.shape[0] != batch or probe.shape[1] != heads:
+        probe = probe.expand(batch, heads, -1, -1)
     # the concatenation promotes V_t to fp32 (the cast is a no-op unless the inputs are float64)
-    values = torch.cat([_heads(v, heads), probe.expand(batch, heads, -1, -1)], dim=-1).to(torch.float32)
-    mask = None if bias is None else bias[:, None].to(torch.float32)                     # b i j -> b 1 i j
-    text = _probed_text(qh, kh, values, mask, scale, equal_widths=qh.device.type == "cpu")   # (B, H, N, D + P)
-    out, maps = text[..., :dims], []
+    values = torch.cat([_heads(v, heads), probe], dim=-1).to(f32)
+    mask = None if bias is None else _as(_over_heads(bias), device, f32)                 # b i j -> b 1 i j
+    text = _probed_text(qh, kh, values, mask, scale, equal_widths=device.type == "cpu")   # (B, H, N, D + P)
+    out, maps, added = text[..., :dims], [], []
     for index, subject in enumerate(subjects):
-        visual_k = _heads(subject.visual_k.to(q.device, torch.float32), heads).expand(batch, -1, -1, -1)
+        visual_k = _batched(_heads(_as(subject.visual_k, device, f32), heads), batch)
         visual = None
         if visual_maps:   # softmax over space of the visual logits, mean over heads and visual tokens
             logits = torch.baddbmm(qh.new_empty(()), qh.flatten(0, 1), visual_k.flatten(0, 1).transpose(1, 2),
                                    beta=0, alpha=scale)                                     # (B*H, N, S), scaled
             visual = logits.unflatten(0, (batch, heads)).softmax(dim=2).mean((1, 3))     # b h i j -> b i
         maps.append(SubjectMaps(text=text[..., dims + index].mean(1), visual=visual))     # b h n -> b n
-        if subject.gamma == 0:
-            continue
-        visual_v = _heads(subject.visual_v.to(q.device, torch.float32), heads).expand(batch, -1, -1, -1)
-        branch = F.scaled_dot_product_attention(qh, visual_k, visual_v, scale=scale)       # (B, H, N, D)
-        if subject.mask is None:
-            out = torch.add(out, branch, alpha=subject.gamma)
-        else:
-            weight = subject.mask.to(q.device, torch.float32)[:, None, :, None]           # b n -> b 1 n 1
-            out = torch.addcmul(out, weight, branch, value=subject.gamma)
-    merged = out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format)      # b n h d, one copy
+        if subject.gamma != 0:
+            visual_v = _batched(_heads(_as(subject.visual_v, device, f32), heads), batch)
+            branch = F.scaled_dot_product_attention(qh, visual_k, visual_v, scale=scale)   # (B, H, N, D)
+            weight = None if subject.mask is None else _as(subject.mask, device, f32).reshape(
+                subject.mask.shape[0], 1, queries, 1)                                     # b n -> b 1 n 1
+            added.append((branch, weight, subject.gamma))
+    if torch.is_grad_enabled():   # autograd: out= operators record no graph
+        out = _added(out, added)
+        return out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format).flatten(2), maps
+    merged = torch.empty(batch, queries, heads, dims, device=device, dtype=q.dtype)       # b n h d
+    target = merged.transpose(1, 2)
+    if added:
+        _added(out, added[:-1], last=added[-1], into=target)
+    else:
+        target.copy_(out)
     return merged.flatten(2), maps
+
+
+def _added(out: Tensor, branches: list, last: tuple | None = None, into: Tensor | None = None) -> Tensor:
+    """out + sum of gamma * weight * branch (weight None: 1); the ``last`` term written ``into`` that tensor."""
+    for branch, weight, gamma in branches:
+        out = torch.add(out, branch, alpha=gamma) if weight is None else torch.addcmul(out, weight, branch, value=gamma)
+    if last is None:
+        return out
+    branch, weight, gamma = last
+    if weight is None:
+        return torch.add(out, branch, alpha=gamma, out=into)
+    return torch.addcmul(out, weight, branch, value=gamma, out=into)
 
 
 # Public API
@@ -276,6 +321,7 @@ def customcontrast_attention(
     bias: Tensor | None = None,
     probe: Tensor | None = None,
     visual_maps: bool = True,
+    validate: bool = True,
 ) -> tuple[Tensor, list[SubjectMaps] | None]:
     """Computes masked text cross-attention plus each subject's masked visual branch (Eq. 3, Sec. 3.4).
 
@@ -286,31 +332,35 @@ def customcontrast_attention(
     text_rows); a subject's visual output is weighted by gamma * M (M broadcast over heads and
     channels). Subjects sharing a column multiply their masks. A branch with gamma = 0 is skipped
     unless maps are captured; ``visual_maps=False`` leaves the visual maps out (None). `scale` defaults
-    to D ** -0.5. `bias` (B, N, T) is :func:`placeholder_bias` of the same subjects and `probe`
-    :func:`placeholder_probe`, when the caller already has them (one per grid and evaluation).
+    to D ** -0.5. `bias` (B, N, T), or its (B, 1, N, T) view, is :func:`placeholder_bias` of the same
+    subjects and `probe` :func:`placeholder_probe` (or its expansion over heads), when the caller already
+    has them (one per grid and evaluation). ``validate=False`` skips the shape checks, for a caller that
+    checked these shapes before (every layer of every sampling step calls this).
 
     Every branch is fused attention with the bias as a float mask. Layers that capture maps run in fp32
     and read the text map from probe channels of the text attention (:func:`_captured`); the others
     stay in q's dtype (the visual output added with one fused multiply-add).
     """
-    _check_inputs(q, k, v, heads, subjects)
-    if eps <= 0:
-        raise ValueError(f"eps must be > 0, got {eps}")
     batch, queries, inner = q.shape
+    if validate:
+        _check_inputs(q, k, v, heads, subjects)
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if bias is not None and tuple(bias.shape) not in ((batch, queries, k.shape[1]), (batch, 1, queries, k.shape[1])):
+            raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}) or ({batch}, 1, {queries}, "
+                             f"{k.shape[1]}), got {tuple(bias.shape)}")
+        if capture and probe is not None and (
+                probe.ndim != 4 or probe.shape[0] not in (1, batch) or probe.shape[1] not in (1, heads)
+                or probe.shape[2] != k.shape[1] or probe.shape[3] < len(subjects)):
+            raise ValueError(f"probe must be ({batch} or 1, 1 or {heads}, {k.shape[1]}, >= {len(subjects)}), "
+                             f"got {tuple(probe.shape)}")
     scale = (inner // heads) ** -0.5 if scale is None else scale
     if bias is None:
         bias = placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device,
                                 torch.float32 if capture else q.dtype)
-    elif tuple(bias.shape) != (batch, queries, k.shape[1]):
-        raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}), got {tuple(bias.shape)}")
-
     if capture:
         if probe is None:
             probe = placeholder_probe(subjects, batch, k.shape[1], q.device)
-        elif probe.ndim != 4 or probe.shape[0] not in (1, batch) or probe.shape[2] != k.shape[1] \
-                or probe.shape[3] < len(subjects):
-            raise ValueError(f"probe must be ({batch} or 1, 1, {k.shape[1]}, >= {len(subjects)}), "
-                             f"got {tuple(probe.shape)}")
         return _captured(q, k, v, heads, subjects, bias, probe, scale, visual_maps)
     qh = _heads(q, heads)
     out = _text_branch(qh, _heads(k, heads), _heads(v, heads), bias, scale)
@@ -321,7 +371,7 @@ def customcontrast_attention(
         if subject.mask is None:
             out = torch.add(out, visual, alpha=subject.gamma)
         else:
-            weight = subject.mask.to(q.device, out.dtype)[..., None]             # b n -> b n 1
+            weight = _as(subject.mask, q.device, out.dtype)[..., None]                 # b n -> b n 1
             out = torch.addcmul(out, weight, visual, value=subject.gamma)
     return out, None
 

@@ -80,8 +80,8 @@ class MaskTracker:
             raise ValueError(f"layers must be >= 1, got {layers}")
         grid = (int(grid[0]), int(grid[1]))
         entry = self.pending.maps[subject].setdefault(grid, [[], [], 0])
-        entry[0].append(maps.text.detach())
-        entry[1].append(maps.visual.detach())
+        entry[0].append(maps.text.detach() if maps.text.requires_grad else maps.text)
+        entry[1].append(maps.visual.detach() if maps.visual.requires_grad else maps.visual)
         entry[2] += layers
 
     def _finalise(self) -> None:

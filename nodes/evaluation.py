@@ -64,7 +64,7 @@ class Evaluation:
                         self.visual_kv[dtype].append(projected.to(device, dtype).index_select(0, self.kinds))
             offset, inner = slices[name]
             kv = self.visual_kv[dtype][subject]
-            return kv[..., offset:offset + inner], kv[..., offset + inner:offset + 2 * inner]
+            return kv.narrow(-1, offset, inner), kv.narrow(-1, offset + inner, inner)
         projection = visual_kv[name]
         weight = projection.to_k.weight
         rows = self.visual_rows.get(weight.dtype)

@@ -83,6 +83,7 @@ class SubjectPatch:
     _rows: dict = field(default_factory=dict)   # (chunks, swapped, rows per chunk, device) -> swap, its view, kinds
     _swapped: dict = field(default_factory=dict)   # (uuids, chunks, rows per chunk, length) -> swapped chunks
     graphs: LayerGraphs | None = None           # CUDA graphs of the layers (settings.cuda_graphs)
+    _checked: set = field(default_factory=set)  # (layer key, q shape, k shape, capture, no mask) checked once
 
     def __post_init__(self) -> None:
         self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects),
@@ -90,6 +91,7 @@ class SubjectPatch:
         config = self.model.config
         group_of = {layer.name: group for layer, group in zip(config.layers, config.layer_groups)}
         self.groups = {key: group_of[layer.name] for key, layer in self.layers.items()}
+        self._projections = dict(self.model.visual_kv.items())   # a dict lookup per layer (ModuleDict's is slower)
         if self.settings.cuda_graphs and self.graphs is None:
             self.graphs = LayerGraphs()
 
@@ -270,7 +272,7 @@ class SubjectPatch:
                 tuple(c + length * j for j in range(repeats) for c in self.prompt.columns(s)) for s in subjects]
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
-        heads, projection = extra_options["n_heads"], self.model.visual_kv[layer.name]
+        heads, projection = extra_options["n_heads"], self._projections[layer.name]
         graphed = self.graphs is not None and self.graphs.usable(q, projection.to_k.weight)
         # eager capture layers compute in fp32, the others in the UNet's dtype (graphs read fp32 masks): visual
         # K/V, masks and bias are made once per evaluation in each dtype, not once per layer
@@ -287,20 +289,29 @@ class SubjectPatch:
         if graphed:
             out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
         else:
-            branches = [SubjectBranch(*ev.visual_kv_of(self.model.visual_kv, enc, layer.name, s, dtype, q.device),
-                                      gamma=self.settings.gamma, mask=layer_masks[s], columns=columns[s],
-                                      text_rows=ev.swap) for s in subjects]
+            # the same shapes in every step: checked by the first evaluation of a run, trusted afterwards
+            shapes = (key, q.shape, k.shape, capture, masks is None)
+            check = shapes not in self._checked
+            make = SubjectBranch if check else SubjectBranch.unchecked
+            gamma, kv_of = self.settings.gamma, ev.visual_kv_of
+            branches = [make(*kv_of(self.model.visual_kv, enc, layer.name, s, dtype, q.device), gamma, layer_masks[s],
+                             columns[s], ev.swap) for s in subjects]
             bias_key = ((h, w), k.shape[1], dtype)
-            if bias_key not in ev.biases:
-                ev.biases[bias_key] = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1],
-                                                       self.settings.mask.eps, q.device, dtype)
+            bias = ev.biases.get(bias_key, False)
+            if bias is False:   # (B, 1, N, T): broadcast over heads
+                bias = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1], self.settings.mask.eps,
+                                        q.device, dtype)
+                bias = ev.biases[bias_key] = None if bias is None else bias[:, None]
             probe = None
-            if capture:
-                probe = ev.probes.get(k.shape[1])
+            if capture:   # (B, H, T, P): expanded over heads once per run
+                probe = ev.probes.get((k.shape[1], heads))
                 if probe is None:
-                    probe = ev.probes[k.shape[1]] = placeholder_probe(branches, q.shape[0], k.shape[1], q.device)
+                    probe = ev.probes[(k.shape[1], heads)] = placeholder_probe(
+                        branches, q.shape[0], k.shape[1], q.device).expand(-1, heads, -1, -1)
             out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=self.settings.mask.eps,
-                                                 capture=capture, bias=ev.biases[bias_key], probe=probe)
+                                                 capture=capture, bias=bias, probe=probe, validate=check)
+            if check:
+                self._checked.add(shapes)
         if maps:
             for s, m in enumerate(maps):
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))

@@ -294,3 +294,50 @@ def test_many_subjects_capture_each_placeholder_map():
     with pytest.raises(ValueError, match="probe must be"):
         customcontrast_attention(q, k, v, heads=heads, subjects=subjects, capture=True,
                                  probe=torch.zeros(B, 1, T, 8))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("gammas", [(0.7,), (0.0,), (0.5, 0.9)])
+def test_capture_path_without_autograd_writes_the_same_output(dtype, gammas):
+    """Without autograd the capture path adds its last branch straight into the merged output (out=, in q's
+    dtype): bit-identical to the autograd path's add-then-merge-and-cast, maps included; also for several
+    subjects (one without a mask) and for gamma 0 (no branch added)."""
+    heads = 4
+    q, k, v = (x.to(dtype) for x in _inputs(heads, seed=40))
+    g = torch.Generator().manual_seed(41)
+    subjects = []
+    for index, gamma in enumerate(gammas):
+        vk, vv = _visual(heads, seed=42 + index)
+        mask = None if index == 1 else torch.rand(B, N, generator=g)
+        subjects.append(SubjectBranch(vk, vv, gamma=gamma, mask=mask, columns=(2 + index,),
+                                      text_rows=torch.tensor([True, False])))
+    with torch.enable_grad():
+        reference, reference_maps = customcontrast_attention(q, k, v, heads=heads, subjects=subjects, capture=True)
+    with torch.no_grad():
+        out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=subjects, capture=True)
+    assert out.dtype == dtype and out.is_contiguous()
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    for got, expected in zip(maps, reference_maps):
+        torch.testing.assert_close(got.text, expected.text, rtol=0, atol=0)
+        torch.testing.assert_close(got.visual, expected.visual, rtol=0, atol=0)
+
+
+def test_unchecked_branch_and_unvalidated_call_equal_the_checked_ones():
+    """The sampling hot path builds branches without ``__post_init__`` and skips the shape checks after the first
+    evaluation: same fields, same output; a 4-D bias and a probe expanded over heads are taken as given."""
+    heads = 2
+    q, k, v = _inputs(heads, seed=50)
+    vk, vv = _visual(heads, seed=51)
+    mask, rows = torch.rand(B, N, generator=torch.Generator().manual_seed(52)), torch.tensor([True, False])
+    checked = SubjectBranch(vk, vv, 0.6, mask, (3,), rows)
+    fast = SubjectBranch.unchecked(vk, vv, 0.6, mask, (3,), rows)
+    assert vars(fast) == vars(checked)
+    bias = placeholder_bias([checked], B, N, T, 1e-6, torch.device("cpu"))
+    probe = placeholder_probe([checked], B, T, torch.device("cpu"))
+    for capture in (False, True):
+        expected, _ = customcontrast_attention(q, k, v, heads=heads, subjects=[checked], capture=capture)
+        got, _ = customcontrast_attention(q, k, v, heads=heads, subjects=[fast], capture=capture, bias=bias[:, None],
+                                          probe=probe.expand(-1, heads, -1, -1), validate=False)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="bias must be"):
+        customcontrast_attention(q, k, v, heads=heads, subjects=[checked], bias=bias[:1])

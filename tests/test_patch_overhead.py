@@ -90,9 +90,10 @@ def test_placeholder_bias_rows_stay_aligned_in_the_patch():
         _evaluation(patch, config, base, sigma)
     biases = [b for b in patch._eval.biases.values() if b is not None]
     assert len(biases) == len({layer.downsample for layer in config.layers})
-    for (_, keys, dtype), bias in patch._eval.biases.items():
-        assert bias.dtype == dtype and bias.shape[-1] == keys and bias.stride(1) % BIAS_ALIGNMENT == 0
-    probes = patch._eval.probes
-    assert list(probes) == [77] and probes[77].shape == (2, 1, 77, 8)
+    for (_, keys, dtype), bias in patch._eval.biases.items():   # (B, 1, N, T): broadcast over heads
+        assert bias.dtype == dtype and bias.shape[1] == 1 and bias.shape[-1] == keys
+        assert bias.stride(2) % BIAS_ALIGNMENT == 0
+    probes = patch._eval.probes                                  # (keys, heads) -> expanded over the heads
+    assert list(probes) == [(77, 4)] and probes[(77, 4)].shape == (2, 4, 77, 8)
     _evaluation(patch, config, base, 7.0)
-    assert patch._eval.probes[77] is probes[77]
+    assert patch._eval.probes[(77, 4)] is probes[(77, 4)]
