@@ -188,13 +188,16 @@ def main() -> None:
     p.add_argument("--narrow", type=int, default=1,
                    help="divide the UNet's channel widths by this (1, 2, 5 or 10): the same kernels with almost no "
                         "arithmetic, so the CPU times the host cost per run, as on a GPU bound by launching kernels")
+    p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                   help="the UNet's and CustomContrast model's dtype (default: float16 on CUDA, float32 on the CPU); "
+                        "float16 with --count-ops on the CPU counts the casts a GPU run launches")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/comfy.json"))
     args = p.parse_args()
     if args.count_ops:   # count what an NVIDIA GPU runs: ComfyUI picks fused SDPA attention there
         from . import comfy_runtime
 
         comfy_runtime.PYTORCH_ATTENTION = True
-    dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else torch.float16 if args.device.startswith("cuda") else torch.float32
     result = {"machine": machine(args.device), "path": "ComfyUI sampler", "families": {}}
     for family in args.families.split(","):
         size = args.size or (1024 if family == "sdxl" else 512)

@@ -31,10 +31,11 @@ from .common import CountOps, machine, write_json
 
 
 def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off", subjects: int = 1,
-           dtype: torch.dtype = torch.float32):
+           dtype: torch.dtype = torch.float32, stacked: bool = True):
     """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; graphs: "off", "cuda" or "emulate";
     ``subjects`` placeholders at token positions 4, 7, 10, ...; the UNet side (and the CustomContrast model, as
-    ComfyUI loads it) in ``dtype``, the S+ contexts in fp32 as ComfyUI's CLIP returns them."""
+    ComfyUI loads it) in ``dtype``, the S+ contexts in fp32 as ComfyUI's CLIP returns them; the visual K/V
+    stacked as the Loader node stacks them (``stacked=False``: the checkpoint's per-layer projections)."""
     from .comfy_runtime import extension
 
     patch_module = extension("nodes.patch")
@@ -43,6 +44,8 @@ def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off"
 
     config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
     model = CustomContrastModel(config).eval().to(device, dtype)
+    if stacked:
+        extension("nodes.stacked_kv").stack_for_sampling(model)
     prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4 + 3 * i)] for i in range(subjects)],
                                base=config.base, widths=config.token_widths)
     base = torch.randn(1, 77, config.context_dim, device=device, dtype=dtype)

@@ -128,6 +128,7 @@ def customcontrast(family: str, device: str, dtype: torch.dtype, seed: int = 0, 
         mult = (1, 2, 4, 4) if family == "sd15" else (1, 2, 4)
         config = dataclasses.replace(config, block_out_channels=tuple(_narrowed(320, narrow) * m for m in mult))
     model = CustomContrastModel(config).to(dtype).eval()
+    extension("nodes.stacked_kv").stack_for_sampling(model)   # as the Loader node does
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     config = model.config

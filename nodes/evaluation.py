@@ -66,7 +66,7 @@ class Evaluation:
             kv = self.visual_kv[dtype][subject]
             return kv.narrow(-1, offset, inner), kv.narrow(-1, offset + inner, inner)
         projection = visual_kv[name]
-        weight = projection.to_k.weight
+        weight = projection.to_k.weight   # a per-layer VisualKV's KVProjection
         rows = self.visual_rows.get(weight.dtype)
         if rows is None:   # each row's tokens (subject or blank) once per evaluation: a layer projects them directly
             kinds = self.kinds.to(weight.device)

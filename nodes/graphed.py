@@ -21,6 +21,8 @@ from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcont
 from customcontrast_core.graphs import StaticCall, replay
 from customcontrast_core.visual_kv import KVProjection
 
+from .stacked_kv import LayerKV, weight_signature
+
 
 MAX_GRAPHS = 512   # graphs kept per patch (layers x shapes x first-step/masked variants); beyond, the next
                    # evaluation starts afresh (graphs and buffers of earlier resolutions are released)
@@ -39,6 +41,7 @@ class LayerGraphs:
         self._pool = self._stream = None
 
     def usable(self, q: Tensor, weight: Tensor) -> bool:
+        """Whether the layer can replay: q on CUDA with the projection's ``weight`` (emulated: always)."""
         return self.emulate or (q.is_cuda and weight.device == q.device)
 
     def _fresh_of(self, evaluation: object) -> dict:
@@ -72,7 +75,7 @@ class LayerGraphs:
             self.buffers[signature] = torch.empty(tuple(shape), dtype=dtype, device=device)
         return self.buffers[signature]
 
-    def attention(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, *, heads: int, projection: KVProjection,
+    def attention(self, key: tuple, q: Tensor, k: Tensor, v: Tensor, *, heads: int, projection: KVProjection | LayerKV,
                   tokens: Sequence[Tensor], kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None],
                   columns: Sequence[tuple[int, ...]], gamma: float, eps: float,
                   sums: Sequence[tuple[Tensor, Tensor]] = (), assign: bool = False) -> Tensor:
@@ -83,11 +86,11 @@ class LayerGraphs:
         ``sums`` (per subject: text and visual (B, N) fp32 accumulators) the layer captures its maps and
         adds them to the accumulators (``assign``: writes them, for the first capture layer of a grid).
         """
-        weight, capture = projection.to_k.weight, bool(sums)
+        capture = bool(sums)
         statics = (*tokens, kinds, rows, *(m for m in masks if m is not None), *(t for pair in sums for t in pair))
         graph_key = (key, tuple(q.shape), tuple(k.shape), tuple(v.shape), q.dtype, q.device, heads, capture, assign,
-                     tuple(m is None for m in masks), tuple(columns), gamma, eps, weight.dtype, weight.device,
-                     weight.data_ptr(), projection.to_v.weight.data_ptr(), tuple(id(t) for t in statics))
+                     tuple(m is None for m in masks), tuple(columns), gamma, eps, weight_signature(projection),
+                     tuple(id(t) for t in statics))
         args = (heads, projection, tokens, kinds, rows, masks, columns, gamma, eps, sums, assign)
         outputs = replay(self.calls, graph_key, lambda: self._capture(q, k, v, *args), lambda call: (q, k, v),
                          f"layer {key}")
@@ -115,7 +118,8 @@ class LayerGraphs:
         return call
 
 
-def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, projection: KVProjection, tokens: Sequence[Tensor],
+def _attention(q: Tensor, k: Tensor, v: Tensor, heads: int, projection: KVProjection | LayerKV,
+               tokens: Sequence[Tensor],
                kinds: Tensor, rows: Tensor, masks: Sequence[Tensor | None], columns: Sequence[tuple[int, ...]],
                gamma: float, eps: float, sums: Sequence[tuple[Tensor, Tensor]],
                assign: bool = False) -> tuple[Tensor, list[SubjectMaps] | None]:

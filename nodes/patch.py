@@ -32,6 +32,7 @@ from .evaluation import Evaluation as _Evaluation
 from .evaluation import per_latent as _per_latent
 from .graphed import LayerGraphs
 from .replace import Attn2Replace, sigma_of
+from .stacked_kv import weight_of
 from .text_encode import PlaceholderPrompt, reorder_for
 
 __all__ = ["ApplySettings", "Attn2Replace", "Encodings", "PlaceholderPrompt", "SubjectPatch", "sigma_of"]
@@ -273,7 +274,7 @@ class SubjectPatch:
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
         heads, projection = extra_options["n_heads"], self._projections[layer.name]
-        graphed = self.graphs is not None and self.graphs.usable(q, projection.to_k.weight)
+        graphed = self.graphs is not None and self.graphs.usable(q, weight_of(projection))
         # eager capture layers compute in fp32, the others in the UNet's dtype (graphs read fp32 masks): visual
         # K/V, masks and bias are made once per evaluation in each dtype, not once per layer
         dtype = torch.float32 if capture or graphed else q.dtype
@@ -322,7 +323,7 @@ class SubjectPatch:
                  grid: tuple[int, int]) -> tuple[Tensor, None]:
         """The layer through its CUDA graph; the evaluation's shared inputs go to static buffers once, and the
         maps of capture layers are summed per grid inside the graphs (handed to the tracker by ``_flush``)."""
-        graphs, weight, subjects = self.graphs, projection.to_k.weight, range(len(self.subjects))
+        graphs, weight, subjects = self.graphs, weight_of(projection), range(len(self.subjects))
         tokens = [graphs.static(ev, ("tokens", s), lambda s=s: enc.tokens_for(weight.device, weight.dtype)[s])
                   for s in subjects]
         sums, first = [], False

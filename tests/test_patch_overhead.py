@@ -37,23 +37,56 @@ def test_fused_visual_kv_equals_each_layers_projection(preset):
 
 @pytest.mark.parametrize("family", ["sd15", "sdxl"])
 def test_stacked_and_per_layer_visual_projection_give_the_same_layers(family, monkeypatch):
-    """Large checkpoints (SDXL) project per layer instead of keeping a stacked copy of the weights: same outputs."""
+    """The Loader's stacked visual K/V (one parameter), a stacked copy of a per-layer checkpoint and per-layer
+    projection (a per-layer checkpoint too large for a copy): the same layer outputs."""
     from benchmarks.bench_layer_overhead import _evaluation, _patch
     from benchmarks.comfy_runtime import extension
 
+    stacked_kv = extension("nodes.stacked_kv")
     outputs = {}
-    for limit in (2**40, 0):
-        monkeypatch.setattr(extension("nodes.stacked_kv"), "FUSED_WEIGHT_BYTES", limit)
+    for variant, stacked, limit in (("loader", True, 0), ("copy", False, 2**40), ("per_layer", False, 0)):
+        monkeypatch.setattr(stacked_kv, "FUSED_WEIGHT_BYTES", limit)
         torch.manual_seed(0)
-        patch, config, base = _patch(family, True)
-        outputs[limit] = []
+        patch, config, base = _patch(family, True, stacked=stacked)
+        outputs[variant] = []
         for sigma in (9.0, 8.0, 7.0):        # masks from the first evaluation act in the later ones
             torch.manual_seed(int(sigma))
-            _evaluation(patch, config, base, sigma, outputs=outputs[limit])
-        assert (extension("nodes.stacked_kv").stacked_visual_kv(patch.model.visual_kv) is None) == (limit == 0)
-    assert len(outputs[0]) == 3 * len(config.layers) and all(isinstance(o, torch.Tensor) for o in outputs[0])
-    for fused, per_layer in zip(outputs[2**40], outputs[0]):
-        torch.testing.assert_close(fused, per_layer, rtol=1e-5, atol=1e-5)
+            _evaluation(patch, config, base, sigma, outputs=outputs[variant])
+        assert isinstance(patch.model.visual_kv, stacked_kv.StackedVisualKV) == stacked
+        assert (stacked_kv.stacked_visual_kv(patch.model.visual_kv) is None) == (variant == "per_layer")
+    assert len(outputs["loader"]) == 3 * len(config.layers)
+    for loader, copy, per_layer in zip(outputs["loader"], outputs["copy"], outputs["per_layer"]):
+        torch.testing.assert_close(loader, copy, rtol=0, atol=0)
+        torch.testing.assert_close(loader, per_layer, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sdxl"])
+def test_loader_stacks_the_visual_kv_into_one_parameter_without_a_copy(preset):
+    """One parameter holds every layer's W_k, W_v (ComfyUI moves it as one tensor); the per-layer weights are
+    gone (same parameter count); each layer's slices project as its KVProjection did; after a move (here a
+    dtype change) the layers read the moved weight."""
+    from benchmarks.comfy_runtime import extension
+
+    stacked_kv = extension("nodes.stacked_kv")
+    torch.manual_seed(0)
+    model = CustomContrastModel(get_preset(preset)).eval()
+    per_layer = {name: proj for name, proj in model.visual_kv.items()}
+    count = sum(p.numel() for p in model.parameters())
+    stacked_kv.stack_for_sampling(model)
+    stacked = model.visual_kv
+    assert [name for name, _ in stacked.named_parameters()] == ["weight"]
+    assert sum(p.numel() for p in model.parameters()) == count and len(stacked) == len(per_layer)
+    assert list(stacked.keys()) == [layer.name for layer in model.config.layers]
+    assert stacked_kv.stack_for_sampling(model).visual_kv is stacked                  # converting twice: a no-op
+    tokens = torch.randn(2, 4, model.config.context_dim)
+    for name, proj in per_layer.items():
+        for got, expected in zip(stacked[name](tokens), proj(tokens)):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    model.to(torch.float64)
+    weight_k, _ = stacked[model.config.layers[0].name].weights
+    assert weight_k.dtype == torch.float64 and weight_k.data_ptr() == stacked.weight.data_ptr()
+    with pytest.raises(ValueError, match="stacked visual K/V weight must be"):
+        stacked_kv.StackedVisualKV(torch.zeros(3, 8), stacked.slices)
 
 
 @pytest.mark.parametrize("family,use_mask,limit", [("sd15", True, 11), ("sd15", False, 9),
