@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CountOps, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+from .common import CountOps, CudaAttentionRoute, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
 
 
 def encoding_time(run, device: str) -> dict:
@@ -78,7 +78,8 @@ def count_kernels(variants: dict, steps: int) -> dict:
     """ATen operators that launch a kernel (views and allocations aside) in one warm run of each variant, and per
     model evaluation (CFG: one batched evaluation per step with euler): on a GPU whose steps are bound by launching
     kernels from Python, the time ratio follows this ratio. A variant whose CUDA graphs are emulated on the CPU
-    counts each replay as what it launches on a GPU (its input copies and one launch)."""
+    counts each replay as what it launches on a GPU (its input copies and one launch); the capture layers' text
+    attention counts as on CUDA (``CudaAttentionRoute``: without the CPU's zero-padding of queries and keys)."""
     import customcontrast_core.propagation as propagation
 
     from .bench_layer_overhead import _Counted
@@ -87,7 +88,7 @@ def count_kernels(variants: dict, steps: int) -> dict:
     for name, fn in variants.items():
         counter = CountOps()
         counter.paused = True
-        with _Counted(counter), _Counted(counter, propagation):
+        with _Counted(counter), _Counted(counter, propagation), CudaAttentionRoute(counter):
             fn()   # the warm run (graphs are captured here, as their Replay class)
             counter.count = counter.kernels = 0
             counter.paused = False

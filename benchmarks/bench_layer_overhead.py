@@ -27,7 +27,7 @@ import torch
 
 from customcontrast_core import CustomContrastModel, get_preset, plain_attention
 
-from .common import CountOps, machine, write_json
+from .common import CountOps, CudaAttentionRoute, machine, write_json
 
 
 def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off", subjects: int = 1,
@@ -167,7 +167,7 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
     for s in sigmas[5:5 + evaluations]:
         patched.append(_timed(lambda: _evaluation(patch, config, base, s), device))
         plain.append(_timed(lambda: _plain(config, device=device, dtype=dtype), device))
-    with CountOps() as ops_patched:
+    with CountOps() as ops_patched, CudaAttentionRoute(ops_patched):   # the capture layers' attention as on CUDA
         if graphs == "emulate":   # graphs captured while counting, so the Replay class is theirs
             import customcontrast_core.propagation as propagation
 

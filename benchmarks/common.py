@@ -35,6 +35,41 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class CudaAttentionRoute:
+    """While active, ``counter`` counts the capture layers' text attention as CUDA runs it. The CPU's fused
+    attention needs equal key and value widths, so on the CPU the queries and keys are zero-padded to the width
+    of the values with their probe channels (``attention._probed_text``); CUDA's memory-efficient kernel takes
+    the wider values as they are. The pads still run here, uncounted. (Forward only: a backward pass would
+    count their gradients.)"""
+
+    def __init__(self, counter: CountOps) -> None:
+        self.counter = counter
+
+    def __enter__(self):
+        import torch.nn.functional as F
+
+        import customcontrast_core.attention as attention
+
+        self.module, self.original = attention, attention._probed_text
+        counter, original = self.counter, self.original
+
+        def probed(qh, kh, values, mask, scale, equal_widths):
+            if equal_widths:
+                paused, counter.paused = counter.paused, True
+                try:
+                    extra = values.shape[-1] - qh.shape[-1]
+                    qh, kh = F.pad(qh, (0, extra)), F.pad(kh, (0, extra))
+                finally:
+                    counter.paused = paused
+            return original(qh, kh, values, mask, scale, equal_widths=False)
+
+        attention._probed_text = probed
+        return self
+
+    def __exit__(self, *exc):
+        self.module._probed_text = self.original
+
+
 def flop_counter():
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU kernels of fused attention.
 

@@ -134,31 +134,31 @@ PROBE_WIDTH = 8       # value channels added per 8 subjects in capture layers (f
 
 def placeholder_bias(
     subjects: Sequence[SubjectBranch], batch: int, queries: int, keys: int, eps: float, device: torch.device,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype = torch.float32, columns: Tensor | None = None,
 ) -> Tensor | None:
     """Builds the additive log max(M, eps) bias on every subject's placeholder columns (Eq. 3).
 
-    Shapes: -> (B, N, T) in ``dtype`` (its rows padded to a multiple of BIAS_ALIGNMENT in memory: a view),
-    or None when no subject has both a mask and columns. Columns are written one integer index at a
-    time: no index tensor is copied to the device. The result depends only on the masks, columns and
-    text rows, so a caller may compute it once for several layers of the same grid and pass it to
-    :func:`customcontrast_attention` as ``bias``.
+    Per subject the bias is the outer product of its log-mask over the queries and its columns over the keys
+    (1 on its placeholder columns in its text rows: :func:`placeholder_probe`'s channel, which ``columns``
+    may pass in, (B, T, >= S), when the caller keeps it). Shapes: -> (B, N, T) in ``dtype`` (its rows padded
+    to a multiple of BIAS_ALIGNMENT in memory: a view), or None when no subject has both a mask and columns.
+    The result depends only on the masks, columns and text rows, so a caller may compute it once for several
+    layers of the same grid and pass it to :func:`customcontrast_attention` as ``bias``.
     """
-    bias = None
-    for subject in subjects:
-        if subject.mask is None or not subject.has_columns:
-            continue
-        if bias is None:
-            padded = -(-keys // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
-            bias = torch.zeros(batch, queries, padded, device=device, dtype=dtype)[..., :keys]
-        log_mask = torch.log(subject.mask.to(device=device, dtype=torch.float32).clamp_min(eps))
-        log_mask = log_mask.expand(batch, queries)
-        if subject.text_rows is not None:   # 0 in rows without the placeholder
-            log_mask = torch.where(subject.text_rows.to(device)[:, None], log_mask, 0.0)      # (B, N)
-        if subject.column_weights is not None:   # each row its own columns: b n, b t -> b n t
-            bias.add_(log_mask[:, :, None] * subject.column_weights.to(device, torch.float32)[:, None, :])
-        for column in subject.columns:
-            bias.select(2, column).add_(log_mask)
+    masked = [index for index, subject in enumerate(subjects) if subject.mask is not None and subject.has_columns]
+    if not masked:
+        return None
+    if columns is None:
+        columns = placeholder_probe(subjects, batch, keys, device)[:, 0]                   # (B, T, P)
+    padded = -(-keys // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
+    bias = torch.empty(batch, queries, padded, device=device, dtype=dtype)[..., :keys]
+    for order, index in enumerate(masked):
+        log_mask = torch.log(_as(subjects[index].mask, device, torch.float32).clamp_min(eps))   # (B or 1, N)
+        outer = (log_mask[:, :, None], columns[:, None, :, index])                          # b n 1, b 1 t
+        if order == 0:
+            torch.mul(*outer, out=bias)
+        else:   # subjects sharing a column multiply their masks
+            bias.addcmul_(*outer)
     return bias
 
 

@@ -301,14 +301,14 @@ class SubjectPatch:
             bias = ev.biases.get(bias_key, False)
             if bias is False:   # (B, 1, N, T): broadcast over heads
                 bias = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1], self.settings.mask.eps,
-                                        q.device, dtype)
+                                        q.device, dtype, columns=self._columns(ev, branches, q, k.shape[1])[:, 0])
                 bias = ev.biases[bias_key] = None if bias is None else bias[:, None]
             probe = None
             if capture:   # (B, H, T, P): expanded over heads once per run
                 probe = ev.probes.get((k.shape[1], heads))
                 if probe is None:
-                    probe = ev.probes[(k.shape[1], heads)] = placeholder_probe(
-                        branches, q.shape[0], k.shape[1], q.device).expand(-1, heads, -1, -1)
+                    probe = ev.probes[(k.shape[1], heads)] = self._columns(ev, branches, q, k.shape[1]).expand(
+                        -1, heads, -1, -1)
             out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=self.settings.mask.eps,
                                                  capture=capture, bias=bias, probe=probe, validate=check)
             if check:
@@ -317,6 +317,15 @@ class SubjectPatch:
             for s, m in enumerate(maps):
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
         return out
+
+    @staticmethod
+    def _columns(ev: _Evaluation, branches: list[SubjectBranch], q: Tensor, keys: int) -> Tensor:
+        """Each subject's placeholder columns in its text rows (``placeholder_probe``: the capture layers' probe
+        channels, the bias's key factor), kept with the rows of the run. Shapes: -> (B, 1, T, P)."""
+        columns = ev.probes.get(keys)
+        if columns is None:
+            columns = ev.probes[keys] = placeholder_probe(branches, q.shape[0], keys, q.device)
+        return columns
 
     def _graphed(self, ev: _Evaluation, enc: Encodings, key: tuple, projection, q: Tensor, k: Tensor, v: Tensor,
                  heads: int, masks: list[Tensor | None], columns: list[tuple[int, ...]], capture: bool,

@@ -266,19 +266,41 @@ def test_probe_and_bias_layouts():
     heads = 2
     g = torch.Generator().manual_seed(43)
     masks = [torch.rand(B, N, generator=g) for _ in range(9)]
-    subjects = [SubjectBranch(*_visual(heads), mask=m, columns=(i % T,)) for i, m in enumerate(masks)]
+    subjects = [SubjectBranch(*_visual(heads), mask=m, columns=(i % 4,)) for i, m in enumerate(masks)]
     probe = placeholder_probe(subjects, B, T, torch.device("cpu"))
     assert probe.shape == (B, 1, T, 16)
     expected = torch.zeros(B, 1, T, 16)
     for i in range(9):
-        expected[:, :, i % T, i] = 1.0
+        expected[:, :, i % 4, i] = 1.0
     torch.testing.assert_close(probe, expected, rtol=0, atol=0)
     bias = placeholder_bias(subjects, B, N, T, 1e-6, torch.device("cpu"), torch.float16)
     assert bias.shape == (B, N, T) and bias.dtype == torch.float16 and bias.stride(1) % BIAS_ALIGNMENT == 0
     dense = torch.zeros(B, N, T)
     for i, m in enumerate(masks):
-        dense[:, :, i % T] += m.clamp_min(1e-6).log()
+        dense[:, :, i % 4] += m.clamp_min(1e-6).log()
     torch.testing.assert_close(bias.float(), dense.half().float(), rtol=2e-3, atol=2e-3)
+    given = placeholder_bias(subjects, B, N, T, 1e-6, torch.device("cpu"), torch.float16, columns=probe[:, 0])
+    torch.testing.assert_close(given, bias, rtol=0, atol=0)
+
+
+def test_bias_holds_each_rows_columns_only():
+    """Text rows (the cond row; 0 in the uncond row), repeated columns (LCM-padded contexts), per-row columns and a
+    mask shared by the batch (1, N): the bias equals the dense sum over each row's own columns, exactly."""
+    g = torch.Generator().manual_seed(44)
+    mask, shared = torch.rand(B, N, generator=g), torch.rand(1, N, generator=g)
+    weights = torch.zeros(B, T)
+    weights[0, 1], weights[1, [4, 9]] = 1.0, 1.0
+    subjects = [SubjectBranch(*_visual(2), mask=mask, columns=(2, 8), text_rows=torch.tensor([True, False])),
+                SubjectBranch(*_visual(2), mask=shared, column_weights=weights)]
+    bias = placeholder_bias(subjects, B, N, T, 1e-6, torch.device("cpu"))
+    dense = torch.zeros(B, N, T)
+    dense[0, :, 2] += mask[0].clamp_min(1e-6).log()
+    dense[0, :, 8] += mask[0].clamp_min(1e-6).log()
+    dense[0, :, 1] += shared[0].clamp_min(1e-6).log()
+    dense[1, :, 4] += shared[0].clamp_min(1e-6).log()
+    dense[1, :, 9] += shared[0].clamp_min(1e-6).log()
+    torch.testing.assert_close(bias, dense, rtol=0, atol=0)
+    assert placeholder_bias([SubjectBranch(*_visual(2), columns=(2,))], B, N, T, 1e-6, torch.device("cpu")) is None
 
 
 def test_many_subjects_capture_each_placeholder_map():

@@ -126,7 +126,8 @@ def test_placeholder_bias_rows_stay_aligned_in_the_patch():
     for (_, keys, dtype), bias in patch._eval.biases.items():   # (B, 1, N, T): broadcast over heads
         assert bias.dtype == dtype and bias.shape[1] == 1 and bias.shape[-1] == keys
         assert bias.stride(2) % BIAS_ALIGNMENT == 0
-    probes = patch._eval.probes                                  # (keys, heads) -> expanded over the heads
-    assert list(probes) == [(77, 4)] and probes[(77, 4)].shape == (2, 4, 77, 8)
+    probes = patch._eval.probes              # keys -> the placeholder columns, (keys, heads) -> over the heads
+    assert sorted(probes, key=str) == [(77, 4), 77] and probes[(77, 4)].shape == (2, 4, 77, 8)
+    assert probes[77].shape == (2, 1, 77, 8) and probes[(77, 4)].data_ptr() == probes[77].data_ptr()
     _evaluation(patch, config, base, 7.0)
     assert patch._eval.probes[(77, 4)] is probes[(77, 4)]
