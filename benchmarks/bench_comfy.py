@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CountOps, CudaAttentionRoute, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+from .common import CountOps, CudaAttentionRoute, device_busy, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
 
 
 def encoding_time(run, device: str) -> dict:
@@ -159,6 +159,11 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     run(default, positive, negative)
     calls["warm"] = patch.encode_calls
     encoding = encoding_time(cold, device)
+    busy = {}
+    if device.startswith("cuda"):   # is the GPU or the host setting the pace? kernel time vs wall time per run
+        for name in (n for n in ("plain", "default", "default_no_mask", "cuda_graphs") if n in variants):
+            busy[name] = dict(device_busy(variants[name], device), wall_seconds=times[name]["median"])
+            busy[name]["busy_fraction"] = busy[name]["busy_seconds"] / times[name]["median"]
     agreement = {}
     if "cuda_graphs" in variants:   # same seed: the graph replays must give the eager run's latent
         eager, replayed = run(default, positive, negative).float(), run(graphed, positive_g, negative).float()
@@ -169,6 +174,7 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
         "seconds": times, "ratio": {name: t["median"] / plain for name, t in times.items()},
         "text_encoder_calls_per_run": calls, "splus_encoding_cold_run": encoding,
         "peak_memory_gb": peak_memory_gb(device), **agreement, **arithmetic,
+        **({"device_busy": busy} if busy else {}),
     }
 
 
@@ -215,6 +221,9 @@ def main() -> None:
         if "seconds" not in r:
             continue
         ratios = "  ".join(f"{k} {v:.3f}x" for k, v in r["ratio"].items() if k != "plain")
+        for name, b in r.get("device_busy", {}).items():
+            print(f"[comfy] {family} {name}: GPU kernels busy {b['busy_seconds']:.3f}s of {b['wall_seconds']:.3f}s per run "
+                  f"({100 * b['busy_fraction']:.0f} %)", flush=True)
         enc = r["splus_encoding_cold_run"]
         print(f"[comfy] {family} {size}px {args.steps} steps cfg {args.cfg}: plain {r['seconds']['plain']['median']:.3f}s"
               f"  {ratios}  peak {r['peak_memory_gb']}; S+ encoding in a cold run {enc['splus_seconds']:.3f}s "

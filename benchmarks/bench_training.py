@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import CountOps, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, write_json
+from .common import CountOps, device_busy, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, write_json
 
 
 def build(device: str, dtype: torch.dtype, size: int):
@@ -181,6 +181,13 @@ def main() -> None:
     times = interleaved(variants, args.repeats, device)
     if replays is not None:
         replays.__exit__(None, None, None)
+    busy = {}
+    if device.startswith("cuda"):   # is the GPU or the host setting the pace? kernel time vs wall time per step
+        for name, step in variants.items():
+            busy[name] = dict(device_busy(step, device), wall_seconds=times[name]["median"])
+            busy[name]["busy_fraction"] = busy[name]["busy_seconds"] / times[name]["median"]
+            print(f"[training] {name}: GPU kernels busy {busy[name]['busy_seconds']:.3f}s of "
+                  f"{times[name]['median']:.3f}s per step ({100 * busy[name]['busy_fraction']:.0f} %)", flush=True)
     graph_ratios = {} if graphs is None or emulated else {
         "ratio_graphs": times["customcontrast_graphs"]["median"] / times["adapter_graphs"]["median"],
         "customcontrast_graphs_vs_eager": times["customcontrast_graphs"]["median"] / times["customcontrast"]["median"],
@@ -188,6 +195,7 @@ def main() -> None:
     result = {"machine": machine(device), "size": args.size, "batch": args.batch, "dtype": str(dtype),
               "seconds": times, "ratio": times["customcontrast"]["median"] / times["adapter"]["median"], **graph_ratios,
               "peak_memory_gb": memory, **({"operators_per_step": ops} if ops else {}),
+              **({"device_busy": busy} if busy else {}),
               **({"flops_per_step": flops, "flops_ratio": flops["customcontrast"] / flops["adapter"]} if flops else {})}
     write_json(args.out, result)
     print(f"[training] sd15 {args.size}px batch {args.batch} {dtype}: adapter {times['adapter']['median']:.3f}s  "

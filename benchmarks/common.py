@@ -134,6 +134,25 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device: str,
     return out
 
 
+def device_busy(fn: Callable[[], object], device: str) -> dict[str, float]:
+    """One run of ``fn`` under ``torch.profiler``: the device's kernel time summed (``busy_seconds``; on the
+    CPU the operators' own time) and the profiled run's wall time. Busy time near a run's (unprofiled) wall
+    time: the device sets the pace, and a ratio of two variants follows their arithmetic; far below it: the
+    host does (Python and launching kernels), and the ratio follows host time per run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.startswith("cuda")
+    sync(device)
+    start = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        fn()
+        sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    busy = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e6
+    return {"busy_seconds": busy, "profiled_wall_seconds": wall}
+
+
 def peak_memory_gb(device: str) -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else None
 

@@ -7,6 +7,8 @@
 #    and default and buckets with graphs;
 # 4. the training step against the plain adapter step (fused AdamW), eager and with the frozen encoders as CUDA
 #    graphs, last: the parts that finish leave their JSON.
+# 3 and 4 also profile one run of the main variants: GPU kernel time against wall time ("device_busy" in the
+# JSON) says whether the GPU or the host (Python, launches) sets the pace of each.
 source "$(dirname "$0")/bench_env.sh" "$@"
 run 90 benchmarks.bench_layer_overhead --device cuda --evaluations 20 --out "$out/layer_overhead_cuda.json"
 if "$py" -m pytest --version >/dev/null 2>&1; then

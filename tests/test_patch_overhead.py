@@ -131,3 +131,12 @@ def test_placeholder_bias_rows_stay_aligned_in_the_patch():
     assert probes[77].shape == (2, 1, 77, 8) and probes[(77, 4)].data_ptr() == probes[77].data_ptr()
     _evaluation(patch, config, base, 7.0)
     assert patch._eval.probes[(77, 4)] is probes[(77, 4)]
+
+
+def test_device_busy_sums_the_operators_time():
+    """On the CPU the profiled busy time is the operators' own time: positive, and within the run's wall time."""
+    from benchmarks.common import device_busy
+
+    a = torch.randn(256, 256)
+    result = device_busy(lambda: [a @ a for _ in range(20)], "cpu")
+    assert 0 < result["busy_seconds"] <= result["profiled_wall_seconds"]
