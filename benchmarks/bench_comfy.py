@@ -161,7 +161,7 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     encoding = encoding_time(cold, device)
     busy = {}
     if device.startswith("cuda"):   # is the GPU or the host setting the pace? kernel time vs wall time per run
-        for name in (n for n in ("plain", "default", "default_no_mask", "cuda_graphs") if n in variants):
+        for name in ("plain", "default"):
             busy[name] = dict(device_busy(variants[name], device), wall_seconds=times[name]["median"])
             busy[name]["busy_fraction"] = busy[name]["busy_seconds"] / times[name]["median"]
     agreement = {}
