@@ -1,4 +1,5 @@
 """Two CPU processes (gloo DDP) with batch b give the gradients of one process with batch 2b."""
+import importlib.util
 import os
 import tempfile
 from pathlib import Path
@@ -44,7 +45,7 @@ def _worker(rank: int, world: int, port: int, cfg: TrainConfig, manifest: Path, 
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else (lambda f: f)
+@pytest.mark.timeout(300) if importlib.util.find_spec("pytest_timeout") else (lambda f: f)   # when installed
 def test_two_process_gradients_equal_one_process_with_global_batch():
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
