@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from customcontrast_core import CustomContrastModel, get_preset, plain_attention
+from customcontrast_core.graphs import copy_into
 
 from .common import CountOps, CudaAttentionRoute, machine, write_json
 
@@ -123,8 +124,9 @@ def _timed(fn, device: str) -> float:
 
 
 class _Counted:
-    """While active, emulated graph replays count as what they are on a GPU: the three input copies and one
-    launch (the emulation re-runs the layer's kernels on the host, which a replay does not)."""
+    """While active, emulated graph replays count as what they are on a GPU: the input copies (one launch when
+    they share dtype and layout) and one launch (the emulation re-runs the layer's kernels on the host, which a
+    replay does not)."""
 
     def __init__(self, counter: CountOps, module=None) -> None:
         from .comfy_runtime import extension
@@ -137,9 +139,7 @@ class _Counted:
 
         class Replay(base):
             def __call__(self, *values):
-                for static, value in zip(self.inputs, values):
-                    if value is not static:
-                        static.copy_(value)
+                copy_into(self.inputs, values)   # counted: one _foreach_copy_ (one launch on CUDA) or one copy each
                 paused, counter.paused = counter.paused, True
                 try:
                     return super().__call__(*values)

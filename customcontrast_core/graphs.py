@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["CaptureError", "StaticCall", "replay"]
+__all__ = ["CaptureError", "StaticCall", "copy_into", "replay"]
 
 log = logging.getLogger("customcontrast")
 
@@ -36,10 +36,25 @@ class _ForbidHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def copy_into(statics: Sequence[Tensor], values: Sequence[Tensor]) -> None:
+    """Copies each value into its static tensor (values that are their static tensor already are skipped):
+    with one ``torch._foreach_copy_`` when they share device, dtype and layout (one kernel on CUDA for all of
+    them, as its fused path requires), else one copy each."""
+    pairs = [(static, value) for static, value in zip(statics, values) if value is not static]
+    if len(pairs) > 1 and all(static.dtype == value.dtype == pairs[0][0].dtype and static.device == value.device
+                              == pairs[0][0].device and static.stride() == value.stride() and value.is_contiguous()
+                              for static, value in pairs):
+        torch._foreach_copy_([static for static, _ in pairs], [value for _, value in pairs])
+        return
+    for static, value in pairs:
+        static.copy_(value)
+
+
 class StaticCall:
     """Runs ``fn`` (no arguments; it reads ``inputs`` and other tensors it closes over) as one replayable unit.
 
-    ``call(*values)`` copies each value into its static input and replays; it returns ``fn``'s outputs,
+    ``call(*values)`` copies each value into its static input (:func:`copy_into`: one launch for all of them
+    where they share dtype and layout) and replays; it returns ``fn``'s outputs,
     the same tensors at every call, so read or copy them before the next call of any ``StaticCall``
     sharing the pool. On CUDA ``warmup`` (default ``fn``; give a side-effect-free twin when ``fn`` writes
     to buffers it does not return) runs once eagerly on a side stream, so lazy initialisation stays out
@@ -85,8 +100,7 @@ class StaticCall:
             if value.shape != static.shape:
                 raise ValueError(f"input {index}: expected shape {tuple(static.shape)} (the captured one), "
                                  f"got {tuple(value.shape)}")
-            if value is not static:   # callers may fill the static inputs themselves
-                static.copy_(value)
+        copy_into(self.inputs, values)   # callers may fill the static inputs themselves (those are skipped)
         if self.graph is not None:
             self.graph.replay()
         elif self.outputs is None:

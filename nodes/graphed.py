@@ -5,10 +5,10 @@ subject's visual tokens, which rows are cond/uncond, the masks of each grid) is 
 buffers; each layer's graph reads those and its own static q, k, v and computes the visual K/V
 projection, the placeholder bias and both attention branches; capture layers also add their maps to
 per-grid sums (static accumulators that the grid's first capture layer writes and the others add to,
-handed to the mask tracker when the next evaluation starts). A layer then costs three copies and one
-replay instead of a few dozen launches. Static inputs and outputs are shared by the graphs of equal shapes: ComfyUI consumes
-``out`` (``to_out``) before the next layer replays. A key that cannot be captured runs eagerly from
-then on (logged once).
+handed to the mask tracker when the next evaluation starts). A layer then costs one copy of q, k and v
+(``copy_into``: one launch for the three) and one replay instead of a few dozen launches. Static inputs
+and outputs are shared by the graphs of equal shapes: ComfyUI consumes ``out`` (``to_out``) before the
+next layer replays. A key that cannot be captured runs eagerly from then on (logged once).
 """
 from __future__ import annotations
 

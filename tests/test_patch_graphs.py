@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.bench_layer_overhead import layer_outputs as _run
-from customcontrast_core.graphs import CaptureError, StaticCall
+from customcontrast_core.graphs import CaptureError, StaticCall, copy_into
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -68,6 +68,34 @@ def test_graph_outputs_are_static_tensors_refilled_at_each_call():
     assert second is first and first.tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(ValueError, match=r"expected shape \(3,\)"):
         call(torch.zeros(4))
+
+
+def test_static_inputs_are_filled_by_one_foreach_copy_when_they_share_dtype_and_layout():
+    """q, k, v of one dtype and layout: one ``_foreach_copy_`` (one launch on CUDA); another dtype: a copy each;
+    a value that is its static tensor already: nothing."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    statics = [torch.zeros(2, 6, 4), torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)]
+    values = [torch.randn(2, 6, 4), torch.randn(2, 3, 4), torch.randn(2, 3, 4)]
+    with Ops() as ops:
+        copy_into(statics, values)
+    assert ops.names == ["aten::_foreach_copy_"] and all(torch.equal(a, b) for a, b in zip(statics, values))
+    mixed = [torch.zeros(2, 3, 4, dtype=torch.float16), torch.zeros(2, 3, 4)]
+    with Ops() as ops:
+        copy_into(mixed, [values[1], values[2]])
+    assert ops.names == ["aten::copy_", "aten::copy_"] and torch.equal(mixed[1], values[2])
+    with Ops() as ops:
+        copy_into(statics, [statics[0], values[1], statics[2]])
+    assert ops.names == ["aten::copy_"]
 
 
 def test_host_reads_inside_a_graph_are_refused():
