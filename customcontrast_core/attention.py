@@ -252,7 +252,7 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
     output carries each subject's placeholder probability next to the attended values: the text map costs
     one mean over heads. The visual map needs the visual logits normalised over space (not over the visual
     tokens, as the output does): one matmul with the queries and a softmax over them. The fp32 casts ride on
-    copies that run anyway (q's heads made contiguous for that matmul, the values' concatenation); without
+    copies that run anyway (q's heads made contiguous for that matmul, the keys' and values' concatenation); without
     autograd the last branch is added straight into the merged output in q's dtype (no copy to merge and cast).
     Shapes: q (B, N, H*D), k/v (B, T, H*D), any float dtype, probe (B or 1, 1 or H, T, P),
     bias (B, N, T) or (B, 1, N, T) -> (B, N, H*D) in q's dtype, one SubjectMaps (fp32) per subject.
@@ -260,11 +260,12 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
     batch, queries, dims, device = q.shape[0], q.shape[1], q.shape[-1] // heads, q.device
     f32 = torch.float32
     qh = _heads(q, heads).to(f32, memory_format=torch.contiguous_format)                 # (B, H, N, D), one copy
-    kh = _heads(k, heads).to(f32)
     if probe.shape[0] != batch or probe.shape[1] != heads:
         probe = probe.expand(batch, heads, -1, -1)
-    # the concatenation promotes V_t to fp32 (the cast is a no-op unless the inputs are float64)
-    values = torch.cat([_heads(v, heads), probe], dim=-1).to(f32)
+    # K_t, V_t and the probe channels side by side in one fp32 copy (the concatenation promotes them; the cast
+    # is a no-op unless the inputs are float64): keys and values are views of it
+    kv = torch.cat([_heads(k, heads), _heads(v, heads), probe], dim=-1).to(f32)          # (B, H, T, 2D + P)
+    kh, values = kv[..., :dims], kv[..., dims:]
     mask = None if bias is None else _as(_over_heads(bias), device, f32)                 # b i j -> b 1 i j
     text = _probed_text(qh, kh, values, mask, scale, equal_widths=device.type == "cpu")   # (B, H, N, D + P)
     out, maps, added = text[..., :dims], [], []
