@@ -38,6 +38,8 @@ class SubjectBranch:
     text_rows: Tensor | None = None  # (B,) bool: rows whose text context holds the placeholder (cond chunks); None: all
     column_weights: Tensor | None = None   # (B, T) float, 1 at each row's own placeholder columns (rows differ);
                                            # used instead of `columns`
+    visual_k_heads: Tensor | None = None   # (H, B, S, D) fp32 visual_k split into heads, head axis first, each head's
+                                           # rows in one block: the visual map's matmul reads it without a copy
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.gamma) or self.gamma < 0:
@@ -60,15 +62,21 @@ class SubjectBranch:
         if self.column_weights is not None and (columns or self.column_weights.ndim != 2):
             raise ValueError("column_weights (B, T) replaces columns: give one of them, got columns "
                              f"{columns} and column_weights of shape {tuple(self.column_weights.shape)}")
+        split = self.visual_k_heads
+        if split is not None and (split.ndim != 4 or split.shape[0] * split.shape[3] != self.visual_k.shape[2]
+                                  or tuple(split.shape[1:3]) != tuple(self.visual_k.shape[:2])):
+            raise ValueError(f"visual_k_heads must be (H, {self.visual_k.shape[0]}, {self.visual_k.shape[1]}, D) with "
+                             f"H * D = {self.visual_k.shape[2]}, got {tuple(split.shape)}")
 
     @classmethod
     def unchecked(cls, visual_k: Tensor, visual_v: Tensor, gamma: float, mask: Tensor | None,
-                  columns: tuple[int, ...], text_rows: Tensor | None) -> "SubjectBranch":
+                  columns: tuple[int, ...], text_rows: Tensor | None,
+                  visual_k_heads: Tensor | None = None) -> "SubjectBranch":
         """The same branch without the checks of ``__post_init__``, for a caller that built and validated these
         values once (the per-layer hot path of sampling: ``columns`` a tuple of distinct ints, ``gamma`` >= 0)."""
         branch = object.__new__(cls)
         branch.__dict__.update(visual_k=visual_k, visual_v=visual_v, gamma=gamma, mask=mask, columns=columns,
-                               text_rows=text_rows, column_weights=None)
+                               text_rows=text_rows, column_weights=None, visual_k_heads=visual_k_heads)
         return branch
 
     @property
@@ -259,7 +267,14 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
     """
     batch, queries, dims, device = q.shape[0], q.shape[1], q.shape[-1] // heads, q.device
     f32 = torch.float32
-    qh = _heads(q, heads).to(f32, memory_format=torch.contiguous_format)                 # (B, H, N, D), one copy
+    # with every subject's keys split head-first, q's copy is head-first too: the map's matmul flattens both
+    first = visual_maps and all(s.visual_k_heads is not None and s.visual_k_heads.shape[:2] == (heads, batch)
+                                for s in subjects)
+    if first:
+        qf = q.view(batch, queries, heads, dims).permute(2, 0, 1, 3).to(f32, memory_format=torch.contiguous_format)
+        qh = qf.transpose(0, 1)                                                           # (B, H, N, D) view
+    else:
+        qh = qf = _heads(q, heads).to(f32, memory_format=torch.contiguous_format)        # (B, H, N, D), one copy
     if probe.shape[0] != batch or probe.shape[1] != heads:
         probe = probe.expand(batch, heads, -1, -1)
     # K_t, V_t and the probe channels side by side in one fp32 copy (the concatenation promotes them; the cast
@@ -273,9 +288,10 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
         visual_k = _batched(_heads(_as(subject.visual_k, device, f32), heads), batch)
         visual = None
         if visual_maps:   # softmax over space of the visual logits, mean over heads and visual tokens
-            logits = torch.baddbmm(qh.new_empty(()), qh.flatten(0, 1), visual_k.flatten(0, 1).transpose(1, 2),
-                                   beta=0, alpha=scale)                                     # (B*H, N, S), scaled
-            visual = logits.unflatten(0, (batch, heads)).softmax(dim=2).mean((1, 3))     # b h i j -> b i
+            keys = _as(subject.visual_k_heads, device, f32) if first else visual_k         # (H, B, S, D) or (B, H, S, D)
+            logits = torch.baddbmm(qf.new_empty(()), qf.flatten(0, 1), keys.flatten(0, 1).transpose(1, 2),
+                                   beta=0, alpha=scale)                                     # (H*B or B*H, N, S)
+            visual = logits.unflatten(0, qf.shape[:2]).softmax(dim=2).mean((0, 3) if first else (1, 3))   # -> b i
         maps.append(SubjectMaps(text=text[..., dims + index].mean(1), visual=visual))     # b h n -> b n
         if subject.gamma != 0:
             visual_v = _batched(_heads(_as(subject.visual_v, device, f32), heads), batch)

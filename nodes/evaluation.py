@@ -36,6 +36,7 @@ class Evaluation:
     visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
     visual_rows: dict = field(default_factory=dict)  # weight dtype -> per subject (B, m, C): each row's visual tokens
     stacked: tuple | None = None                     # (stacked_visual_kv result,) once looked up
+    visual_heads: dict = field(default_factory=dict)  # (dtype, head width) -> per subject (sum/D, B, m, D) head-first K|V
     swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
@@ -75,6 +76,23 @@ class Evaluation:
         with torch.no_grad():
             k, v = projection(rows[subject])                                              # (B, m, inner) each
         return k.to(device, dtype), v.to(device, dtype)
+
+
+    def visual_k_heads_of(self, name: str, subject: int, dtype: torch.dtype, heads: int) -> Tensor | None:
+        """One layer's visual K split into heads, head axis first, for the visual map's matmul (no copy per layer):
+        a view of one head-first copy of every layer's projection per evaluation, dtype and head width. Only with
+        the stacked projection, after :meth:`visual_kv_of` of this dtype; None otherwise. Shapes: -> (H, B, m, D)."""
+        if not self.stacked or self.stacked[0] is None or dtype not in self.visual_kv:
+            return None
+        offset, inner = self.stacked[0][1][name]
+        dims = inner // heads
+        split = self.visual_heads.get((dtype, dims))
+        if split is None:   # b m (l d) -> l b m d over every layer's K and V at once
+            split = self.visual_heads[(dtype, dims)] = [
+                None if kv.shape[-1] % dims else kv.view(*kv.shape[:2], -1, dims).permute(2, 0, 1, 3).contiguous()
+                for kv in self.visual_kv[dtype]]
+        keys = split[subject]
+        return None if keys is None or offset % dims else keys.narrow(0, offset // dims, heads)
 
 
 def per_latent(maps: SubjectMaps, chunks: tuple[int, ...], b: int) -> SubjectMaps:

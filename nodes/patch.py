@@ -296,7 +296,8 @@ class SubjectPatch:
             make = SubjectBranch if check else SubjectBranch.unchecked
             gamma, kv_of = self.settings.gamma, ev.visual_kv_of
             branches = [make(*kv_of(self.model.visual_kv, enc, layer.name, s, dtype, q.device), gamma, layer_masks[s],
-                             columns[s], ev.swap) for s in subjects]
+                             columns[s], ev.swap, visual_k_heads=ev.visual_k_heads_of(layer.name, s, dtype, heads)
+                             if capture else None) for s in subjects]
             bias_key = ((h, w), k.shape[1], dtype)
             bias = ev.biases.get(bias_key, False)
             if bias is False:   # (B, 1, N, T): broadcast over heads

@@ -363,3 +363,26 @@ def test_unchecked_branch_and_unvalidated_call_equal_the_checked_ones():
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="bias must be"):
         customcontrast_attention(q, k, v, heads=heads, subjects=[checked], bias=bias[:1])
+
+
+def test_head_first_visual_keys_give_the_same_maps_and_output():
+    """Visual keys also given split head-first (H, B, S, D) — the visual map's matmul then reads them and a
+    head-first copy of q without copying the keys — give the maps and output of the (B, S, H*D) keys alone."""
+    heads, dims = 4, 8
+    q, k, v = _inputs(heads, seed=60)
+    vk, vv = _visual(heads, seed=61)
+    vk = vk.expand(B, -1, -1).contiguous()
+    vv = vv.expand(B, -1, -1).contiguous()
+    mask = torch.rand(B, N, generator=torch.Generator().manual_seed(62))
+    split = vk.view(B, S, heads, dims).permute(2, 0, 1, 3).contiguous()
+    plain = SubjectBranch(vk, vv, gamma=0.8, mask=mask, columns=(3,))
+    first = SubjectBranch(vk, vv, gamma=0.8, mask=mask, columns=(3,), visual_k_heads=split)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            expected, expected_maps = customcontrast_attention(q, k, v, heads=heads, subjects=[plain], capture=True)
+            got, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[first], capture=True)
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(maps[0].visual, expected_maps[0].visual, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(maps[0].text, expected_maps[0].text, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="visual_k_heads must be"):
+        SubjectBranch(vk, vv, visual_k_heads=split[:, :1])
