@@ -277,10 +277,11 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
         qh = qf = _heads(q, heads).to(f32, memory_format=torch.contiguous_format)        # (B, H, N, D), one copy
     if probe.shape[0] != batch or probe.shape[1] != heads:
         probe = probe.expand(batch, heads, -1, -1)
-    # K_t, V_t and the probe channels side by side in one fp32 copy (the concatenation promotes them; the cast
-    # is a no-op unless the inputs are float64): keys and values are views of it
-    kv = torch.cat([_heads(k, heads), _heads(v, heads), probe], dim=-1).to(f32)          # (B, H, T, 2D + P)
-    kh, values = kv[..., :dims], kv[..., dims:]
+    # the concatenation promotes to fp32 (its cast is a no-op unless the inputs are float64); without autograd
+    # K_t joins it (keys and values are views of one copy), with autograd its gradient stays whole
+    kv = torch.cat([_heads(v, heads), probe] if torch.is_grad_enabled() else [_heads(k, heads), _heads(v, heads), probe],
+                   dim=-1).to(f32)                                                       # (B, H, T, [D +] D + P)
+    kh, values = (_heads(k, heads).to(f32), kv) if torch.is_grad_enabled() else (kv[..., :dims], kv[..., dims:])
     mask = None if bias is None else _as(_over_heads(bias), device, f32)                 # b i j -> b 1 i j
     text = _probed_text(qh, kh, values, mask, scale, equal_widths=device.type == "cpu")   # (B, H, N, D + P)
     out, maps, added = text[..., :dims], [], []
