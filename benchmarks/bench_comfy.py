@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CountOps, CudaAttentionRoute, device_busy, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+from .common import CountOps, CudaAttentionRoute, busy_fractions, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
 
 
 def encoding_time(run, device: str) -> dict:
@@ -159,11 +159,8 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     run(default, positive, negative)
     calls["warm"] = patch.encode_calls
     encoding = encoding_time(cold, device)
-    busy = {}
-    if device.startswith("cuda"):   # is the GPU or the host setting the pace? kernel time vs wall time per run
-        for name in ("plain", "default"):
-            busy[name] = dict(device_busy(variants[name], device), wall_seconds=times[name]["median"])
-            busy[name]["busy_fraction"] = busy[name]["busy_seconds"] / times[name]["median"]
+    # is the GPU or the host setting the pace? kernel time vs wall time per run
+    busy = busy_fractions(variants, ("plain", "default"), times, device) if device.startswith("cuda") else {}
     agreement = {}
     if "cuda_graphs" in variants:   # same seed: the graph replays must give the eager run's latent
         eager, replayed = run(default, positive, negative).float(), run(graphed, positive_g, negative).float()

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .common import CountOps, device_busy, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, write_json
+from .common import CountOps, busy_fractions, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, write_json
 
 
 def build(device: str, dtype: torch.dtype, size: int):
@@ -181,13 +181,11 @@ def main() -> None:
     times = interleaved(variants, args.repeats, device)
     if replays is not None:
         replays.__exit__(None, None, None)
-    busy = {}
-    if device.startswith("cuda"):   # is the GPU or the host setting the pace? kernel time vs wall time per step
-        for name in ("adapter", "customcontrast"):
-            busy[name] = dict(device_busy(variants[name], device), wall_seconds=times[name]["median"])
-            busy[name]["busy_fraction"] = busy[name]["busy_seconds"] / times[name]["median"]
-            print(f"[training] {name}: GPU kernels busy {busy[name]['busy_seconds']:.3f}s of "
-                  f"{times[name]['median']:.3f}s per step ({100 * busy[name]['busy_fraction']:.0f} %)", flush=True)
+    # is the GPU or the host setting the pace? kernel time vs wall time per step
+    busy = busy_fractions(variants, ("adapter", "customcontrast"), times, device) if device.startswith("cuda") else {}
+    for name in busy:
+        print(f"[training] {name}: GPU kernels busy {busy[name]['busy_seconds']:.3f}s of "
+              f"{times[name]['median']:.3f}s per step ({100 * busy[name]['busy_fraction']:.0f} %)", flush=True)
     graph_ratios = {} if graphs is None or emulated else {
         "ratio_graphs": times["customcontrast_graphs"]["median"] / times["adapter_graphs"]["median"],
         "customcontrast_graphs_vs_eager": times["customcontrast_graphs"]["median"] / times["customcontrast"]["median"],

@@ -5,7 +5,7 @@ import json
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ class CountOps(TorchDispatchMode):
 class CudaAttentionRoute:
     """While active, ``counter`` counts the capture layers' text attention as CUDA runs it. The CPU's fused
     attention needs equal key and value widths, so on the CPU the queries and keys are zero-padded to the width
-    of the values with their probe channels (``attention._probed_text``); CUDA's memory-efficient kernel takes
+    of the values with their probe channels (``attention._widened``); CUDA's memory-efficient kernel takes
     the wider values as they are. The pads still run here, uncounted. (Forward only: a backward pass would
     count their gradients.)"""
 
@@ -46,28 +46,23 @@ class CudaAttentionRoute:
         self.counter = counter
 
     def __enter__(self):
-        import torch.nn.functional as F
-
         import customcontrast_core.attention as attention
 
-        self.module, self.original = attention, attention._probed_text
+        self.module, self.original = attention, attention._widened
         counter, original = self.counter, self.original
 
-        def probed(qh, kh, values, mask, scale, equal_widths):
-            if equal_widths:
-                paused, counter.paused = counter.paused, True
-                try:
-                    extra = values.shape[-1] - qh.shape[-1]
-                    qh, kh = F.pad(qh, (0, extra)), F.pad(kh, (0, extra))
-                finally:
-                    counter.paused = paused
-            return original(qh, kh, values, mask, scale, equal_widths=False)
+        def widened(*args):
+            paused, counter.paused = counter.paused, True
+            try:
+                return original(*args)
+            finally:
+                counter.paused = paused
 
-        attention._probed_text = probed
+        attention._widened = widened
         return self
 
     def __exit__(self, *exc):
-        self.module._probed_text = self.original
+        self.module._widened = self.original
 
 
 def flop_counter():
@@ -151,6 +146,16 @@ def device_busy(fn: Callable[[], object], device: str) -> dict[str, float]:
     events = prof.key_averages()
     busy = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events) / 1e6
     return {"busy_seconds": busy, "profiled_wall_seconds": wall}
+
+
+def busy_fractions(variants: dict[str, Callable[[], object]], names: Sequence[str], times: dict[str, dict],
+                   device: str) -> dict[str, dict]:
+    """:func:`device_busy` of the named variants, each with its (unprofiled) median wall time and the busy fraction."""
+    busy = {}
+    for name in names:
+        busy[name] = dict(device_busy(variants[name], device), wall_seconds=times[name]["median"])
+        busy[name]["busy_fraction"] = busy[name]["busy_seconds"] / times[name]["median"]
+    return busy
 
 
 def peak_memory_gb(device: str) -> float | None:

@@ -247,9 +247,14 @@ def _probed_text(qh: Tensor, kh: Tensor, values: Tensor, mask: Tensor | None, sc
     (B, H, T, D + P), mask (B, 1, N, T) or None -> (B, H, N, D + P).
     """
     if equal_widths:
-        extra = values.shape[-1] - qh.shape[-1]
-        qh, kh = F.pad(qh, (0, extra)), F.pad(kh, (0, extra))
+        qh, kh = _widened(qh, kh, values.shape[-1])
     return F.scaled_dot_product_attention(qh, kh, values, attn_mask=mask, scale=scale)
+
+
+def _widened(qh: Tensor, kh: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Queries and keys zero-padded to ``width`` channels (CPU only: its fused kernel needs equal widths)."""
+    extra = width - qh.shape[-1]
+    return F.pad(qh, (0, extra)), F.pad(kh, (0, extra))
 
 
 def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[SubjectBranch], bias: Tensor | None,
@@ -279,9 +284,10 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
         probe = probe.expand(batch, heads, -1, -1)
     # the concatenation promotes to fp32 (its cast is a no-op unless the inputs are float64); without autograd
     # K_t joins it (keys and values are views of one copy), with autograd its gradient stays whole
-    kv = torch.cat([_heads(v, heads), probe] if torch.is_grad_enabled() else [_heads(k, heads), _heads(v, heads), probe],
-                   dim=-1).to(f32)                                                       # (B, H, T, [D +] D + P)
-    kh, values = (_heads(k, heads).to(f32), kv) if torch.is_grad_enabled() else (kv[..., :dims], kv[..., dims:])
+    grad = torch.is_grad_enabled()
+    parts = [_heads(v, heads), probe] if grad else [_heads(k, heads), _heads(v, heads), probe]
+    kv = torch.cat(parts, dim=-1).to(f32)                                                # (B, H, T, [D +] D + P)
+    kh, values = (_heads(k, heads).to(f32), kv) if grad else (kv[..., :dims], kv[..., dims:])
     mask = None if bias is None else _as(_over_heads(bias), device, f32)                 # b i j -> b 1 i j
     text = _probed_text(qh, kh, values, mask, scale, equal_widths=device.type == "cpu")   # (B, H, N, D + P)
     out, maps, added = text[..., :dims], [], []
@@ -300,7 +306,7 @@ def _captured(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[Su
             weight = None if subject.mask is None else _as(subject.mask, device, f32).reshape(
                 subject.mask.shape[0], 1, queries, 1)                                     # b n -> b 1 n 1
             added.append((branch, weight, subject.gamma))
-    if torch.is_grad_enabled():   # autograd: out= operators record no graph
+    if grad:   # autograd: out= operators record no graph
         out = _added(out, added)
         return out.transpose(1, 2).to(q.dtype, memory_format=torch.contiguous_format).flatten(2), maps
     merged = torch.empty(batch, queries, heads, dims, device=device, dtype=q.dtype)       # b n h d

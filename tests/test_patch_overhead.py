@@ -135,8 +135,10 @@ def test_placeholder_bias_rows_stay_aligned_in_the_patch():
 
 def test_device_busy_sums_the_operators_time():
     """On the CPU the profiled busy time is the operators' own time: positive, and within the run's wall time."""
-    from benchmarks.common import device_busy
+    from benchmarks.common import busy_fractions, device_busy
 
     a = torch.randn(256, 256)
     result = device_busy(lambda: [a @ a for _ in range(20)], "cpu")
     assert 0 < result["busy_seconds"] <= result["profiled_wall_seconds"]
+    busy = busy_fractions({"mm": lambda: a @ a}, ["mm"], {"mm": {"median": 2.0}}, "cpu")["mm"]
+    assert busy["wall_seconds"] == 2.0 and busy["busy_fraction"] == busy["busy_seconds"] / 2.0 > 0
