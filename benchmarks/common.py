@@ -38,7 +38,7 @@ class CountOps(TorchDispatchMode):
 class CudaAttentionRoute:
     """While active, ``counter`` counts the capture layers' text attention as CUDA runs it. The CPU's fused
     attention needs equal key and value widths, so on the CPU the queries and keys are zero-padded to the width
-    of the values with their probe channels (``attention._widened``); CUDA's memory-efficient kernel takes
+    of the values with their probe channels (``capture.widened``); CUDA's memory-efficient kernel takes
     the wider values as they are. The pads still run here, uncounted. (Forward only: a backward pass would
     count their gradients.)"""
 
@@ -46,9 +46,9 @@ class CudaAttentionRoute:
         self.counter = counter
 
     def __enter__(self):
-        import customcontrast_core.attention as attention
+        import customcontrast_core.capture as capture
 
-        self.module, self.original = attention, attention._widened
+        self.module, self.original = capture, capture.widened
         counter, original = self.counter, self.original
 
         def widened(*args):
@@ -58,11 +58,11 @@ class CudaAttentionRoute:
             finally:
                 counter.paused = paused
 
-        attention._widened = widened
+        capture.widened = widened
         return self
 
     def __exit__(self, *exc):
-        self.module._widened = self.original
+        self.module.widened = self.original
 
 
 def flop_counter():

@@ -8,12 +8,12 @@ from einops import einsum, rearrange
 from customcontrast_core.attention import (
     BIAS_ALIGNMENT,
     SubjectBranch,
-    _probed_text,
     customcontrast_attention,
     placeholder_bias,
     placeholder_probe,
     plain_attention,
 )
+from customcontrast_core.capture import probed_text
 
 B, N, T, S = 2, 24, 12, 5
 
@@ -252,8 +252,8 @@ def test_probe_channels_need_no_equal_widths():
     qh, kh, vh = (rearrange(x, "b n (h d) -> b h n d", h=heads) for x in (q, k, v))
     bias = torch.randn(B, 1, N, T, generator=torch.Generator().manual_seed(42))
     values = torch.cat([vh, probe], dim=-1)
-    wide = _probed_text(qh, kh, values, bias, 0.35, equal_widths=False)
-    padded = _probed_text(qh, kh, values, bias, 0.35, equal_widths=True)
+    wide = probed_text(qh, kh, values, bias, 0.35, equal_widths=False)
+    padded = probed_text(qh, kh, values, bias, 0.35, equal_widths=True)
     torch.testing.assert_close(padded, wide, rtol=1e-5, atol=1e-6)
     probs = (einsum(qh.double(), kh.double(), "b h i d, b h j d -> b h i j") * 0.35 + bias.double()).softmax(-1)
     torch.testing.assert_close(wide[..., 8 * 1].double(), probs[..., [3, 8]].sum(-1) * torch.tensor([1.0, 0.0]).double()
