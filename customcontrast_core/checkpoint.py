@@ -104,7 +104,16 @@ def _read_header(path: Path) -> dict:
         raise CheckpointError(f"{path.name} is not a .safetensors file (its header is not JSON)") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path.name} is not a .safetensors file (its header is not a JSON object)")
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    entries = {k: v for k, v in header.items() if k != "__metadata__"}
+    bad = [k for k, v in entries.items() if not (isinstance(v, dict) and isinstance(v.get("dtype"), str)
+                                                  and isinstance(v.get("shape"), list)
+                                                  and isinstance(v.get("data_offsets"), list)
+                                                  and len(v["data_offsets"]) == 2
+                                                  and all(isinstance(o, int) for o in v["data_offsets"]))]
+    if bad:
+        raise CheckpointError(f"{path.name} is not a valid .safetensors file: tensor entry {bad[0]!r} lacks "
+                              "dtype, shape or data_offsets [begin, end]")
+    end = max((v["data_offsets"][1] for v in entries.values()), default=0)
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path.name} is truncated: expected {8 + n + end} bytes, found {size} (re-copy or re-export the file)"
@@ -123,6 +132,8 @@ def _info_from_metadata(path: Path, meta: Mapping[str, str]) -> CheckpointInfo:
         version = int(meta["format_version"])
     except (KeyError, ValueError):
         raise CheckpointError(f"{path.name}: metadata has no integer format_version") from None
+    if version < 1:
+        raise CheckpointError(f"{path.name}: format_version must be 1..{FORMAT_VERSION}, found {version}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{path.name} uses checkpoint format version {version}; this version of CustomContrast reads "
@@ -136,11 +147,25 @@ def _info_from_metadata(path: Path, meta: Mapping[str, str]) -> CheckpointInfo:
                 "layers": [layer.name for layer in config.layers], "clip_layers": list(config.clip_layers)}
     for key, expected in declared.items():
         value = meta.get(key)
-        value = json.loads(value) if key in ("layers", "clip_layers") and value is not None else value
+        value = _parsed(path, key, value) if key in ("layers", "clip_layers") and value is not None else value
         if value != expected:
             raise CheckpointError(f"{path.name}: metadata {key}={value!r} contradicts its config ({expected!r})")
-    return CheckpointInfo(config=config, format_version=version, step=int(meta.get("step", 0)),
-                          extra=json.loads(meta.get("extra", "{}")))
+    try:
+        step = int(meta.get("step", 0))
+    except ValueError:
+        raise CheckpointError(f"{path.name}: metadata step must be an integer, found {meta['step']!r}") from None
+    extra = _parsed(path, "extra", meta.get("extra", "{}"))
+    if not isinstance(extra, dict):
+        raise CheckpointError(f"{path.name}: metadata extra must be a JSON object, found {type(extra).__name__}")
+    return CheckpointInfo(config=config, format_version=version, step=step, extra=extra)
+
+
+def _parsed(path: Path, key: str, text: str):
+    """One JSON-valued metadata entry, or CheckpointError naming it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path.name}: metadata {key} is not valid JSON ({err})") from None
 
 
 def read_info(path: str | Path) -> CheckpointInfo:
@@ -159,6 +184,10 @@ def _check_tensors(path: Path, tensors: Mapping[str, Tensor], config: EncoderCon
             f"{path.name} does not match its {config.base} config: {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
+    dtypes = {tensor.dtype for tensor in tensors.values()}
+    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
+        raise CheckpointError(f"{path.name}: expected every tensor in one floating-point dtype (as "
+                              f"`python -m training.export` writes), found {sorted(str(d) for d in dtypes)}")
     for key, ref in expected.items():
         if tuple(tensors[key].shape) != tuple(ref.shape):
             raise CheckpointError(f"{path.name}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(ref.shape)}")

@@ -9,14 +9,18 @@ from typing import Any
 from .layers import BASE_CHANNELS, BASE_LAYER_COUNT, CrossAttentionLayer, default_layer_groups, layer_table
 
 
-def dataclass_from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
-    """Builds a dataclass from a plain dict, refusing unknown fields by name (configs read from JSON)."""
+def dataclass_from_dict(cls: type, data: dict[str, Any], what: str, complete: bool = False) -> Any:
+    """Builds a dataclass from a plain dict, refusing unknown fields by name (configs read from JSON);
+    ``complete``: every field must be given (a saved config, where a default would silently differ)."""
     if not isinstance(data, dict):
         raise ValueError(f"{what} must be a JSON object (a dict), found {type(data).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise ValueError(f"unknown {what} fields {unknown}; expected a subset of {sorted(known)}")
+    missing = sorted(known - set(data))
+    if complete and missing:
+        raise ValueError(f"{what} lacks the fields {missing}; a saved config names all of {sorted(known)}")
     return cls(**data)
 
 
@@ -39,7 +43,8 @@ class EncoderConfig:
     context_dim: int = 768                              # UNet cross-attention context width
     layer_groups: tuple[int, ...] = tuple(range(16))    # S+ token group of each layer, execution order
     fourier_dim: int = 256                              # Fourier features of the timestep
-    max_timestep: int = 1000                            # timesteps are scaled by this before the Fourier map
+    max_timestep: int = 1000                            # training schedule's timesteps (the Fourier map takes
+                                                        # raw timesteps in [0, max_timestep), recorded)
     cls_dim: int = 512                                  # shared width of the projected CLS tokens (CSCL)
 
     def __post_init__(self) -> None:
@@ -93,11 +98,11 @@ class EncoderConfig:
     def from_json(cls, text: str) -> "EncoderConfig":
         """Rebuilds a config from :meth:`to_json`; unknown or missing fields raise ValueError."""
         data: dict[str, Any] = json.loads(text)
-        return cls.from_dict(data)
+        return dataclass_from_dict(cls, data, "encoder config", complete=True)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EncoderConfig":
-        """Rebuilds a config from a plain dict, rejecting unknown fields."""
+        """Builds a config from a plain dict (missing fields take their defaults), rejecting unknown fields."""
         return dataclass_from_dict(cls, data, "encoder config")
 
 

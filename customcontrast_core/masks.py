@@ -16,7 +16,7 @@ from einops import rearrange, reduce
 from torch import Tensor
 
 __all__ = ["MASK_MODES", "MaskConfig", "combine_maps", "intersect_user_mask", "make_mask", "minmax_normalize",
-           "resize_mask"]
+           "resize_grid", "resize_mask"]
 
 MASK_MODES = ("soft", "topk")
 
@@ -48,8 +48,18 @@ def _check_grid(grid: Sequence[int], name: str) -> tuple[int, int]:
     return int(grid[0]), int(grid[1])
 
 
+def resize_grid(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Resizes maps or masks between token grids: shrinking averages each output token's area (plain bilinear
+    would sample 2 of every 4 rows at a factor 4 and drop what lies between), growing is bilinear. Both are
+    linear in the input. Shapes: image (B, C, h, w) -> (B, C, *size)."""
+    h, w = image.shape[-2:]
+    if size[0] <= h and size[1] <= w:
+        return F.adaptive_avg_pool2d(image, size)
+    return F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
 def combine_maps(maps: Sequence[Tensor], grids: Sequence[tuple[int, int]], out_grid: tuple[int, int]) -> Tensor:
-    """Averages attention maps of several layers after a bilinear resize to one grid (Sec. 3.4).
+    """Averages attention maps of several layers after resizing them to one grid (:func:`resize_grid`, Sec. 3.4).
 
     Shapes: maps[i] (B, h_i*w_i) with grids[i] = (h_i, w_i) -> (B, H, W) fp32 with out_grid = (H, W).
     """
@@ -63,7 +73,7 @@ def combine_maps(maps: Sequence[Tensor], grids: Sequence[tuple[int, int]], out_g
             raise ValueError(f"maps[{index}] must be (B, {h * w}) for grid {(h, w)}, got {tuple(flat.shape)}")
         image = rearrange(flat.float(), "b (h w) -> b 1 h w", h=h, w=w)
         if (h, w) != out_grid:
-            image = F.interpolate(image, size=out_grid, mode="bilinear", align_corners=False)
+            image = resize_grid(image, out_grid)
         resized.append(rearrange(image, "b 1 h w -> b h w"))
     return torch.stack(resized).mean(dim=0)
 
@@ -104,7 +114,7 @@ def make_mask(maps: Tensor, cfg: MaskConfig, *, normalized: bool = False) -> Ten
 
 
 def resize_mask(mask: Tensor, grid: tuple[int, int], *, out: Tensor | None = None) -> Tensor:
-    """Resizes a mask bilinearly to a layer's token grid and flattens it for Eq. 3 (into ``out`` when given).
+    """Resizes a mask to a layer's token grid (:func:`resize_grid`) and flattens it for Eq. 3 (into ``out`` when given).
 
     Shapes: mask (B, H, W) -> (B, h*w) fp32 in [0, 1] with grid = (h, w).
     """
@@ -113,7 +123,7 @@ def resize_mask(mask: Tensor, grid: tuple[int, int], *, out: Tensor | None = Non
     grid = _check_grid(grid, "grid")
     image = rearrange(mask.float(), "b h w -> b 1 h w")
     if tuple(mask.shape[1:]) != grid:
-        image = F.interpolate(image, size=grid, mode="bilinear", align_corners=False)
+        image = resize_grid(image, grid)
     return torch.clamp(rearrange(image, "b 1 h w -> b (h w)"), 0.0, 1.0, out=out)
 
 

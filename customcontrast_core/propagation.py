@@ -11,12 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import SubjectMaps
 from .graphs import StaticCall, replay
-from .masks import MaskConfig, make_mask, minmax_normalize
+from .masks import MaskConfig, make_mask, minmax_normalize, resize_grid
 
 
 @dataclass
@@ -100,8 +99,8 @@ class MaskTracker:
         self.masks[pending.sigma] = result
 
     def _mask_of(self, grids: tuple[tuple[int, int], ...], stacks: list[Tensor]) -> Tensor:
-        """The mask from each grid's stacked maps (the layers' text maps, then their visual maps). Bilinear
-        resizing to the largest grid is linear, so each grid's sums are resized once, text and visual together;
+        """The mask from each grid's stacked maps (the layers' text maps, then their visual maps). Resizing to the
+        largest grid is linear, so each grid's sums are resized once, text and visual together;
         the mean's factor (grids / layers summed) is a positive constant per subject, which the min-max
         normalisation of the location removes. Shapes: stacks[i] (2 L_i, B, h_i*w_i) -> (B, H, W)."""
         grid = max(grids, key=lambda g: g[0] * g[1])
@@ -110,7 +109,7 @@ class MaskTracker:
             sums = stack.float().unflatten(0, (2, -1)).sum(1)                                  # (2, B, h*w)
             image = sums.flatten(0, 1).unflatten(1, (1, h, w))                                # (2B, 1, h, w)
             if (h, w) != grid:
-                image = F.interpolate(image, size=grid, mode="bilinear", align_corners=False)
+                image = resize_grid(image, grid)
             total = image if total is None else total + image
         return make_mask(_location(total.squeeze(1)), self.config, normalized=True)
 

@@ -134,8 +134,7 @@ def encode_timesteps(encoder, clip, prompt, images: Sequence[ImageFeatures], bla
     Shapes: images[i] / blank with batch 1 -> one Encodings per timestep, in order.
     """
     n = len(timesteps)
-    dtype = images[0].features.dtype
-    t = torch.tensor(list(timesteps), dtype=torch.float32).to(device, dtype)
+    t = torch.tensor(list(timesteps), dtype=torch.float32).to(device)   # fp32 whatever the encoder's dtype
     with torch.no_grad():
         subject = [encoder.encode_timestep(image.expand(n), t) for image in images]
         empty = encoder.encode_timestep(blank.expand(n), t)

@@ -163,3 +163,46 @@ def test_failed_save_keeps_previous_file(tiny_file, monkeypatch):
         checkpoint.save(path, model, step=43)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == [path.name]   # no temporary file left behind
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(step="abc"), "metadata step must be an integer, found 'abc'"),
+    (dict(extra="{oops"), "metadata extra is not valid JSON"),
+    (dict(extra="[1, 2]"), "metadata extra must be a JSON object, found list"),
+    (dict(format_version="0"), "format_version must be 1..1, found 0"),
+    (dict(clip_layers="[2, 3"), "metadata clip_layers is not valid JSON"),
+])
+def test_malformed_metadata_is_a_checkpoint_error(tiny_file, change, message):
+    _, path = tiny_file
+    rewrite(path, **change)
+    with pytest.raises(CheckpointError, match=message.replace("[", r"\[")):
+        checkpoint.read_info(path)
+
+
+def test_a_header_entry_without_offsets_is_a_checkpoint_error(tiny_file):
+    _, path = tiny_file
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    del header["encoder.layer_embed"]["data_offsets"]
+    text = json.dumps(header).encode().ljust(n)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="entry 'encoder.layer_embed' lacks dtype, shape or data_offsets"):
+        checkpoint.read_info(path)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float16])
+def test_tensors_in_a_foreign_or_mixed_dtype_are_refused(tiny_file, dtype):
+    """An int tensor would fail inside load_state_dict, one fp16 tensor among fp32 at the first forward."""
+    _, path = tiny_file
+    tensors = load_file(str(path))
+    tensors["encoder.proj_in.weight"] = tensors["encoder.proj_in.weight"].to(dtype)
+    rewrite(path, tensors)
+    with pytest.raises(CheckpointError, match="expected every tensor in one floating-point dtype"):
+        checkpoint.load(path)
+
+
+def test_a_checkpoint_in_one_half_dtype_loads(tmp_path):
+    model = CustomContrastModel(get_preset("tiny")).to(torch.bfloat16)
+    loaded, _ = checkpoint.load(checkpoint.save(tmp_path / "bf16.safetensors", model))
+    assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())

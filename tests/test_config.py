@@ -1,5 +1,6 @@
 """Encoder config validation and JSON round trip."""
 import dataclasses
+import json
 
 import pytest
 
@@ -34,3 +35,13 @@ def test_unknown_fields_and_presets():
         EncoderConfig.from_dict({"base": "sd15", "wdith": 3})
     with pytest.raises(ValueError, match="expected one of"):
         get_preset("sd21")
+
+
+def test_a_saved_config_must_name_every_field():
+    """A checkpoint's config without heads/dim_head would load with the defaults (12 x 64 = 8 x 96 in width:
+    the weights fit, the head split is wrong): refused. A user's partial dict still takes the defaults."""
+    data = json.loads(get_preset("tiny").to_json())
+    del data["heads"], data["dim_head"]
+    with pytest.raises(ValueError, match=r"lacks the fields \['dim_head', 'heads'\]"):
+        EncoderConfig.from_json(json.dumps(data))
+    assert EncoderConfig.from_dict({"base": "sd15"}).heads == 12

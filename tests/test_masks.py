@@ -114,3 +114,17 @@ def test_resize_mask_into_a_given_buffer():
     result = resize_mask(mask, (4, 4), out=out)
     assert result is out
     torch.testing.assert_close(out, resize_mask(mask, (4, 4)), rtol=0, atol=0)
+
+
+def test_shrinking_a_mask_averages_instead_of_dropping_rows():
+    """32x32 -> 8x8 (SD1.5's middle layer at 512 px): plain bilinear samples 2 of every 4 columns, so a
+    one-pixel stripe can vanish; the area average keeps every stripe and the mask's mean."""
+    for column in range(32):
+        stripe = torch.zeros(1, 32, 32)
+        stripe[..., column] = 1.0
+        small = resize_mask(stripe, (8, 8)).reshape(8, 8)
+        assert small[:, column // 4].tolist() == [0.25] * 8, column   # the stripe's share of each token
+        assert small.sum() == 2.0
+    up = resize_mask(stripe, (64, 64))                     # growing: the same as plain bilinear
+    plain = F.interpolate(stripe[None], size=(64, 64), mode="bilinear", align_corners=False).reshape(1, -1)
+    torch.testing.assert_close(up, plain.clamp(0, 1))

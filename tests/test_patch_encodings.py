@@ -147,3 +147,20 @@ def test_window_helper():
     assert window(5.0, [9.0, 7.0, 5.0, 3.0, 1.0, 0.0], lambda s: True, 3) == [5.0, 3.0, 1.0]
     assert window(5.0, [], lambda s: True, 3) == [5.0]
     assert window(5.0, [5.0, 3.0, 1.0], lambda s: s != 3.0, 10) == [5.0, 1.0]
+
+
+def test_timesteps_reach_the_encoder_in_fp32_whatever_its_dtype(monkeypatch):
+    """A bf16 checkpoint (kept bf16 by the Loader) must not round the timestep: bf16 holds 813.37 as 812."""
+    patch, _ = make_patch()
+    patch.model.to(torch.bfloat16)
+    patch._images = patch._blank = None   # re-encoded from the (now bf16) model's image features
+    seen = []
+    original = patch.model.encoder.encode_timestep
+
+    def spy(image, timesteps):
+        seen.append(timesteps)
+        return original(image, timesteps)
+    monkeypatch.setattr(patch.model.encoder, "encode_timestep", spy)
+    patch.encodings(8.1337, torch.device("cpu"))
+    assert seen and all(t.dtype == torch.float32 for t in seen)
+    assert float(seen[0][0]) == pytest.approx(813.37, abs=1e-3)
