@@ -63,6 +63,9 @@ def test_tiny_end_to_end_is_complete_and_deterministic(tmp_path):
     assert (tmp_path / "a" / "report.md").read_text().startswith("| method | CLIP-T")
     assert (tmp_path / "a" / "grids" / "dog_g1.png").is_file()
     assert (tmp_path / "a" / "similarity_vs_controllability.png").is_file()
-    # resumable: a rerun into the same folder reuses the images and gives the same numbers
+    assert first["images"]["CustomContrast γ=1"] == {"generated": 4, "reused": 0, "replaced": 0}
+    # resumable: a rerun with the same model and settings into the same folder reuses every image
+    # (tests/test_eval_images.py: another checkpoint or other settings regenerate them)
     third = json.loads(evaluate.main([*args, "--out", str(tmp_path / "a")]).read_text())
     assert third["methods"] == first["methods"]
+    assert third["images"]["CustomContrast γ=1"] == {"generated": 0, "reused": 4, "replaced": 0}

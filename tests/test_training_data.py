@@ -1,14 +1,19 @@
 """Manifest, procedural subjects, samples, builders and mask caching."""
 import logging
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from training.data import (DataConfig, SubjectDataset, SubjectRecord, from_mvimgnet, from_openimages_csv,
-                           from_subject_folders, generate_synthetic, read_manifest, write_manifest)
+from training.data import (DataConfig, EpochBatches, SubjectDataset, SubjectRecord, from_mvimgnet,
+                           from_openimages_csv, from_subject_folders, generate_synthetic, read_manifest,
+                           write_manifest)
+from training.config import TrainConfig
+from training.data.batches import replacement_candidates
+from training.loop import _records
 from training.data.masks import SamMasker, default_box
 
 DREAMBENCH = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench"
@@ -84,8 +89,26 @@ def test_corrupt_item_is_skipped_and_logged(records, caplog):
     assert sample["subject_index"] == 1 and "skipping subject 'subject_0000'" in caplog.text
     for record in records:
         Path(record.images[0]).write_bytes(b"broken")
-    with pytest.raises(RuntimeError, match="every one of the 4 subjects is unreadable"):
+    with pytest.raises(RuntimeError, match=r"subject 0 and its 3 replacement candidates are all unreadable "
+                                           r"\(of 4 subjects\)"):
         dataset[0]
+
+
+def test_corrupt_subject_is_replaced_from_outside_the_global_batch(tmp_path):
+    records = read_manifest(generate_synthetic(tmp_path / "s", num_subjects=7, views=3, size=32, seed=0))
+    dataset = SubjectDataset(records, DataConfig(reference_size=32, target_size=32, augment=False))
+    one = EpochBatches(dataset, epoch=0, batch_size=4, rank=0, world=1, seed=0)
+    two = [EpochBatches(dataset, epoch=0, batch_size=2, rank=r, world=2, seed=0) for r in (0, 1)]
+    assert one.batches == two[0].batches == two[1].batches == [[4, 0, 5, 3]]
+    # candidates outside the batch after its first subject (6, 1, 2), dealt round-robin to the 4 positions
+    assert [replacement_candidates([4, 0, 5, 3], p, 7) for p in range(4)] == [[6], [1], [2], []]
+    Path(records[4].images[0]).write_bytes(b"broken")   # its neighbour 5 is in the batch: no longer taken
+    assert one[0]["subject_index"].tolist() == [6, 0, 5, 3]
+    Path(records[5].images[0]).write_bytes(b"broken")   # on the other process: its own candidate, not 6
+    assert two[0][0]["subject_index"].tolist() + two[1][0]["subject_index"].tolist() == [6, 0, 2, 3]
+    Path(records[3].images[0]).write_bytes(b"broken")   # no candidate left for position 3
+    with pytest.raises(RuntimeError, match=r"subject 3 and its 0 replacement candidates are all unreadable"):
+        two[1][0]
 
 
 @pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="shared DreamBench photos not found")
@@ -154,3 +177,34 @@ def test_sam_random_init_runs_on_one_image(tmp_path):
     masker = SamMasker(None, "vit_b", cache_dir=tmp_path / "cache")
     out = np.asarray(Image.open(masker(image)))
     assert out.shape == (48, 64) and set(np.unique(out)) <= {0, 255}
+
+
+def _manifest_without(records, tmp_path, *, masks: bool, views: int):
+    """The records with their first ``views`` images, with or without masks, as a manifest."""
+    kept = [SubjectRecord(r.subject, r.cls, r.images[:views], r.masks[:views] if masks else None) for r in records]
+    return write_manifest(tmp_path / f"m_{masks}_{views}.jsonl", kept)
+
+
+def test_manifest_without_masks_is_refused_unless_allowed(records, tmp_path, caplog):
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    path = _manifest_without(records, tmp_path, masks=False, views=3)
+    with pytest.raises(ValueError, match=r"4 of the 4 subjects of .*m_False_3.jsonl have no masks \(first: "
+                                         r"'subject_0000'\).*set allow_unmasked=true"):
+        _records(TrainConfig(data=str(path)), tmp_path, accelerator)
+    with caplog.at_level(logging.WARNING):
+        loaded = _records(TrainConfig(data=str(path), allow_unmasked=True), tmp_path, accelerator)
+    assert [r.subject for r in loaded] == [r.subject for r in records] and all(r.masks is None for r in loaded)
+    assert caplog.text.count("have no masks") == 1 and "(allow_unmasked=true)" in caplog.text
+    masked = _manifest_without(records, tmp_path, masks=True, views=3)
+    assert len(_records(TrainConfig(data=str(masked)), tmp_path, accelerator)) == 4
+
+
+def test_single_view_manifest_needs_allow_single_view(records, tmp_path):
+    accelerator = SimpleNamespace(is_main_process=True, wait_for_everyone=lambda: None)
+    path = _manifest_without(records, tmp_path, masks=True, views=1)
+    with pytest.raises(ValueError, match=r"has 1 image; .*set allow_single_view=true in the training config"):
+        _records(TrainConfig(data=str(path)), tmp_path, accelerator)
+    loaded = _records(TrainConfig(data=str(path), allow_single_view=True), tmp_path, accelerator)
+    assert [len(r.images) for r in loaded] == [1, 1, 1, 1]
+    sample = SubjectDataset(loaded, DataConfig(reference_size=32, target_size=64))[2]
+    assert sample["reference_path"] == sample["target_path"] == loaded[2].images[0]

@@ -1,4 +1,5 @@
-"""The tiny preset end to end: losses logged, export reloads, determinism, resume, kill during save."""
+"""The tiny preset end to end: losses logged, export reloads, determinism, resume, kill during save,
+single-view subjects."""
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from safetensors.torch import load_file
 
 from customcontrast_core import checkpoint
 from training import run, state
+from training.data import SubjectRecord, generate_synthetic, read_manifest, write_manifest
 from training.export import export
 
 QUICK = ["--set", "synthetic_subjects=8", "--set", "synthetic_views=3"]
@@ -75,3 +77,16 @@ def test_bf16_autocast_keeps_fp32_trainable_weights(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "bf16" / "logs" / "history.jsonl").read_text().splitlines()]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert all(t.dtype == torch.float32 for t in weights(path).values())
+
+
+def test_single_view_subjects_train_with_allow_single_view(tmp_path):
+    records = read_manifest(generate_synthetic(tmp_path / "data", num_subjects=4, views=2, size=64, seed=0))
+    manifest = write_manifest(tmp_path / "single.jsonl", [SubjectRecord(r.subject, r.cls, r.images[:1], r.masks[:1])
+                                                          for r in records])
+    args = ["--output-dir", str(tmp_path / "single"), "--steps", "2", "--batch-size", "2", "--data", str(manifest)]
+    with pytest.raises(ValueError, match="set allow_single_view=true"):
+        run.main(args)
+    path = run.main([*args, "--set", "allow_single_view=true"])
+    rows = [json.loads(line) for line in (tmp_path / "single" / "logs" / "history.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert checkpoint.load(path)[1].step == 2

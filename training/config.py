@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from customcontrast_core.config import PRESETS as ENCODER_PRESETS
 from customcontrast_core.config import dataclass_from_dict
 
 
@@ -20,6 +22,56 @@ class ModelPaths:
     appearance_model: str = "ViT-B-32"   # open_clip architecture name for the MACL appearance features
     appearance_weights: str = ""         # local open_clip weights file for it
 
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, str):
+                raise ValueError(f"TrainConfig.paths.{f.name}: expected a path string, found "
+                                 f"{type(value).__name__} {value!r}")
+
+
+def _checked(name: str, hint: Any, value: Any) -> Any:
+    """``value`` as the type ``hint`` of field ``name`` (int -> float, integral float -> int, list -> tuple);
+    a ValueError naming the field, the expected type and what was found otherwise."""
+    def refuse(expected: str) -> ValueError:
+        return ValueError(f"TrainConfig.{name}: expected {expected}, found {type(value).__name__} {value!r}")
+
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise refuse("a bool (true or false)")
+        return value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise refuse("an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise refuse("a number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise refuse("a string")
+        return value
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, (list, tuple)):
+            raise refuse(f"a list of {item.__name__}")
+        return tuple(_checked(f"{name}[{i}]", item, x) for i, x in enumerate(value))
+    if hint is ModelPaths:
+        if isinstance(value, dict):
+            return dataclass_from_dict(ModelPaths, value, "TrainConfig.paths")
+        if not isinstance(value, ModelPaths):
+            raise refuse("a ModelPaths or a JSON object of paths")
+        return value
+    raise TypeError(f"TrainConfig.{name}: no check for the type {hint}")
+
+
+def _require(ok: bool, name: str, expected: str, found: Any) -> None:
+    if not ok:
+        raise ValueError(f"TrainConfig.{name}: expected {expected}, found {found!r}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -29,6 +81,8 @@ class TrainConfig:
     tiny_models: bool = True              # random-init tiny frozen models built from configs
     paths: ModelPaths = ModelPaths()
     data: str = "synthetic"               # "synthetic" or a JSONL manifest path
+    allow_single_view: bool = False       # subjects with one image (OpenImages): target/positive from that photo
+    allow_unmasked: bool = False          # subjects without masks: unsegmented views, L_loc over the whole image
     synthetic_subjects: int = 24
     synthetic_views: int = 4
     output_dir: str = "runs/tiny"
@@ -60,26 +114,43 @@ class TrainConfig:
     augment: bool = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.paths, dict):
-            object.__setattr__(self, "paths", ModelPaths(**self.paths))
-        object.__setattr__(self, "capture_downsample", tuple(self.capture_downsample))
-        object.__setattr__(self, "contrastive_terms", tuple(self.contrastive_terms))
-        if not set(self.contrastive_terms) <= {"cscl", "macl"}:
-            raise ValueError(f"contrastive_terms must be a subset of ('cscl', 'macl'), got {self.contrastive_terms}")
-        positive = ("steps", "batch_size", "grad_accum", "target_size", "reference_size", "save_every", "log_every")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ValueError(f"batch_size must be >= 2: the contrastive losses need in-batch negatives, got {self.batch_size}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {self.optimizer!r}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        if self.drop_image + self.drop_text + self.drop_both > 1:
-            raise ValueError("condition dropout rates must sum to at most 1")
+        hints = typing.get_type_hints(TrainConfig)
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _checked(f.name, hints[f.name], getattr(self, f.name)))
+        _require(self.encoder_preset in ENCODER_PRESETS, "encoder_preset", f"one of {sorted(ENCODER_PRESETS)}",
+                 self.encoder_preset)
+        for name in ("steps", "grad_accum", "target_size", "reference_size", "save_every", "log_every"):
+            _require(getattr(self, name) > 0, name, "a positive integer", getattr(self, name))
+        _require(self.batch_size >= 2, "batch_size", ">= 2 (the contrastive losses need in-batch negatives)",
+                 self.batch_size)
+        for name in ("synthetic_subjects", "synthetic_views"):
+            _require(getattr(self, name) >= 2, name, ">= 2", getattr(self, name))
+        for name in ("num_workers", "seed"):
+            _require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
+        for name in ("lr", "cscl_temperature", "macl_temperature"):
+            _require(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
+        for name in ("weight_decay", "lambda_contrast", "lambda_loc"):
+            _require(getattr(self, name) >= 0, name, "a number >= 0", getattr(self, name))
+        _require(0 < self.r_min <= 1, "r_min", "0 < r_min <= 1 (clamp of a cosine, inverted)", self.r_min)
+        for name in ("drop_image", "drop_text", "drop_both"):
+            _require(0 <= getattr(self, name) <= 1, name, "a rate in [0, 1]", getattr(self, name))
+        rates = self.drop_image + self.drop_text + self.drop_both
+        _require(rates <= 1, "drop_image + drop_text + drop_both", "at most 1", rates)
+        terms = self.contrastive_terms
+        _require(set(terms) <= {"cscl", "macl"} and len(set(terms)) == len(terms), "contrastive_terms",
+                 "distinct names among ('cscl', 'macl')", terms)
+        layers = sorted({layer.downsample for layer in ENCODER_PRESETS[self.encoder_preset].layers})
+        _require(set(self.capture_downsample) <= set(layers), "capture_downsample",
+                 f"downsample factors of {self.encoder_preset} cross-attention layers, among {layers}",
+                 self.capture_downsample)
+        _require(bool(self.capture_downsample) or self.lambda_loc == 0, "capture_downsample",
+                 "at least one factor while lambda_loc > 0 (no captured layer makes L_loc 0)", self.capture_downsample)
+        _require(self.optimizer in ("adamw", "sgd"), "optimizer", "'adamw' or 'sgd'", self.optimizer)
+        _require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'",
+                 self.mixed_precision)
         if not self.tiny_models and not (self.paths.diffusion and self.paths.clip_vision):
-            raise ValueError("real training needs paths.diffusion and paths.clip_vision (local paths)")
+            raise ValueError("TrainConfig.paths: real training (tiny_models=false) needs paths.diffusion and "
+                             f"paths.clip_vision (local paths), found {self.paths}")
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
@@ -91,6 +162,21 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+# fields that may differ between a run and its resumption: none changes the model, the data order or the
+# arithmetic of a step (gradient checkpointing and CUDA graphs give the same values)
+RESUMABLE_FIELDS = ("steps", "save_every", "log_every", "num_workers", "output_dir", "gradient_checkpointing",
+                    "cuda_graphs")
+
+
+def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:
+    """Fields of ``current`` that differ from a run's saved ``config.json`` (``saved``, missing fields at their
+    defaults) and may not change on resume, as ``"name: saved -> current"`` lines."""
+    before = json.loads(TrainConfig.from_dict(saved).to_json())
+    now = json.loads(current.to_json())
+    return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(now)
+            if k not in RESUMABLE_FIELDS and before[k] != now[k]]
 
 
 PRESETS: dict[str, TrainConfig] = {

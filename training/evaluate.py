@@ -9,7 +9,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,10 +21,11 @@ from customcontrast_core.visual_kv import CustomContrastModel
 
 from .config import ModelPaths
 from .data.dataset import load_view
-from .eval.generate import SampleSettings, SubjectSampler
-from .eval.metrics import ClipScorer, DinoScorer, crop_to_mask, mean_pairwise, paired_cosine
+from .eval.generate import SampleSettings, SubjectSampler, file_sha256, generation_key, reference_view
+from .eval.metrics import ClipScorer, DinoScorer, crop_to_mask
 from .eval.protocol import RECONSTRUCTION, Protocol, load_subjects, prompts_for, read_prompts
-from .eval.report import grid, load_image, save_image, scatter, write_reports
+from .eval.report import grid, load_image, save_image, saved_key, scatter, write_reports
+from .eval.scoring import score, self_similarity
 from .models import build_from_paths, build_tiny
 from .processors import unet_kv_weights
 
@@ -42,13 +42,33 @@ def parse(argv: Sequence[str] | None):
     p.add_argument("--images", type=int, default=4, help="images per prompt")
     p.add_argument("--gammas", default="1.0", help="comma-separated γ values (a scatter is drawn over them)")
     p.add_argument("--checkpoint", type=Path, help="CustomContrast .safetensors to evaluate")
-    p.add_argument("--config", type=Path, help="JSON with 'paths' (ModelPaths), 'clip_weights', 'dino_dir', 'sam'")
+    p.add_argument("--config", type=Path, help="JSON with 'paths' (ModelPaths), 'clip_weights' and 'dino_dir' "
+                   "(required local paths), optional 'sam', 'sam_type', 'grounding_dino'")
     p.add_argument("--tiny", action="store_true", help="tiny random models (pipeline check on CPU)")
     p.add_argument("--out", type=Path, default=Path("eval"))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int)
     p.add_argument("--resolution", type=int)
     return p.parse_args(argv)
+
+
+METRIC_MODELS = (("clip_weights", "an open_clip ViT-B-32 weights file", Path.is_file),
+                 ("dino_dir", "a DINO ViT-S/16 folder (transformers format)", Path.is_dir))
+
+
+def check_config(extra: dict, source: Path | None) -> None:
+    """Outside ``--tiny`` the metric models must be local paths that exist: a random CLIP or DINO gives numbers
+    that look plausible and mean nothing, and nothing is downloaded."""
+    where = f"--config {source}" if source else "--config (none given)"
+    for key, kind, exists in METRIC_MODELS:
+        value = extra.get(key)
+        if not value:
+            found = "no such key" if key not in extra else f"{value!r}"
+            raise ValueError(f"{where}: key {key!r} must give the local path of {kind}; found {found} "
+                             f"(random metric models are only used with --tiny)")
+        if not exists(Path(value)):
+            raise FileNotFoundError(f"{where}: key {key!r} must give the local path of {kind}; found no such "
+                                    f"{'file' if exists is Path.is_file else 'folder'} at {value}")
 
 
 def build(args, extra: dict):
@@ -61,9 +81,10 @@ def build(args, extra: dict):
             torch.manual_seed(0)
             model = CustomContrastModel(config)
             model.visual_kv.load_from_unet(unet_kv_weights(frozen.unet, model))
-        return frozen, model, ClipScorer("ViT-B-32", None), DinoScorer(tiny=True), None
+        return frozen, model, ClipScorer("ViT-B-32", None, tiny=True), DinoScorer(tiny=True), None
     if not args.checkpoint:
         raise SystemExit("--checkpoint is required (or --tiny)")
+    check_config(extra, args.config)
     model, info = checkpoint.load(args.checkpoint)
     frozen = build_from_paths(info.config, ModelPaths(**extra.get("paths", {})))
     masker = None
@@ -73,7 +94,7 @@ def build(args, extra: dict):
         boxes = GroundingDinoBoxes(extra["grounding_dino"]) if extra.get("grounding_dino") else None
         masker = sam if boxes is None else _BoxedMasker(sam, boxes, {s.name: s.cls for s in
                                                                      load_subjects(args.subjects_root)})
-    return frozen, model, ClipScorer("ViT-B-32", extra.get("clip_weights")), DinoScorer(extra.get("dino_dir")), masker
+    return frozen, model, ClipScorer("ViT-B-32", extra["clip_weights"]), DinoScorer(extra["dino_dir"]), masker
 
 
 class _BoxedMasker:
@@ -104,72 +125,82 @@ def main(argv: Sequence[str] | None = None) -> Path:
     out = args.out
     plan = {s.name: [RECONSTRUCTION] + prompts_for(s, objects, live, protocol.extra_categories)[:args.prompts]
             for s in subjects}
+    # what every generated image depends on; an image on disk is reused only when its stored key matches
+    checkpoint_id = f"sha256:{file_sha256(args.checkpoint)}" if args.checkpoint else "random tiny model (seed 0)"
+    base_id = "tiny preset (seed 0)" if args.tiny else extra.get("paths", {})
+    segmentation_id = {k: extra.get(k) for k in ("sam", "sam_type", "grounding_dino")} if masker else None
+    reference_size = frozen.clip_vision.size
+    reference_ids = {s.name: {"sha256": file_sha256(s.reference), "segmentation": segmentation_id,
+                              "size": reference_size} for s in subjects}
+    reference_images: dict[str, torch.Tensor] = {}
 
-    def generate(method: str, gamma: float | None) -> dict[tuple[str, int, int], Path]:
-        files = {}
+    def encoder_reference(s) -> torch.Tensor:
+        """The subject's reference as training builds it (segmented when a masker is configured)."""
+        if s.name not in reference_images:
+            mask = masker(s.reference) if masker else None
+            reference_images[s.name] = reference_view(s.reference, mask, reference_size, s.cls)
+        return reference_images[s.name]
+
+    def generate(method: str, gamma: float | None) -> tuple[dict[tuple[str, int, int], Path], dict]:
+        files, counts = {}, {"generated": 0, "reused": 0, "replaced": 0}
+        settings = SampleSettings(steps=args.steps, resolution=args.resolution, gamma=gamma or 0.0)
         jobs = [(s, i, p, n) for s in subjects for i, p in enumerate(plan[s.name]) for n in range(args.images)]
         for s, i, p, n in tqdm(jobs, desc=f"generating {method}"):
             path = out / "images" / method / s.name / f"{i:02d}_{n}.png"
-            if not path.exists():   # resumable: images already generated are reused
-                settings = SampleSettings(steps=args.steps, resolution=args.resolution, gamma=gamma or 0.0)
-                reference = load_view(s.reference, None)[0] if gamma is not None else None
-                prompt = p.with_subject(s.cls) if gamma is not None else p.with_class(s.cls)
-                save_image(sampler(prompt, reference, settings, seed=args.seed + n), path)
+            prompt = p.with_subject(s.cls) if gamma is not None else p.with_class(s.cls)
+            subject = None if gamma is None else {"checkpoint": checkpoint_id, "reference": reference_ids[s.name]}
+            key = generation_key(settings=dataclasses.asdict(settings), base=base_id, subject=subject,
+                                 prompt=prompt, seed=args.seed + n)
+            if saved_key(path) == key:   # resumable: same checkpoint, reference, prompt, seed and settings
+                counts["reused"] += 1
+            else:
+                counts["replaced" if path.exists() else "generated"] += 1
+                reference = None if gamma is None else encoder_reference(s)
+                save_image(sampler(prompt, reference, settings, seed=args.seed + n), path, key)
             files[(s.name, i, n)] = path
-        return files
+        if counts["replaced"]:
+            log.warning("%s: regenerated %d images made from another checkpoint, reference or settings",
+                        method, counts["replaced"])
+        return files, counts
 
-    def segmented(path_or_image) -> torch.Tensor:
-        image = load_image(path_or_image) if isinstance(path_or_image, Path) else path_or_image
-        if masker is None or not isinstance(path_or_image, Path):
+    def segmented(path: Path) -> torch.Tensor:
+        image = load_image(path)
+        if masker is None:
             return image
-        return crop_to_mask(image, load_view(str(path_or_image), str(masker(path_or_image)))[1][0])
+        return crop_to_mask(image, load_view(str(path), str(masker(path)))[1][0])
 
     refs = {s.name: [segmented(Path(p)) for p in s.images] for s in subjects}
     ref_clip = {k: clip.images(v) for k, v in refs.items()}
     ref_dino = {k: dino.images(v) for k, v in refs.items()}
 
-    def score(files) -> tuple[dict, dict]:
-        rows, cats = {"R-CI": [], "E-CI": [], "R-DI": [], "E-DI": [], "CLIP-T": []}, {}
-        for s in tqdm(subjects, desc="scoring"):
-            for i, p in enumerate(plan[s.name]):
-                images = [load_image(files[(s.name, i, n)]) for n in range(args.images)]
-                seg = [segmented(files[(s.name, i, n)]) for n in range(args.images)]
-                ci = mean_pairwise(clip.images(seg), ref_clip[s.name]).item()
-                di = mean_pairwise(dino.images(seg), ref_dino[s.name]).item()
-                ct = paired_cosine(clip.images(images), clip.texts([p.with_class(s.cls)] * len(images))).item()
-                kind = "R" if p.category == "reconstruction" else "E"
-                rows[f"{kind}-CI"].append(ci)
-                rows[f"{kind}-DI"].append(di)
-                if kind == "E":
-                    rows["CLIP-T"].append(ct)
-                    c = cats.setdefault(p.category, {"CLIP-T": [], "E-CI": [], "E-DI": []})
-                    c["CLIP-T"].append(ct), c["E-CI"].append(ci), c["E-DI"].append(di)
-        mean = lambda v: sum(v) / len(v) if v else float("nan")  # noqa: E731
-        return ({k: mean(v) for k, v in rows.items()} | {"ImageReward": "absent"},
-                {c: {k: mean(v) for k, v in d.items()} for c, d in cats.items()})
+    def score_files(files) -> tuple[dict, dict]:
+        return score(subjects, plan, files, args.images, clip, dino, ref_clip, ref_dino, load_image, segmented)
 
     report = {"protocol": dataclasses.asdict(protocol) | {
         "segmentation_used": "SAM" if masker else "none (no SAM checkpoint given)",
         "references": {s.name: s.reference for s in subjects}, "subjects": [s.name for s in subjects],
+        "reference_given_to_encoder": f"as in training without augmentation: subject on gray, square crop 1.2x "
+                                      f"its box, {reference_size} px",
         "models": {"checkpoint": str(args.checkpoint) if args.checkpoint else "random tiny",
+                   "checkpoint_id": checkpoint_id,
                    "tiny": args.tiny, **{k: str(v) for k, v in extra.items()}},
         "versions": {"torch": torch.__version__}},
-        "methods": {}, "categories": {}}
+        "methods": {}, "categories": {}, "images": {}}
     points = []
     for gamma in gammas:
         name = f"CustomContrast γ={gamma:g}"
-        files = generate(f"customcontrast_g{gamma:g}", gamma)
-        report["methods"][name], report["categories"][name] = score(files)
+        files, report["images"][name] = generate(f"customcontrast_g{gamma:g}", gamma)
+        report["methods"][name], report["categories"][name] = score_files(files)
         points.append((gamma, report["methods"][name]["CLIP-T"], report["methods"][name]["E-CI"]))
         for s in subjects:
             grid([[Path(s.reference)] + [files[(s.name, i, n)] for n in range(args.images)]
                   for i in range(len(plan[s.name]))], out / "grids" / f"{s.name}_g{gamma:g}.png")
-    report["methods"]["base model, no subject (lower bound)"], _ = score(generate("base", None))
+    lower = "base model, no subject (lower bound)"
+    files, report["images"][lower] = generate("base", None)
+    report["methods"][lower], _ = score_files(files)
     upper = {"CLIP-T": float("nan"), "ImageReward": "absent"}
     for key, feats in (("CI", ref_clip), ("DI", ref_dino)):
-        values = [mean_pairwise(f, f, exclude_diagonal=True).item() for f in feats.values()]
-        values = [v for v in values if not math.isnan(v)]
-        upper[f"R-{key}"] = upper[f"E-{key}"] = sum(values) / len(values) if values else float("nan")
+        upper[f"R-{key}"] = upper[f"E-{key}"] = self_similarity(feats)
     report["methods"]["reference images (upper bound)"] = upper
     write_reports(out, report)
     scatter(points, out / "similarity_vs_controllability.png")

@@ -1,6 +1,7 @@
 """The training loop: accelerate (one GPU, many, or CPU), accumulation, logging, checkpoints, export."""
 from __future__ import annotations
 
+import json
 import logging
 import math
 from pathlib import Path
@@ -12,8 +13,8 @@ from customcontrast_core import checkpoint
 from customcontrast_core.config import get_preset
 from customcontrast_core.visual_kv import CustomContrastModel
 
-from .config import TrainConfig
-from .data import DataConfig, SubjectDataset, generate_synthetic, read_manifest
+from .config import RESUMABLE_FIELDS, TrainConfig, resume_mismatch
+from .data import DataConfig, EpochBatches, SubjectDataset, generate_synthetic, global_batches, read_manifest
 from .models import build_from_paths, build_tiny
 from .processors import unet_kv_weights
 from .report import LossHistory
@@ -24,16 +25,9 @@ log = logging.getLogger(__name__)
 EXPORT_NAME = "customcontrast.safetensors"
 
 
-def global_batches(num_items: int, global_batch: int, *, epoch: int, seed: int) -> list[list[int]]:
-    """Shuffles subjects per epoch (same on every process) and cuts them into global batches."""
-    if num_items < global_batch:
-        raise ValueError(f"the data has {num_items} subjects, fewer than one global batch of {global_batch} "
-                         "distinct subjects (batch_size x processes); add subjects or lower batch_size")
-    order = torch.randperm(num_items, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-    return [order[i:i + global_batch] for i in range(0, num_items - global_batch + 1, global_batch)]
-
-
 def _records(cfg: TrainConfig, out: Path, accelerator) -> list:
+    """The subjects to train on: the synthetic ones (written once) or the manifest's, checked against the
+    config's ``allow_single_view`` (subjects with one image) and ``allow_unmasked`` (subjects without masks)."""
     if cfg.data == "synthetic":
         manifest = out / "data" / "manifest.jsonl"
         if accelerator.is_main_process and not manifest.exists():
@@ -43,19 +37,59 @@ def _records(cfg: TrainConfig, out: Path, accelerator) -> list:
         return read_manifest(manifest)
     if not cfg.data:
         raise ValueError("no training data: set data to a JSONL manifest (see training.prepare) or 'synthetic'")
-    return read_manifest(cfg.data)
+    records = read_manifest(cfg.data, allow_single=cfg.allow_single_view)
+    unmasked = [r.subject for r in records if r.masks is None]
+    if unmasked:
+        what = (f"{len(unmasked)} of the {len(records)} subjects of {cfg.data} have no masks (first: "
+                f"{unmasked[0]!r}): their reference and positive views would be the whole image, not the segmented "
+                "subject, and L_loc's subject mask the whole image")
+        if not cfg.allow_unmasked:
+            raise ValueError(f"{what}; make masks with `python -m training.prepare ... --sam CHECKPOINT`, or set "
+                             "allow_unmasked=true to train on them as they are")
+        if accelerator.is_main_process:
+            log.warning("%s (allow_unmasked=true)", what)
+    return records
 
 
-def _batch_iterator(dataset: SubjectDataset, cfg: TrainConfig, start_epoch: int, rank: int, world: int):
-    epoch = start_epoch
+def _batch_iterator(dataset: SubjectDataset, cfg: TrainConfig, epoch: int, start: int, rank: int, world: int):
+    """Yields (epoch, index in the epoch, this process's collated rows) from global batch ``start`` of ``epoch``
+    on, forever; one DataLoader per epoch, so ``num_workers`` workers start once per epoch and prefetch."""
     while True:
-        dataset.set_epoch(epoch)
-        for batch in global_batches(len(dataset), cfg.batch_size * world, epoch=epoch, seed=cfg.seed):
-            mine = batch[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            loader = DataLoader(torch.utils.data.Subset(dataset, mine), batch_size=len(mine),
-                                num_workers=cfg.num_workers)
-            yield epoch, next(iter(loader))
-        epoch += 1
+        batches = EpochBatches(dataset, epoch=epoch, batch_size=cfg.batch_size, rank=rank, world=world,
+                               seed=cfg.seed)
+        indices = range(start, len(batches))
+        loader = DataLoader(batches, batch_size=None, sampler=indices, num_workers=cfg.num_workers)
+        yield from ((epoch, k, batch) for k, batch in zip(indices, loader))
+        epoch, start = epoch + 1, 0
+
+
+def _resume_position(restored: TrainingState, cfg: TrainConfig, per_epoch: int, world: int) -> tuple[int, int]:
+    """(epoch, index in the epoch) of the first global batch a resumed run trains on."""
+    if restored.batch is None:   # a checkpoint that predates the recorded position: ``step`` steps, no restarts
+        log.info("checkpoint without a recorded data position: continuing after %d x %d micro-batches",
+                 restored.step, cfg.grad_accum)
+        return divmod(restored.step * cfg.grad_accum, per_epoch)
+    epoch, batch = restored.epoch, restored.batch
+    if restored.processes != world:   # global batches of another size: continue after the subjects already seen
+        seen = batch * restored.processes * cfg.batch_size
+        batch = -(-seen // (world * cfg.batch_size))
+        log.warning("the checkpoint was written by %d processes, this run has %d: the global batches differ, so "
+                    "the run continues at batch %d of epoch %d but not as an uninterrupted run would",
+                    restored.processes, world, batch, epoch)
+    return (epoch + 1, 0) if batch >= per_epoch else (epoch, batch)
+
+
+def _check_resumable(config_file: Path, cfg: TrainConfig, checkpoint_dir: Path) -> None:
+    """Refuses to resume with a config whose model, data order or step arithmetic differs from the run's."""
+    if not config_file.is_file():
+        log.warning("resuming from %s without the run's %s: the config cannot be compared", checkpoint_dir,
+                    config_file)
+        return
+    changed = resume_mismatch(json.loads(config_file.read_text()), cfg)
+    if changed:
+        raise ValueError(f"cannot resume {checkpoint_dir} with this config: these fields differ from the run's "
+                         f"{config_file} ({'; '.join(changed)}); only {', '.join(RESUMABLE_FIELDS)} may change on "
+                         "resume. Train with the new values in a new output_dir (or restore them)")
 
 
 def build_module(cfg: TrainConfig) -> TrainingModule:
@@ -93,12 +127,21 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                               cpu=not torch.cuda.is_available())
     out = Path(cfg.output_dir)
+    ckpt_root = out / "checkpoints"
+    found = find_checkpoint(ckpt_root, resume) if resume else None
+    if resume and found is None:
+        log.warning("--resume %s: no complete checkpoint under %s, starting from step 0", resume, ckpt_root)
+    if found is not None:
+        _check_resumable(out / "config.json", cfg, found)
+    accelerator.wait_for_everyone()   # every process has read the saved config before it is replaced
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(cfg.to_json())
     records = _records(cfg, out, accelerator)
     dataset = SubjectDataset(records, DataConfig(reference_size=cfg.reference_size, target_size=cfg.target_size,
                                                  augment=cfg.augment, seed=cfg.seed))
+    rank, world = accelerator.process_index, accelerator.num_processes
+    per_epoch = len(global_batches(len(dataset), cfg.batch_size * world, epoch=0, seed=cfg.seed))
     module = build_module(cfg)
     frozen_dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else (
         torch.float16 if cfg.mixed_precision == "fp16" else torch.float32)
@@ -109,36 +152,33 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     if module.frozen.unet.config.get("addition_embed_type") == "text_time" or frozen_dtype != torch.float32:
         module.frozen.vae.to(dtype=torch.float32)   # SDXL's VAE is unstable in half precision
     optimizer = make_optimizer(module.parameters(), cfg, accelerator.device)
-    log.info("process %d of %d on %s", accelerator.process_index, accelerator.num_processes, accelerator.device)
+    log.info("process %d of %d on %s", rank, world, accelerator.device)
 
-    ckpt_root = out / "checkpoints"
-    step, epoch = 0, 0
+    step, epoch, index, micro_batches = 0, 0, 0, 0
     generator = torch.Generator().manual_seed(cfg.seed)
-    found = find_checkpoint(ckpt_root, resume) if resume else None
-    if resume and found is None:
-        log.warning("--resume %s: no complete checkpoint under %s, starting from step 0", resume, ckpt_root)
     if found is not None:
         restored = load_state(found, module.model, optimizer)
-        step, epoch = restored.step, restored.epoch
+        step, micro_batches = restored.step, restored.micro_batches or restored.step * cfg.grad_accum
+        epoch, index = _resume_position(restored, cfg, per_epoch, world)
         generator.set_state(restored.generator_state)
-        log.info("resumed from %s at step %d", found, step)
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", found, step, epoch, index)
     module, optimizer = accelerator.prepare(module, optimizer)
     unwrapped = accelerator.unwrap_model(module)
-    rank, world = accelerator.process_index, accelerator.num_processes
-    batches = _batch_iterator(dataset, cfg, epoch, rank, world)
-    for _ in range(step % max(1, len(global_batches(len(dataset), cfg.batch_size * world, epoch=0, seed=cfg.seed)))):
-        next(batches)   # replay the data order up to the resumed step
-    history = LossHistory(out / "logs", enabled=accelerator.is_main_process)
+    batches = _batch_iterator(dataset, cfg, epoch, index, rank, world)
+    history = LossHistory(out / "logs", enabled=accelerator.is_main_process,
+                          resume_step=step if found is not None else None)
     export_path = out / EXPORT_NAME
     bar = tqdm(total=cfg.steps, initial=step, disable=not accelerator.is_main_process, desc="training")
     while step < cfg.steps:
-        epoch, batch = next(batches)
+        epoch, index, batch = next(batches)
+        micro_batches += 1
         with accelerator.accumulate(module):
             with accelerator.autocast():
                 loss, terms = module(batch, generator, rank=rank, world=world)
             if not math.isfinite(loss.item()):
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: {{{', '.join(f'{k}: {v.item():.4g}' for k, v in terms.items())}}}")
             accelerator.backward(loss)
+            unwrapped.release()
             optimizer.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
@@ -150,11 +190,14 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
             if step % cfg.save_every == 0 or step == cfg.steps:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
+                    after = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)   # the next batch
                     save_state(ckpt_root, unwrapped.model, optimizer,
-                               TrainingState(step=step, epoch=epoch, generator_state=generator.get_state()))
+                               TrainingState(step=step, epoch=after[0], batch=after[1], micro_batches=micro_batches,
+                                             processes=world, generator_state=generator.get_state()))
                     checkpoint.save(export_path, unwrapped.model, step=step,
                                     extra={"train_config": cfg.to_json()})
                     history.flush()
+    batches.close()
     bar.close()
     history.close()
     accelerator.wait_for_everyone()

@@ -2,21 +2,32 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 
 class LossHistory:
-    """Collects every loss term by name and writes it where people look."""
+    """Collects every loss term by name and writes it where people look.
 
-    def __init__(self, folder: Path, *, enabled: bool = True) -> None:
+    ``resume_step``: a resumed run's history starts with the rows of ``history.jsonl`` up to that step (rows
+    after it, logged before an interruption, are dropped: the run trains those steps again), and TensorBoard
+    hides the events after it; None starts a new history.
+    """
+
+    def __init__(self, folder: Path, *, enabled: bool = True, resume_step: int | None = None) -> None:
         self.folder, self.enabled = folder, enabled
         self.rows: list[dict[str, float]] = []
         self.writer = None
         if enabled:
             folder.mkdir(parents=True, exist_ok=True)
+            path = folder / "history.jsonl"
+            if resume_step is not None and path.is_file():
+                rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+                self.rows = [r for r in rows if r["step"] <= resume_step]
             try:
                 from torch.utils.tensorboard import SummaryWriter
-                self.writer = SummaryWriter(str(folder))
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(str(folder), purge_step=purge)
             except ImportError:   # tensorboard is optional
                 self.writer = None
 
@@ -31,7 +42,9 @@ class LossHistory:
     def flush(self) -> None:
         if not self.enabled or not self.rows:
             return
-        (self.folder / "history.jsonl").write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        tmp = self.folder / ".history.jsonl.tmp"   # replaced whole: a kill while writing keeps the previous file
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        os.replace(tmp, self.folder / "history.jsonl")
         self.plot(self.folder / "loss_curve.png")
         if self.writer is not None:
             self.writer.flush()

@@ -19,6 +19,20 @@ from pathlib import Path
 from .config import PRESETS, TrainConfig, get_train_preset
 
 
+PYTHON_SPELLINGS = {"True": True, "False": False, "None": None}
+
+
+def _set_value(text: str):
+    """A ``--set`` value: JSON (``1e-4``, ``true``, ``[2, 4]``, ``"bf16"``), Python's ``True``/``False``, or else
+    the text itself as a string (``bf16``); TrainConfig then checks its type."""
+    if text in PYTHON_SPELLINGS:
+        return PYTHON_SPELLINGS[text]
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
 def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, str | None]:
     """Turns command-line flags into a frozen TrainConfig (preset, then --config JSON, then flags)."""
     parser = argparse.ArgumentParser(prog="python -m training.run", description=__doc__,
@@ -32,7 +46,7 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, str | 
     parser.add_argument("--seed", type=int)
     parser.add_argument("--resume", help="'latest' or a checkpoint folder to continue from")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
-                        help="override any TrainConfig field, e.g. --set lr=1e-4 --set augment=false")
+                        help="override any TrainConfig field (JSON value), e.g. --set lr=1e-4 --set augment=false")
     args = parser.parse_args(argv)
     cfg = get_train_preset(args.preset)
     overrides: dict = {}
@@ -42,17 +56,17 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, str | 
         field, sep, value = item.partition("=")
         if not sep:
             raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
-        try:
-            overrides[field] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[field] = value
+        overrides[field] = _set_value(value)
     for flag in ("output_dir", "steps", "batch_size", "data", "seed"):
         if getattr(args, flag) is not None:
             overrides[flag] = getattr(args, flag)
     merged = {**dataclasses.asdict(cfg), **overrides}
     if isinstance(overrides.get("paths"), dict):
         merged["paths"] = {**dataclasses.asdict(cfg.paths), **overrides["paths"]}
-    return TrainConfig.from_dict(merged), args.resume
+    try:
+        return TrainConfig.from_dict(merged), args.resume
+    except ValueError as err:   # a field of the wrong type or out of range: named in the message
+        parser.error(str(err))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:

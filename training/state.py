@@ -22,11 +22,20 @@ LATEST = "latest"
 
 @dataclass(frozen=True)
 class TrainingState:
-    """Where a run stopped."""
+    """Where a run stopped: optimizer steps taken and the position of the next global micro-batch.
+
+    ``epoch``/``batch``: the epoch and the index within it of the next global batch to train on (a resumed run
+    starts there); ``micro_batches``: global micro-batches consumed so far (``step * grad_accum``);
+    ``processes``: how many processes cut the global batches. ``batch`` is None in a checkpoint written before
+    it was recorded (there ``epoch`` is the epoch of the last batch trained on).
+    """
 
     step: int
     epoch: int
     generator_state: torch.Tensor
+    batch: int | None = 0
+    micro_batches: int = 0
+    processes: int = 1
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
@@ -46,7 +55,9 @@ def save_state(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, s
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
                   str(tmp / "trainable.safetensors"))
         torch.save({"optimizer": optimizer.state_dict(), "generator": state.generator_state}, tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch}))
+        (tmp / "state.json").write_text(json.dumps({"step": state.step, "epoch": state.epoch, "batch": state.batch,
+                                                    "micro_batches": state.micro_batches,
+                                                    "processes": state.processes}))
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -79,4 +90,6 @@ def load_state(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -
     extra = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     info = json.loads((path / "state.json").read_text())
-    return TrainingState(step=int(info["step"]), epoch=int(info["epoch"]), generator_state=extra["generator"])
+    return TrainingState(step=int(info["step"]), epoch=int(info["epoch"]), generator_state=extra["generator"],
+                         batch=int(info["batch"]) if "batch" in info else None,
+                         micro_batches=int(info.get("micro_batches", 0)), processes=int(info.get("processes", 1)))

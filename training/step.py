@@ -25,6 +25,7 @@ from .models import FrozenModels, appearance_features, clip_hidden_states, vae_l
 from .processors import ProcessorState, install_processors, project_visual_kv
 
 PLACEHOLDER = "<subject>"
+CSCL_HEADS = ("visual_cls_proj", "text_cls_proj")   # encoder modules that only L_CSCL trains
 
 
 def _split(encoding: SubjectEncoding, sizes: list[int]) -> list[SubjectEncoding]:
@@ -45,6 +46,11 @@ class TrainingModule(nn.Module):
         self._blank_hidden: dict[tuple, Tensor] = {}   # (device, dtype, size) -> CLIP features of a blank image
         self.graphs = FrozenGraphs() if cfg.cuda_graphs else None   # frozen forward passes as CUDA graphs
         install_processors(frozen.unet, model, self.state, cfg.capture_downsample)
+        if "cscl" not in cfg.contrastive_terms:
+            # only L_CSCL reaches the CLS projection heads: left out of the loss, they are frozen for the run, so
+            # DDP (which expects a gradient for every trainable weight) does not stall waiting for theirs
+            for head in CSCL_HEADS:
+                getattr(model.encoder, head).requires_grad_(False)
 
     def forward(self, batch: Mapping[str, Tensor | list], generator: torch.Generator, *, rank: int = 0,
                 world: int = 1) -> tuple[Tensor, dict[str, Tensor]]:
@@ -113,19 +119,28 @@ class TrainingModule(nn.Module):
             else frozen.scheduler.get_velocity(latents, noise, timesteps).to(latents)
         terms = {"ldm": F.mse_loss(pred.float(), ldm_target.float())}
 
-        # contrastive terms over the whole (all-process) batch
-        terms["cscl"] = cscl_loss(gather_with_grad(enc.visual_cls_embed.float()),
-                                  gather_with_grad(enc.text_cls_embed.float()), temperature=cfg.cscl_temperature)
-        terms["macl"] = macl_loss(gather_with_grad(enc.splus.float()), gather_with_grad(enc_pos.splus.float()),
-                                  gather_with_grad(app_ref), gather_with_grad(app_pos),
-                                  temperature=cfg.macl_temperature, r_min=cfg.r_min)
+        # contrastive terms over the whole (all-process) batch; a term left out of the loss is only logged
+        grad = torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad and "cscl" in cfg.contrastive_terms):
+            terms["cscl"] = cscl_loss(gather_with_grad(enc.visual_cls_embed.float()),
+                                      gather_with_grad(enc.text_cls_embed.float()), temperature=cfg.cscl_temperature)
+        with torch.set_grad_enabled(grad and "macl" in cfg.contrastive_terms):
+            terms["macl"] = macl_loss(gather_with_grad(enc.splus.float()), gather_with_grad(enc_pos.splus.float()),
+                                      gather_with_grad(app_ref), gather_with_grad(app_pos),
+                                      temperature=cfg.macl_temperature, r_min=cfg.r_min)
         terms["loc"] = self._localization(batch["target_mask"].to(device), tokens.slots)
-        state.contexts = state.visual_tokens = state.visual_kv = None
+        # the processors' inputs stay in ``state`` until ``release``: gradient-checkpointed UNet blocks run
+        # their forward again during the backward pass and read them there
         # each process sees all negatives but back-propagates only its rows; DDP averages over processes,
         # so the contrastive weight is scaled by the process count to give the single-process gradient
         trained = {k: v for k, v in terms.items() if k not in ("cscl", "macl") or k in cfg.contrastive_terms}
         loss = total_loss(trained, lambda_contrast=cfg.lambda_contrast * world, lambda_loc=cfg.lambda_loc)
         return loss, terms
+
+    def release(self) -> None:
+        """Drops the last step's processor inputs (contexts, visual tokens, visual K/V); call after backward."""
+        self.state.contexts = self.state.visual_tokens = self.state.visual_kv = None
+        self.state.reset()
 
     def _blank_features(self, reference: Tensor, dtype: torch.dtype) -> Tensor:
         """CLIP-vision features of a blank (all-zero) reference, computed once per device, dtype and size:

@@ -80,9 +80,9 @@ def from_openimages_csv(csv_path: str | Path, images_dir: str | Path, masks_dir:
                         label_names: Mapping[str, str] | None = None) -> list[SubjectRecord]:
     """OpenImages segmentation CSV (MaskPath, ImageID, LabelName, ...): one single-view subject per mask.
 
-    OpenImages has one view per object, so these records have one image (read them with
-    ``allow_single=True``); the dataset then takes the target and positive views from the same
-    photo, augmented, as FastComposer does.
+    OpenImages has one view per object, so these records have one image (train on them with the config field
+    ``allow_single_view=true``, which reads the manifest with ``allow_single=True``); the dataset then takes the
+    target and positive views from the same photo, augmented, as FastComposer does.
     """
     records = []
     with open(csv_path, newline="") as f:

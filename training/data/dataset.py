@@ -87,13 +87,21 @@ class SubjectDataset(Dataset):
         self.epoch = epoch
 
     def __getitem__(self, index: int) -> dict:
-        for offset in range(len(self.records)):
-            i = (index + offset) % len(self.records)
+        """Subject ``index`` at the current epoch; when unreadable, the next readable subject (which may be in
+        the same batch: training draws replacements through ``sample`` with subjects outside the batch)."""
+        n = len(self.records)
+        return self.sample(index, self.epoch, [(index + offset) % n for offset in range(1, n)])
+
+    def sample(self, index: int, epoch: int, replacements: Sequence[int] = ()) -> dict:
+        """Subject ``index`` at ``epoch``; an unreadable or corrupt subject is skipped with a warning and the
+        first readable one of ``replacements`` is taken instead (its ``subject_index`` says which)."""
+        for i in (index, *replacements):
             try:
-                return self._sample(i)
+                return self._sample(i, epoch)
             except (OSError, ValueError) as err:   # unreadable or corrupt file: skip, never fatal
                 log.warning("skipping subject %r (item %d): %s", self.records[i].subject, i, err)
-        raise RuntimeError(f"every one of the {len(self.records)} subjects is unreadable; check the manifest")
+        raise RuntimeError(f"subject {index} and its {len(replacements)} replacement candidates are all unreadable "
+                           f"(of {len(self.records)} subjects); check the manifest")
 
     def _background(self, shape: tuple[int, ...], g: torch.Generator) -> Tensor:
         if self.cfg.background == "white":
@@ -102,9 +110,9 @@ class SubjectDataset(Dataset):
             return torch.rand(shape, generator=g)
         return torch.full(shape, 0.5)
 
-    def _sample(self, i: int) -> dict:
+    def _sample(self, i: int, epoch: int) -> dict:
         cfg, record = self.cfg, self.records[i]
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + self.epoch * 7919 + i)
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + i)
         n = len(record.images)
         order = torch.randperm(n, generator=g).tolist() if cfg.augment else list(range(n))
         ref_i, tgt_i = order[0], order[1 % n]

@@ -60,7 +60,8 @@ def read_manifest(path: str | Path, *, allow_single: bool = False) -> list[Subje
             raise ValueError(f"{path}:{number}: 'images' must be a list of paths")
         if len(images) < 2 and not allow_single:
             raise ValueError(f"{path}:{number}: subject {data['subject']!r} has {len(images)} image; training needs "
-                             "at least 2 views (reference != target), or pass allow_single=True")
+                             "at least 2 views (reference != target); for single-view data (OpenImages) set "
+                             "allow_single_view=true in the training config (read_manifest(..., allow_single=True))")
         resolve = lambda p: str(p if Path(p).is_absolute() else root / p)  # noqa: E731
         masks = data.get("masks")
         try:

@@ -6,7 +6,10 @@ next (Sec. 3.4), as in the ComfyUI nodes.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from einops import rearrange
@@ -17,6 +20,8 @@ from customcontrast_core.masks import MaskConfig
 from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel
 
+from ..data.dataset import DataConfig, SubjectDataset
+from ..data.manifest import SubjectRecord
 from ..models import FrozenModels, clip_hidden_states
 from ..processors import ProcessorState, install_processors, project_visual_kv
 
@@ -32,6 +37,30 @@ class SampleSettings:
     use_mask: bool = True
     mask: MaskConfig = MaskConfig()
     negative: str = ""
+
+
+def reference_view(image: str | Path, mask: str | Path | None, size: int, cls: str = "subject") -> Tensor:
+    """The encoder's reference, built as in training without augmentation (``SubjectDataset``, ``augment=False``):
+    the subject (``mask``; the whole photo when None) on a gray background, a square crop 1.2x its box, ``size`` px.
+
+    Shapes: -> (3, size, size) in [0, 1].
+    """
+    record = SubjectRecord("reference", cls, (str(image),), None if mask is None else (str(mask),))
+    dataset = SubjectDataset([record], DataConfig(reference_size=size, target_size=size, augment=False))
+    return dataset[0]["reference"]
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def generation_key(**parts) -> str:
+    """A digest of everything one generated image depends on (JSON-serialisable parts)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 class SubjectSampler:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,24 @@ from torch import Tensor
 from ..models import CLIP_MEAN, CLIP_STD, ImageEncoder
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def dino_transform(image: Tensor, size: int = 224) -> Tensor:
+    """The DINO hub evaluation transform on a tensor: Resize(256 * size / 224) of the shorter side (bicubic,
+    antialiased), CenterCrop(size), ImageNet normalisation (DINO's ``eval_linear``; 256 -> 224 at size 224).
+
+    Shapes: image (3, H, W) in [0, 1] -> (3, size, size) normalised.
+    """
+    short = round(size * 256 / 224)
+    h, w = image.shape[-2:]
+    new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    x = F.interpolate(image[None].float(), size=(new_h, new_w), mode="bicubic", antialias=True,
+                      align_corners=False)[0].clamp(0, 1)
+    top, left = int(round((new_h - size) / 2)), int(round((new_w - size) / 2))
+    x = x[:, top:top + size, left:left + size]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    return (x - mean) / std
 
 
 def cosine_matrix(a: Tensor, b: Tensor) -> Tensor:
@@ -52,11 +71,27 @@ def crop_to_mask(image: Tensor, mask: Tensor, background: float = 0.5) -> Tensor
 
 
 class ClipScorer:
-    """open_clip image and text embeddings (CLIP-T, CLIP-I)."""
+    """open_clip image and text embeddings (CLIP-T, CLIP-I) from a local weights file.
 
-    def __init__(self, model_name: str = "ViT-B-32", weights: str | None = None, device: str = "cpu") -> None:
+    ``tiny=True`` (pipeline checks only) builds the model with random weights, seeded; otherwise a missing
+    weights file is an error, never a silently random CLIP.
+    """
+
+    def __init__(self, model_name: str = "ViT-B-32", weights: str | None = None, device: str = "cpu", *,
+                 tiny: bool = False) -> None:
         import open_clip
-        self.model = open_clip.create_model(model_name, pretrained=weights or None).to(device).eval()
+        if tiny:
+            torch.manual_seed(0)
+            self.model = open_clip.create_model(model_name, pretrained=None)
+        elif not weights:
+            raise ValueError(f"CLIP-T and CLIP-I need local open_clip {model_name} weights: expected a file path, "
+                             f"found {weights!r} (a random CLIP is only built for tiny pipeline checks)")
+        elif not Path(weights).is_file():
+            raise FileNotFoundError(f"open_clip {model_name} weights: expected an existing file, found no file at "
+                                    f"{weights} (nothing is downloaded)")
+        else:
+            self.model = open_clip.create_model(model_name, pretrained=str(weights))
+        self.model.to(device).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
         size = self.model.visual.image_size
         self.encoder = ImageEncoder(self.model.visual, size[0] if isinstance(size, (tuple, list)) else size,
@@ -79,23 +114,23 @@ class DinoScorer:
 
     def __init__(self, model_dir: str | None = None, device: str = "cpu", *, tiny: bool = False) -> None:
         from transformers import ViTConfig, ViTModel
-        if model_dir:
-            self.model = ViTModel.from_pretrained(model_dir, local_files_only=True, add_pooling_layer=False)
-        elif tiny:
+        if tiny:
             torch.manual_seed(0)
             self.model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=64, image_size=32, patch_size=8), add_pooling_layer=False)
+        elif not model_dir:
+            raise ValueError(f"DINO-I needs a local DINO ViT folder (e.g. dino-vits16): expected a folder path, "
+                             f"found {model_dir!r} (nothing is downloaded)")
+        elif not Path(model_dir).is_dir():
+            raise FileNotFoundError(f"DINO ViT: expected an existing folder, found no folder at {model_dir} "
+                                    f"(nothing is downloaded)")
         else:
-            raise FileNotFoundError("DINO-I needs a local DINO ViT folder (e.g. dino-vits16); nothing is downloaded")
+            self.model = ViTModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
         self.model.to(device).eval()
         self.size = int(self.model.config.image_size)
         self.device = device
 
     @torch.no_grad()
     def images(self, images: Sequence[Tensor]) -> Tensor:
-        x = torch.stack([F.interpolate(i[None], size=(self.size,) * 2, mode="bicubic", antialias=True,
-                                       align_corners=False)[0].clamp(0, 1) for i in images])
-        mean = torch.tensor(IMAGENET_MEAN)[None, :, None, None]
-        std = torch.tensor(IMAGENET_STD)[None, :, None, None]
-        out = self.model(pixel_values=((x - mean) / std).to(self.device))
-        return out.last_hidden_state[:, 0].float().cpu()
+        x = torch.stack([dino_transform(i, self.size) for i in images])
+        return self.model(pixel_values=x.to(self.device)).last_hidden_state[:, 0].float().cpu()

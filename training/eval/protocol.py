@@ -7,7 +7,8 @@ from pathlib import Path
 
 LIVE_CLASSES = {"cat", "dog"}     # DreamBench's 9 live subjects are cats and dogs
 PLACEHOLDER = "<subject>"
-# prompts of our own, beyond DreamBench's 25 (style and shape changes)
+DREAMBENCH_CATEGORIES = ("scene", "accessory", "property")   # DreamBench's 25 prompts: the headline metrics
+# prompts of our own, beyond DreamBench's 25 (style and shape changes): reported per category, never in the headline
 EXTRA_PROMPTS = {
     "style": ["a watercolor painting of a {0} {1}", "a pencil sketch of a {0} {1}",
               "a {0} {1} in the style of a pixel-art video game"],
@@ -21,6 +22,11 @@ class EvalPrompt:
 
     template: str
     category: str          # scene, accessory, property, style, shape, reconstruction
+
+    @property
+    def dreambench(self) -> bool:
+        """One of DreamBench's 25 editing prompts (the headline CLIP-T, E-CI and E-DI are over these only)."""
+        return self.category in DREAMBENCH_CATEGORIES
 
     def with_subject(self, cls: str) -> str:
         return self.template.format(PLACEHOLDER, cls)
@@ -54,8 +60,12 @@ class Protocol:
     gammas: tuple[float, ...] = (1.0,)
     clip_model: str = "ViT-B-32"          # open_clip, for CLIP-T and CLIP-I
     dino_model: str = "dino-vits16"       # transformers ViT, class token of the last hidden state
+    dino_preprocessing: str = "Resize(256, bicubic) of the shorter side, CenterCrop(224), ImageNet mean/std (hub)"
     segmentation: str = "SAM box prompt (GroundingDINO box on the class word when given, else whole image)"
     extra_categories: tuple[str, ...] = ("style", "shape")
+    headline: str = ("CLIP-T, E-CI (DreamBench CLIP-I) and E-DI (DreamBench DINO-I) over DreamBench's 25 prompts "
+                     "(live list for cats and dogs, object list otherwise), mean over (subject, prompt) pairs; "
+                     "R-CI and R-DI on the reconstruction prompt; the style and shape prompts only per category")
     notes: dict = field(default_factory=dict)
 
 

@@ -21,16 +21,18 @@ def markdown(report: dict) -> str:
     lines = ["| method | " + " | ".join(COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
     for name, row in report["methods"].items():
         lines.append(f"| {name} | " + " | ".join(_fmt(row.get(c)) for c in COLUMNS) + " |")
-    lines += ["", "Per prompt category (CustomContrast rows):", "",
-              "| method | category | CLIP-T | E-CI | E-DI |", "|---|---|---|---|---|"]
+    lines += ["", "Per prompt category (CustomContrast rows; style and shape are our own prompts, not in the "
+              "headline):", "", "| method | category | pairs | CLIP-T | E-CI | E-DI |", "|---|---|---|---|---|---|"]
     for name, cats in report["categories"].items():
         for cat, row in cats.items():
-            lines.append(f"| {name} | {cat} | {_fmt(row['CLIP-T'])} | {_fmt(row['E-CI'])} | {_fmt(row['E-DI'])} |")
+            lines.append(f"| {name} | {cat} | {row.get('pairs', '—')} | {_fmt(row['CLIP-T'])} | {_fmt(row['E-CI'])} "
+                         f"| {_fmt(row['E-DI'])} |")
     p = report["protocol"]
     lines += ["", f"Protocol: {p['images_per_prompt']} image(s) per prompt, seeds {p['seed']}..., {p['steps']} DDIM "
               f"steps, CFG {p['guidance']}, {p['resolution']} px; CLIP {p['clip_model']} (open_clip), DINO "
               f"{p['dino_model']} (CLS of the last hidden state); raw cosines (no scaling); subjects segmented by "
-              f"{p['segmentation_used']}; CLIP-T uses the prompt with the class word in place of the placeholder."]
+              f"{p['segmentation_used']}; CLIP-T uses the prompt with the class word in place of the placeholder.",
+              "", f"Headline: {p.get('headline', '—')}."]
     return "\n".join(lines) + "\n"
 
 
@@ -69,10 +71,29 @@ def scatter(points: list[tuple[float, float, float]], path: Path) -> Path:
     return path
 
 
-def save_image(image: torch.Tensor, path: Path) -> None:
+KEY_FIELD = "customcontrast-generation-key"
+
+
+def save_image(image: torch.Tensor, path: Path, key: str | None = None) -> None:
+    """A PNG, written atomically; ``key`` (what the image was generated from) goes in a text chunk (``saved_key``)."""
+    from PIL.PngImagePlugin import PngInfo
     path.parent.mkdir(parents=True, exist_ok=True)
     array = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-    Image.fromarray(array).save(path)
+    info = PngInfo()
+    if key is not None:
+        info.add_text(KEY_FIELD, key)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+
+
+def saved_key(path: Path) -> str | None:
+    """The generation key stored by ``save_image`` (None when the file is absent, unreadable or has none)."""
+    try:
+        with Image.open(path) as img:
+            return getattr(img, "text", {}).get(KEY_FIELD)
+    except OSError:
+        return None
 
 
 def load_image(path: Path) -> torch.Tensor:
