@@ -56,6 +56,9 @@ class CustomContrastApply(io.ComfyNode):
     def execute(cls, model, clip, customcontrast, subject, prompt, weight, start_percent, end_percent, use_mask,
                 mask_mode, mask_threshold, subject2=None, subject3=None, attn_mask=None,
                 splus_buckets=0) -> io.NodeOutput:
+        if subject3 is not None and subject2 is None:
+            raise ValueError("subject3 is connected but subject2 is not: placeholders are numbered by input "
+                             "(<subject1>, <subject2>, <subject3>), so connect the second subject to subject2")
         subjects = [s for s in (subject, subject2, subject3) if s is not None]
         patched, positive = apply_customcontrast(model, clip, customcontrast, subjects, prompt, weight,
                                                  start_percent, end_percent, use_mask, mask_mode,

@@ -1,6 +1,7 @@
 """What every patched layer of one model evaluation shares, computed by its first layer (no per-layer syncs)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from customcontrast_core.attention import SubjectMaps
+from customcontrast_core.masks import intersect_user_mask, resize_mask
 from customcontrast_core.visual_kv import VisualKV
 
 from .encodings import Encodings
@@ -24,19 +26,24 @@ class Evaluation:
     sigma: float
     context: Tensor | None = None    # the context whose cond rows were checked
     chunks: tuple[int, ...] = ()
-    swap: Tensor | None = None       # (B,) bool: rows whose context is the Apply node's prompt
-    swap_rows: Tensor | None = None  # (B, 1, 1) view of swap
-    swapped_chunks: tuple[int, ...] = ()
-    kinds: Tensor | None = None      # (B,) long: 0 for cond rows, 1 for uncond rows
-    masks: dict = field(default_factory=dict)   # (subject, grid, dtype) -> (B or 1, N) layer mask
-    biases: dict = field(default_factory=dict)  # (grid, keys, dtype) -> (B, N, T) placeholder log-bias
-    probes: dict = field(default_factory=dict)  # keys -> (B, 1, T, P) probe channels of the capture layers (kept
+    batch: int = 0                   # B: rows of the batch
+    swap_rows: Tensor | None = None  # (B, 1, 1) bool: rows whose context is the Apply node's prompt
+    # the rows the node patches (B' of the B, ``rows.py``): its prompt's cond rows and the uncond rows
+    select: tuple[Tensor, Tensor] | None = None   # (B',), (B - B',) long: patched rows, the others; None: all
+    swap: Tensor | None = None       # (B',) bool: patched rows whose context is the Apply node's prompt
+    swapped_chunks: tuple[int, ...] = ()   # the swapped chunks, numbered among the patched chunks
+    kinds: Tensor | None = None      # (B',) long: 0 for cond rows, 1 for uncond rows; None: no row patched
+    patched: int = 0                 # patched chunks
+    per_chunk: int = 0               # rows per chunk (the latent batch)
+    masks: dict = field(default_factory=dict)   # (subject, grid, dtype) -> (B' or 1, N) layer mask
+    biases: dict = field(default_factory=dict)  # (grid, keys, dtype) -> (B', N, T) placeholder log-bias
+    probes: dict = field(default_factory=dict)  # keys -> (B', 1, T, P) probe channels of the capture layers (kept
                                                 # with the rows: the same in every evaluation of a run)
     encodings: Encodings | None = None
-    visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B, m, sum 2*inner): every layer's K|V
-    visual_rows: dict = field(default_factory=dict)  # weight dtype -> per subject (B, m, C): each row's visual tokens
+    visual_kv: dict = field(default_factory=dict)   # dtype -> per subject (B', m, sum 2*inner): every layer's K|V
+    visual_rows: dict = field(default_factory=dict)  # weight dtype -> per subject (B', m, C): each row's visual tokens
     stacked: tuple | None = None                     # (stacked_visual_kv result,) once looked up
-    visual_heads: dict = field(default_factory=dict)  # (dtype, head width) -> per subject (sum/D, B, m, D) head-first K|V
+    visual_heads: dict = field(default_factory=dict)  # (dtype, head width) -> per subject (sum/D, B', m, D): head-first
     swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
     map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
     map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
@@ -45,9 +52,9 @@ class Evaluation:
 
     def visual_kv_of(self, visual_kv: VisualKV, enc: Encodings, name: str, subject: int, dtype: torch.dtype,
                      device: torch.device) -> tuple[Tensor, Tensor]:
-        """One layer's visual K and V for this evaluation's rows (cond rows: the subject, uncond rows: the blank
-        reference). With the stacked weights, every layer is projected in one matmul per evaluation and each
-        layer takes slices. Shapes: -> (B, m, inner) twice."""
+        """One layer's visual K and V for this evaluation's patched rows (cond rows: the subject, uncond rows: the
+        blank reference). With the stacked weights, every layer is projected in one matmul per evaluation and each
+        layer takes slices. Shapes: -> (B', m, inner) twice."""
         if self.stacked is None:   # looked up once per evaluation (weights may move between evaluations)
             self.stacked = (stacked_visual_kv(visual_kv),)
         fused = self.stacked[0]
@@ -93,6 +100,34 @@ class Evaluation:
                 for kv in self.visual_kv[dtype]]
         keys = split[subject]
         return None if keys is None or offset % dims else keys.narrow(0, offset // dims, heads)
+
+    def layer_mask(self, subject: int, mask: Tensor | None, user: Tensor | None, grid: tuple[int, int],
+                   device: torch.device, dtype: torch.dtype,
+                   static: Callable[[int, tuple], Tensor] | None = None) -> Tensor | None:
+        """The subject's mask (the previous step's ``mask``, intersected with the ``user`` mask) on a layer grid
+        for the patched rows, in ``dtype``, once per evaluation; in fp32 made in the buffer ``static(subject,
+        shape)`` when given (graph mode). Shapes: mask (b, H, W), user (1 or b, H', W') -> (B' or 1, N)."""
+        if mask is None and user is None:
+            return None
+        if (subject, grid, dtype) in self.masks:
+            return self.masks[(subject, grid, dtype)]
+        if dtype != torch.float32:
+            flat = self.masks[(subject, grid, dtype)] = self.layer_mask(subject, mask, user, grid, device,
+                                                                        torch.float32).to(dtype)
+            return flat
+        if mask is None:   # no propagated mask (the first step, or use_mask off): M = 1, one per user mask
+            mask = torch.ones(user.shape[0], *grid, device=device)
+        mask = mask.to(device)
+        if user is not None:
+            mask = intersect_user_mask(mask, user.to(device))
+        single = mask.shape[0] == 1                             # (1, N) broadcasts over every row
+        flat = resize_mask(mask, grid, out=static(subject, (1, grid[0] * grid[1])) if static and single else None)
+        if not single:                                          # one mask per latent, the same in every chunk
+            flat = flat[:self.per_chunk].repeat(self.patched, 1)
+            if static is not None:
+                flat = static(subject, tuple(flat.shape)).copy_(flat)
+        self.masks[(subject, grid, dtype)] = flat
+        return flat
 
 
 def per_latent(maps: SubjectMaps, chunks: tuple[int, ...], b: int) -> SubjectMaps:

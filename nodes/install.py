@@ -94,6 +94,35 @@ def install(model, patch: SubjectPatch, customcontrast: LoadedCustomContrast):
     return patched
 
 
+def mask_config(mode: str, threshold: float) -> MaskConfig:
+    """The node's ``mask_mode`` and ``mask_threshold`` (one slider: the soft mode's threshold or the top-k
+    mode's kept fraction) as a MaskConfig; refuses a value outside the mode's range, naming the input."""
+    if mode == "soft" and not 0.0 <= threshold < 1.0:
+        raise ValueError(f"mask_threshold must be at least 0 and below 1 with mask_mode 'soft' (values below it "
+                         f"are cut; 1 would cut the whole mask), got {threshold}")
+    if mode == "topk" and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"mask_threshold must be above 0 and at most 1 with mask_mode 'topk' (the fraction of the "
+                         f"image kept), got {threshold}")
+    if mode == "topk":
+        return MaskConfig(mode=mode, topk_ratio=threshold)
+    return MaskConfig(mode=mode, threshold=threshold)
+
+
+def user_mask_of(attn_mask) -> torch.Tensor | None:
+    """The ``attn_mask`` input as (n, H, W) fp32; refuses a mask that is empty (the latent batch is checked
+    when sampling starts: n must be 1 or the batch). Shapes: (H, W) or (n, H, W) -> (n, H, W)."""
+    if attn_mask is None:
+        return None
+    user = (attn_mask[None] if attn_mask.ndim == 2 else attn_mask).float()
+    if user.ndim != 3 or 0 in user.shape:
+        raise ValueError(f"attn_mask must be a MASK of shape (H, W) or (B, H, W), got {tuple(attn_mask.shape)}")
+    empty = [i for i, peak in enumerate(user.flatten(1).amax(1).tolist()) if peak <= 0]
+    if empty:
+        which = "" if user.shape[0] == 1 else f" {empty[0]} (of {user.shape[0]})"
+        raise ValueError(f"attn_mask{which} is empty (all zero): the subject would be masked out everywhere")
+    return user
+
+
 def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], prompt: str, weight: float,
                          start_percent: float, end_percent: float, use_mask: bool, mask_mode: str,
                          mask_threshold: float, attn_mask=None, splus_buckets: int = 0, cuda_graphs: bool = False):
@@ -112,14 +141,11 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
     words = placeholder_words(len(subjects))
     tokens = tokenize_prompt(clip, prompt, words, config.base, config.token_widths)
     sampling = model.get_model_object("model_sampling")
-    user_mask = None if attn_mask is None else (attn_mask[None] if attn_mask.ndim == 2 else attn_mask).float()
-    if user_mask is not None and user_mask.max() <= 0:
-        raise ValueError("attn_mask is empty (all zero): the subject would be masked out everywhere")
     settings = ApplySettings(
         gamma=weight, sigma_start=float(sampling.percent_to_sigma(start_percent)),
         sigma_end=float(sampling.percent_to_sigma(end_percent)), use_mask=use_mask,
-        mask=MaskConfig(mode=mask_mode, threshold=mask_threshold, topk_ratio=mask_threshold),
-        user_mask=user_mask, splus_buckets=splus_buckets, cuda_graphs=cuda_graphs)
+        mask=mask_config(mask_mode, mask_threshold), user_mask=user_mask_of(attn_mask), splus_buckets=splus_buckets,
+        cuda_graphs=cuda_graphs)
     encoder = customcontrast.model.encoder
     with torch.no_grad():
         first = sampling.timestep(sampling.sigma_max.reshape(1)).float()

@@ -8,6 +8,7 @@ key (after them), which runs the core's ``customcontrast_attention``.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,7 +24,7 @@ from customcontrast_core.attention import (
 )
 from customcontrast_core.encoder import ImageFeatures
 from customcontrast_core.layers import CrossAttentionLayer
-from customcontrast_core.masks import MaskConfig, intersect_user_mask, resize_mask
+from customcontrast_core.masks import MaskConfig
 from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel
 
@@ -32,8 +33,12 @@ from .evaluation import Evaluation as _Evaluation
 from .evaluation import per_latent as _per_latent
 from .graphed import LayerGraphs
 from .replace import Attn2Replace, sigma_of
+from .replace import _plain as plain_layer
+from .rows import check_user_mask, make_rows, matching_chunks, patched_chunks
 from .stacked_kv import weight_of
 from .text_encode import PlaceholderPrompt, reorder_for
+
+log = logging.getLogger("customcontrast")
 
 __all__ = ["ApplySettings", "Attn2Replace", "Encodings", "PlaceholderPrompt", "SubjectPatch", "sigma_of"]
 
@@ -85,6 +90,7 @@ class SubjectPatch:
     _swapped: dict = field(default_factory=dict)   # (uuids, chunks, rows per chunk, length) -> swapped chunks
     graphs: LayerGraphs | None = None           # CUDA graphs of the layers (settings.cuda_graphs)
     _checked: set = field(default_factory=set)  # (layer key, q shape, k shape, capture, no mask) checked once
+    _matched: bool | None = None                # whether a cond chunk of this run was this node's (None: none seen)
 
     def __post_init__(self) -> None:
         self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects),
@@ -109,6 +115,7 @@ class SubjectPatch:
             self.last_masks = self.tracker.history()
         self.recent.start_run(self.cache, self._keys)
         self._swapped.clear()   # ComfyUI names the conditionings anew in every run
+        self._matched = None
         self.tracker.reset()
         self.encode_calls = 0
         self._eval = None
@@ -117,6 +124,10 @@ class SubjectPatch:
     def finish(self) -> None:
         self._flush(self._eval)
         self.last_masks = self.tracker.history()
+        if self._matched is False:
+            log.warning("CustomContrast: no positive conditioning of this run is the 'positive' output of the Apply "
+                        "CustomContrast node that patched the MODEL: its subject was not drawn (the sampler's "
+                        "positive must be that output, alone or combined with others)")
 
     def active(self, sigma: float) -> bool:
         return self.settings.sigma_end <= sigma <= self.settings.sigma_start
@@ -198,8 +209,9 @@ class SubjectPatch:
 
     def _check_rows(self, ev: _Evaluation, context: Tensor, chunks: tuple[int, ...], uuids: tuple = ()) -> _Evaluation:
         """Finds the cond chunks that carry this Apply node's prompt: compared with the positive conditioning
-        once per evaluation, or once per run for the conditionings ComfyUI names (``uuids``, one per chunk).
-        Returns the evaluation's state for these rows: a fresh one (same sigma and encodings) when they change."""
+        once per evaluation, or once per run for the conditionings ComfyUI names (``uuids``, one per chunk), and
+        the rows the node patches (``rows.py``). Returns the evaluation's state for these rows: a fresh one (same
+        sigma and encodings) when they change."""
         if ev.context is context and ev.chunks == chunks:
             return ev
         self._flush(ev)   # graph mode: maps summed under the previous rows
@@ -207,21 +219,27 @@ class SubjectPatch:
         named = (uuids, chunks, b, context.shape[1]) if len(uuids) == len(chunks) else None
         swapped = self._swapped.get(named) if named is not None else None
         if swapped is None:
-            base = self._base_for(context)
-            swapped = tuple(i for i, kind in enumerate(chunks) if kind == 0 and torch.allclose(
-                context[i * b:(i + 1) * b], base.expand(b, -1, -1), atol=1e-2, rtol=1e-2))
+            swapped = matching_chunks(context, chunks, self._base_for(context))
             if named is not None:
                 self._swapped[named] = swapped
-        rows = (chunks, swapped, b, context.device)
-        if rows not in self._rows:   # the same every step of a run: built (and copied to the device) once
-            swap = torch.tensor([i in swapped for i in range(len(chunks)) for _ in range(b)], device=context.device)
-            kinds = torch.tensor([int(kind != 0) for kind in chunks for _ in range(b)], device=context.device)
-            self._rows[rows] = (swap, swap[:, None, None], kinds, {})   # {}: the probes of these rows (per key length)
+        if swapped:
+            self._matched = True
+        elif 0 in chunks and self._matched is None:
+            self._matched = False   # so far no cond chunk of the run is this node's (warned at the run's end)
+        patched = patched_chunks(chunks, swapped, self._matched)
+        key = (chunks, swapped, patched, b, context.device)
+        if key not in self._rows:   # the same every step of a run: built (and copied to the device) once
+            check_user_mask(self.settings.user_mask, b)
+            self._rows[key] = make_rows(chunks, swapped, patched, b, context.device)
+        rows = self._rows[key]
         if ev.context is not None:   # everything derived from the previous rows goes with them
             ev = self._eval = _Evaluation(sigmas=ev.sigmas, sigma=ev.sigma, encodings=ev.encodings,
                                           step_masks=ev.step_masks)
-        ev.context, ev.chunks, ev.swapped_chunks = context, chunks, swapped
-        ev.swap, ev.swap_rows, ev.kinds, ev.probes = self._rows[rows]
+        ev.context, ev.chunks, ev.batch = context, chunks, context.shape[0]
+        ev.swap_rows, ev.probes = rows.swap_rows, rows.probes
+        if patched:
+            ev.select, ev.swap, ev.kinds, ev.swapped_chunks = rows.select, rows.swap, rows.kinds, rows.swapped_chunks
+            ev.patched, ev.per_chunk = rows.chunks, rows.per_chunk
         return ev
 
     # attn2_patch: swap the cond context for this layer's S+ prompt
@@ -258,11 +276,23 @@ class SubjectPatch:
         ev = self._eval
         if layer is None or ev is None or not self.active(ev.sigma):
             return None
-        chunks = tuple(extra_options["cond_or_uncond"])
-        if ev.kinds is None or ev.chunks != chunks or ev.kinds.shape[0] != q.shape[0]:
-            return None   # the swap did not see this batch: leave the layer alone
+        if ev.kinds is None or ev.chunks != tuple(extra_options["cond_or_uncond"]) or ev.batch != q.shape[0]:
+            return None   # no row of this batch is the node's, or the swap did not see this batch: leave the layer
+        if ev.select is None:
+            return self._patched(ev, key, layer, q, k, v, extra_options)
+        # other cond chunks (another prompt, another Apply node's): the unpatched attention on their rows
+        ours, others = ev.select
+        out = torch.empty_like(q)
+        out.index_copy_(0, ours, self._patched(ev, key, layer, *(x.index_select(0, ours) for x in (q, k, v)),
+                                               extra_options).to(q.dtype))
+        return out.index_copy_(0, others, plain_layer(*(x.index_select(0, others) for x in (q, k, v)),
+                                                      extra_options).to(q.dtype))
+
+    def _patched(self, ev: _Evaluation, key: tuple, layer: CrossAttentionLayer, q: Tensor, k: Tensor, v: Tensor,
+                 extra_options: dict) -> Tensor:
+        """The layer on the rows the node patches. Shapes: q (B', N, H*D), k/v (B', T, H*D) -> (B', N, H*D)."""
         enc = self._encodings_of(ev, q.device, extra_options)
-        b = q.shape[0] // len(chunks)
+        b = ev.per_chunk
         h, w = extra_options["activations_shape"][-2:]
         masks = ev.step_masks
         subjects = range(len(self.subjects))
@@ -285,8 +315,9 @@ class SubjectPatch:
 
             def static(s: int, shape: tuple) -> Tensor:
                 return self.graphs.buffer(("mask", s, (h, w)), shape, torch.float32, q.device)
-        layer_masks = [self._layer_mask(ev, s, masks[s] if masks else None, (h, w), b, len(chunks), q.device, dtype,
-                                        static) for s in subjects]
+        user = self.settings.user_mask
+        layer_masks = [ev.layer_mask(s, masks[s] if masks else None, user, (h, w), q.device, dtype, static)
+                       for s in subjects]
         if graphed:
             out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
         else:
@@ -356,7 +387,7 @@ class SubjectPatch:
         accumulators unless the tracker consumes them before the next evaluation rewrites them (``copy``)."""
         if ev is None or not ev.map_layers:
             return
-        b = ev.kinds.shape[0] // len(ev.chunks)
+        b = ev.per_chunk
         for (s, grid), layers in ev.map_layers.items():
             text, visual = ev.map_sums[(s, grid)]
             if copy:
@@ -364,31 +395,3 @@ class SubjectPatch:
             self.tracker.add(s, _per_latent(SubjectMaps(text=text, visual=visual), ev.swapped_chunks, b), grid, layers)
         ev.map_layers.clear()
         ev.map_sums.clear()
-
-    def _layer_mask(self, ev: _Evaluation, subject: int, mask: Tensor | None, grid: tuple[int, int], b: int,
-                    n_chunks: int, device: torch.device, dtype: torch.dtype,
-                    static: Callable[[int, tuple], Tensor] | None = None) -> Tensor | None:
-        """The subject's mask on a layer grid, in ``dtype``, once per evaluation; in fp32 made in the buffer
-        ``static(subject, shape)`` when given (graph mode). Shapes: -> (B or 1, N)."""
-        user = self.settings.user_mask
-        if mask is None and user is None:
-            return None
-        if (subject, grid, dtype) in ev.masks:
-            return ev.masks[(subject, grid, dtype)]
-        if dtype != torch.float32:
-            flat = ev.masks[(subject, grid, dtype)] = self._layer_mask(ev, subject, mask, grid, b, n_chunks, device,
-                                                                       torch.float32).to(dtype)
-            return flat
-        if mask is None:
-            mask = torch.ones(1, *grid, device=device)
-        mask = mask.to(device)
-        if user is not None:
-            mask = intersect_user_mask(mask, user.to(device))
-        single = mask.shape[0] == 1                             # (1, N) broadcasts over every row
-        flat = resize_mask(mask, grid, out=static(subject, (1, grid[0] * grid[1])) if static and single else None)
-        if not single:                                          # one mask per latent, the same in every chunk
-            flat = flat[:b].repeat(n_chunks, 1)
-            if static is not None:
-                flat = static(subject, tuple(flat.shape)).copy_(flat)
-        ev.masks[(subject, grid, dtype)] = flat
-        return flat

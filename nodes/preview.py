@@ -9,14 +9,19 @@ from .install import STATE_KEY
 
 
 def last_run_masks(model, subject: int, size: tuple[int, int]) -> torch.Tensor:
-    """Masks of the newest patch on ``model``, noisiest step first. Shapes: -> (S, H, W)."""
+    """Masks of subject ``subject`` (from 0) of the newest patch on ``model``, noisiest step first (of the run's
+    first latent). Shapes: -> (S, H, W)."""
     patches = model.model_options.get("transformer_options", {}).get(STATE_KEY, [])
     if not patches:
         raise ValueError("this MODEL carries no CustomContrast patch: connect the MODEL output of Apply CustomContrast")
+    count = len(patches[-1].subjects)
+    if not 0 <= subject < count:
+        raise ValueError(f"subject is {subject + 1} but the MODEL's Apply CustomContrast node has {count} "
+                         f"subject(s): choose {1 if count == 1 else f'1 to {count}'}")
     history = patches[-1].last_masks
     if not history:
         raise ValueError("no masks recorded yet: run a sampler with this MODEL first (and keep use_mask on)")
-    masks = [masks[min(subject, len(masks) - 1)][0] for _, masks in history]
+    masks = [masks[subject][0] for _, masks in history]
     stacked = torch.stack([m.float().cpu() for m in masks])[:, None]
     return F.interpolate(stacked, size=size, mode="nearest")[:, 0]
 

@@ -39,20 +39,28 @@ def to_rgb(image: Tensor) -> tuple[Tensor, Tensor | None]:
     raise ValueError(f"expected 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, found {channels}")
 
 
-def prepare_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """MASK (H, W) or (B, H, W) -> (B, H, W) at the image size; refuses empty or differently shaped masks."""
+def prepare_mask(mask: Tensor, size: tuple[int, int], images: int = 1) -> Tensor:
+    """MASK (H, W) or (n, H, W) -> (n, H, W) at the image size, n = 1 (for every image) or ``images``;
+    refuses another count, a differently shaped mask and a mask that is empty for one of the images."""
     mask = mask[None] if mask.ndim == 2 else mask
     if mask.ndim != 3:
-        raise ValueError(f"expected a MASK of shape (H, W) or (B, H, W), found {tuple(mask.shape)}")
-    if mask.max() <= 0:
-        raise ValueError("the subject mask is empty (all zero): it selects no pixel of the subject")
+        raise ValueError(f"expected a mask of shape (H, W) or (B, H, W), found {tuple(mask.shape)}")
+    if mask.shape[0] not in (1, images):
+        raise ValueError(f"the mask input holds {mask.shape[0]} masks for {images} image(s): give 1 mask (used for "
+                         f"every image) or one per image")
     h, w = mask.shape[-2:]
     if (h, w) != size:
-        if abs(h / w - size[0] / size[1]) > 0.01:
+        if min(h, w) == 0 or abs(h / w - size[0] / size[1]) > 0.01:
             raise ValueError(f"the mask is {w}x{h} but the image is {size[1]}x{size[0]}: "
                              "give a mask of the same size or aspect ratio")
         mask = F.interpolate(mask[:, None].float(), size=size, mode="bilinear", align_corners=False)[:, 0]
-    return mask.clamp(0, 1)
+    mask = mask.clamp(0, 1)
+    for i, peak in enumerate(mask.flatten(1).amax(1).tolist()):
+        if peak <= 0:
+            which = "the mask" if mask.shape[0] == 1 else f"mask {i} (for image {i})"
+            raise ValueError(f"{which} is empty (all zero) at the image's size {size[1]}x{size[0]}: it selects no "
+                             f"pixel of the subject")
+    return mask
 
 
 def segment(image: Tensor, mask: Tensor) -> Tensor:
@@ -105,8 +113,9 @@ def clip_hidden(clip_vision, image: Tensor, layers: tuple[int, ...], crop: bool,
 
 
 def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Tensor, mask: Tensor | None,
-                   average: bool, crop: bool) -> Subject:
-    """Checks the inputs against the checkpoint and encodes one subject."""
+                   average: bool, crop: bool, invert_mask: bool = False) -> Subject:
+    """Checks the inputs against the checkpoint and encodes one subject; ``invert_mask`` takes 1 - mask (a
+    LoadImage MASK, 1 where the image is transparent). Shapes: image (B, H, W, C), mask (H, W) or (1 or B, H, W)."""
     config = customcontrast.model.config
     rgb, alpha = to_rgb(image.float())
     h, w = rgb.shape[1:3]
@@ -115,7 +124,8 @@ def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Ten
     if mask is None and alpha is not None and alpha.min() < 1:
         mask = alpha
     if mask is not None:
-        rgb = segment(rgb, prepare_mask(mask.float(), (h, w)))
+        mask = 1 - mask.float() if invert_mask else mask.float()
+        rgb = segment(rgb, prepare_mask(mask, (h, w), rgb.shape[0]))
     hidden = clip_hidden(clip_vision, rgb, config.clip_layers, crop, config.clip_width)
     hidden = hidden.mean(0, keepdim=True) if average else hidden[:1]
     blank = clip_hidden(clip_vision, torch.zeros(1, 224, 224, 3), config.clip_layers, crop, config.clip_width)
@@ -136,15 +146,21 @@ class CustomContrastEncodeSubject(io.ComfyNode):
                 CUSTOMCONTRAST.Input("customcontrast", tooltip="From Load CustomContrast Model."),
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP-vision model the checkpoint was trained with."),
                 io.Image.Input("image", tooltip="One or more photos of the same subject (RGBA alpha is used as mask)."),
-                io.Mask.Input("mask", optional=True, tooltip="Subject mask: the background is replaced by gray and "
-                              "the subject cropped, as in training."),
+                io.Mask.Input("mask", optional=True, tooltip="Subject mask (1 on the subject): the background is "
+                              "replaced by gray and the subject cropped, as in training. One mask, or one per image."),
                 io.Boolean.Input("average", default=True, tooltip="Average the features of several images of the "
                                  "subject; off uses the first image only."),
                 io.Boolean.Input("center_crop", default=True, tooltip="Center-crop non-square images (off squashes)."),
+                # last: the widgets of saved UI workflows keep their order
+                io.Boolean.Input("invert_mask", default=False, optional=True,
+                                 tooltip="Use 1 - mask. Turn on for Load Image's MASK output: it is 1 where the image "
+                                         "is transparent (1 - alpha), 0 on an opaque subject."),
             ],
             outputs=[SUBJECT.Output(display_name="SUBJECT", tooltip="The encoded reference subject.")],
         )
 
     @classmethod
-    def execute(cls, customcontrast, clip_vision, image, average, center_crop, mask=None) -> io.NodeOutput:
-        return io.NodeOutput(encode_subject(customcontrast, clip_vision, image, mask, average, center_crop))
+    def execute(cls, customcontrast, clip_vision, image, average, center_crop, mask=None,
+                invert_mask=False) -> io.NodeOutput:
+        return io.NodeOutput(encode_subject(customcontrast, clip_vision, image, mask, average, center_crop,
+                                            invert_mask))

@@ -70,10 +70,9 @@ def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: 
     check_prompt(prompt, words)
     tokens = clip.tokenize(isolate_placeholders(prompt, words))
     keys = ENCODER_KEYS[base]
-    missing = [k for k in keys if k not in tokens]
-    if missing:
-        raise ValueError(f"the CLIP model gives token sets {sorted(tokens)}, a {base.upper()} checkpoint needs "
-                         f"{list(keys)}: connect the CLIP of the same {base.upper()} model")
+    if sorted(tokens) != sorted(keys):   # an SDXL CLIP (l and g) on an SD1.5 model would give 2048-wide contexts
+        raise ValueError(f"the clip input gives token sets {sorted(tokens)}, the {base.upper()} model and checkpoint "
+                         f"need {sorted(keys)}: connect the CLIP of the same {base.upper()} model")
     collapsed: dict[str, list[list[tuple]]] = {}
     slots: list[list[tuple[int, int]]] | None = None
     for key in tokens:

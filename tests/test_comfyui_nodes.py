@@ -108,9 +108,8 @@ def test_patched_output_differs_masks_change_upstream_untouched(env, loaded, pho
     before = json.dumps(str(loaded["model"].model_options), sort_keys=True)
     patched, positive = apply(env, loaded, subject)
     negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
-    plain_positive = env.nodes.CLIPTextEncode().encode(loaded["clip"], "a photo of a dog on the beach")[0]
     out_patched = sample(env, patched, positive, negative, steps=3)
-    out_plain = sample(env, loaded["model"], plain_positive, negative, steps=3)
+    out_plain = sample(env, loaded["model"], positive, negative, steps=3)   # the same positive, unpatched
     assert (out_patched - out_plain).abs().max() > 1e-3
     assert json.dumps(str(loaded["model"].model_options), sort_keys=True) == before
     assert "patches_replace" not in loaded["model"].model_options.get("transformer_options", {})
@@ -123,13 +122,39 @@ def test_patched_output_differs_masks_change_upstream_untouched(env, loaded, pho
     torch.testing.assert_close(again, out_patched)
 
 
-def test_weight_zero_without_mask_equals_s_plus_only(env, loaded, photo):
-    """γ = 0 and no mask: the visual branch vanishes, only the S+ text remains (runs twice identically)."""
+def test_weight_zero_without_mask_is_the_s_plus_text_alone(env, loaded, photo):
+    """γ = 0 and no mask: the visual branch vanishes and only the S+ text remains, i.e. the patched MODEL without
+    its attention replace (ComfyUI's own attention on the swapped contexts); γ = 1 differs from it."""
     subject = encode(env, loaded, photo)
-    patched, positive = apply(env, loaded, subject, weight=0.0, use_mask=False)
     negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
-    a, b = sample(env, patched, positive, negative), sample(env, patched, positive, negative)
-    torch.testing.assert_close(a, b)
+    zero, positive = apply(env, loaded, subject, weight=0.0, use_mask=False)
+    one, positive_one = apply(env, loaded, subject, weight=1.0, use_mask=False)
+    text_only = zero.clone()   # model_options deep-copied: the swap stays, the attention replace goes
+    del text_only.model_options["transformer_options"]["patches_replace"]["attn2"]
+    reference = sample(env, text_only, positive, negative)
+    # ComfyUI's CPU attention (split einsum) and the patch's fused attention round differently: |x| ~ 300
+    torch.testing.assert_close(sample(env, zero, positive, negative), reference, rtol=1e-4, atol=1e-2)
+    assert (sample(env, one, positive_one, negative) - reference).abs().max() > 1.0
+
+
+def test_a_positive_that_is_not_the_applys_gives_exactly_the_unpatched_samples(env, loaded, photo, caplog):
+    """A plain CLIPTextEncode positive, or the Apply's positive concatenated with another prompt, is not the
+    Apply node's conditioning: the patched MODEL samples exactly what the unpatched one does (no visual branch on
+    cond or uncond rows), records no mask and warns once per run."""
+    import logging
+
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    patched, positive = apply(env, loaded, subject)
+    plain_positive = env.nodes.CLIPTextEncode().encode(loaded["clip"], "a photo of a dog on the beach")[0]
+    concat = env.nodes.NODE_CLASS_MAPPINGS["ConditioningConcat"]().concat(positive, plain_positive)[0]
+    patch = patched.model_options["transformer_options"]["customcontrast"][-1]
+    with caplog.at_level(logging.WARNING, logger="customcontrast"):
+        for other in (plain_positive, concat):
+            unpatched = sample(env, loaded["model"], other, negative)
+            torch.testing.assert_close(sample(env, patched, other, negative), unpatched, rtol=0, atol=0)
+            assert patch.last_masks == []
+    assert len([r for r in caplog.records if "its subject was not drawn" in r.getMessage()]) == 2
 
 
 BAD_INPUTS = [
@@ -213,10 +238,16 @@ def test_cfg_one_batch_two_and_two_chained_apply_nodes(env, loaded, photo):
     replaces = chained.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert len(replaces) == 16 and all(len(r.patches) == 2 for r in replaces.values())
     assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].patches) == 1
-    both = sample(env, chained, positive2, negative)
-    only_second = sample(env, apply(env, loaded, subject, prompt="<subject> in the snow", weight=0.5)[0],
-                         positive2, negative)
-    assert torch.isfinite(both).all() and (both - only_second).abs().max() > 1e-4   # the first patch still acts
+    # each node acts on its own positive only: the other one leaves those rows to the unpatched attention
+    second = apply(env, loaded, subject, prompt="<subject> in the snow", weight=0.5)[0]
+    torch.testing.assert_close(sample(env, chained, positive2, negative), sample(env, second, positive2, negative),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(sample(env, chained, positive, negative), sample(env, patched, positive, negative),
+                               rtol=0, atol=0)
+    # both positives in one batch (ConditioningCombine): the first patch still acts, on its rows
+    combined = env.nodes.ConditioningCombine().combine(positive, positive2)[0]
+    both = sample(env, chained, combined, negative)
+    assert torch.isfinite(both).all() and (both - sample(env, second, combined, negative)).abs().max() > 1e-4
 
 
 class FakeIPAdapterReplace:

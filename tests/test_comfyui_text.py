@@ -96,3 +96,14 @@ def test_unexpected_token_processing_falls_back_to_comfyuis(env, clips, monkeypa
     slow = text_encode.encode_splus(clip, tokens, splus)
     torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=0)
     assert "process_tokens" not in vars(clip.cond_stage_model.clip_l)   # the instance is restored
+
+
+def test_a_clip_of_the_other_family_is_refused(env, clips):
+    """An SDXL CLIP (token sets g and l) on an SD1.5 model would give 2048-wide contexts to a 768-wide UNet:
+    Apply refuses it while tokenizing the prompt, and an SD1.5 CLIP on SDXL too."""
+    text_encode = _module("text_encode")
+    with pytest.raises(ValueError, match=r"the clip input gives token sets \['g', 'l'\], the SD15 model and "
+                                         r"checkpoint need \['l'\]: connect the CLIP of the same SD15 model"):
+        text_encode.tokenize_prompt(clips["sdxl"], PROMPTS["plain"][0], ["<subject>"], "sd15", WIDTHS["sd15"])
+    with pytest.raises(ValueError, match=r"gives token sets \['l'\], the SDXL model and checkpoint need \['g', 'l'\]"):
+        text_encode.tokenize_prompt(clips["sd15"], PROMPTS["plain"][0], ["<subject>"], "sdxl", WIDTHS["sdxl"])
