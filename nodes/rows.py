@@ -41,10 +41,12 @@ def matching_chunks(context: Tensor, chunks: tuple[int, ...], base: Tensor) -> t
 
 
 def patched_chunks(chunks: tuple[int, ...], swapped: tuple[int, ...], matched: bool | None) -> tuple[int, ...]:
-    """The chunks the node acts on: its swapped chunks and the uncond ones; none when the batch has cond chunks
-    and none is the node's. A batch of uncond chunks alone (ComfyUI split the evaluation) is patched unless the
-    run's cond chunks so far were all foreign (``matched`` False; None: no cond chunk seen yet in this run)."""
-    if not swapped and (0 in chunks or matched is False):
+    """The chunks the node acts on: its swapped chunks and the uncond ones. Uncond chunks batched without any
+    of the node's cond chunks (ComfyUI split the evaluation, or batched the negative with another prompt) are
+    patched once the run has shown the node's positive (``matched`` True), and also before any cond chunk was
+    seen (None) when the batch holds no cond chunk; when the run's cond chunks so far were all foreign
+    (``matched`` False), or nothing is known and the batch holds only foreign cond chunks, nothing is patched."""
+    if not swapped and matched is not True and (0 in chunks or matched is False):
         return ()
     return tuple(i for i, kind in enumerate(chunks) if kind != 0 or i in swapped)
 

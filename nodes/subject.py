@@ -121,10 +121,11 @@ def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Ten
     h, w = rgb.shape[1:3]
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"the reference image is {w}x{h} px; expected at least {MIN_SIDE}x{MIN_SIDE}")
-    if mask is None and alpha is not None and alpha.min() < 1:
+    if mask is not None:   # invert_mask applies to the MASK input only, never to an RGBA image's alpha
+        mask = 1 - mask.float() if invert_mask else mask.float()
+    elif alpha is not None and alpha.min() < 1:
         mask = alpha
     if mask is not None:
-        mask = 1 - mask.float() if invert_mask else mask.float()
         rgb = segment(rgb, prepare_mask(mask, (h, w), rgb.shape[0]))
     hidden = clip_hidden(clip_vision, rgb, config.clip_layers, crop, config.clip_width)
     hidden = hidden.mean(0, keepdim=True) if average else hidden[:1]

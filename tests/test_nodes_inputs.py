@@ -69,10 +69,13 @@ def test_invert_mask_takes_load_images_mask_of_a_cutout(env, loaded, references)
     encode_node(env, loaded, image, mask, invert_mask=True)
     encode_node(env, loaded, torch.cat([image, torch.from_numpy(rgba[None, ..., 3:] / 255.0).float()], -1))
     encode_node(env, loaded, image, mask)
-    inverted, alpha, plain = references[0], references[2], references[4]
+    rgba_image = torch.cat([image, torch.from_numpy(rgba[None, ..., 3:] / 255.0).float()], -1)
+    encode_node(env, loaded, rgba_image, invert_mask=True)   # no MASK: the alpha is never inverted
+    inverted, alpha, plain, rgba_inverted = references[0], references[2], references[4], references[6]
     torch.testing.assert_close(inverted[0, 32, 32], torch.full((3,), 220 / 255), rtol=0, atol=1e-6)
     torch.testing.assert_close(inverted[0, 0, 0], torch.full((3,), 0.5), rtol=0, atol=1e-6)   # background: gray
     torch.testing.assert_close(inverted, alpha, rtol=0, atol=0)
+    torch.testing.assert_close(rgba_inverted, alpha, rtol=0, atol=0)
     torch.testing.assert_close(plain[0, 32, 32], torch.full((3,), 0.5), rtol=0, atol=1e-6)
 
 

@@ -94,6 +94,8 @@ def test_resume_mismatch_names_fields_that_change_the_run():
         "paths: {'appearance_model': 'ViT-B-32', 'appearance_weights': '', 'clip_vision': '', 'diffusion': '', "
         "'diffusion_config': ''} -> {'appearance_model': 'ViT-B-32', 'appearance_weights': '', 'clip_vision': 'v', "
         "'diffusion': '', 'diffusion_config': ''}", "seed: 0 -> 1"]
-    del saved["allow_unmasked"]   # a config saved before the field existed: its default
+    del saved["allow_unmasked"], saved["allow_single_view"]   # saved before the fields existed: their defaults
     assert resume_mismatch(saved, TrainConfig()) == []
-    assert resume_mismatch(saved, TrainConfig(allow_unmasked=True)) == ["allow_unmasked: False -> True"]
+    # permissions, not data: a run made before the data checks resumes with them granted
+    assert resume_mismatch(saved, TrainConfig(allow_unmasked=True, allow_single_view=True)) == []
+    assert resume_mismatch(saved, TrainConfig(allow_unmasked=True, lr=1e-4)) == ["lr: 0.001 -> 0.0001"]

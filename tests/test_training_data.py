@@ -100,14 +100,19 @@ def test_corrupt_subject_is_replaced_from_outside_the_global_batch(tmp_path):
     one = EpochBatches(dataset, epoch=0, batch_size=4, rank=0, world=1, seed=0)
     two = [EpochBatches(dataset, epoch=0, batch_size=2, rank=r, world=2, seed=0) for r in (0, 1)]
     assert one.batches == two[0].batches == two[1].batches == [[4, 0, 5, 3]]
-    # candidates outside the batch after its first subject (6, 1, 2), dealt round-robin to the 4 positions
-    assert [replacement_candidates([4, 0, 5, 3], p, 7) for p in range(4)] == [[6], [1], [2], []]
+    # candidates outside the batch after its first subject (6, 1, 2), dealt round-robin to the 4 positions,
+    # then the others (a small dataset: position 3 gets none of its own, but is never left without one)
+    assert [replacement_candidates([4, 0, 5, 3], p, 7) for p in range(4)] == [[6, 1, 2], [1, 6, 2], [2, 6, 1],
+                                                                             [6, 1, 2]]
     Path(records[4].images[0]).write_bytes(b"broken")   # its neighbour 5 is in the batch: no longer taken
     assert one[0]["subject_index"].tolist() == [6, 0, 5, 3]
     Path(records[5].images[0]).write_bytes(b"broken")   # on the other process: its own candidate, not 6
     assert two[0][0]["subject_index"].tolist() + two[1][0]["subject_index"].tolist() == [6, 0, 2, 3]
-    Path(records[3].images[0]).write_bytes(b"broken")   # no candidate left for position 3
-    with pytest.raises(RuntimeError, match=r"subject 3 and its 0 replacement candidates are all unreadable"):
+    Path(records[3].images[0]).write_bytes(b"broken")   # position 3 has no own candidate: the first readable other
+    assert two[1][0]["subject_index"].tolist() == [2, 6]
+    for i in (0, 1, 2, 6):
+        Path(records[i].images[0]).write_bytes(b"broken")
+    with pytest.raises(RuntimeError, match=r"subject 5 and its 3 replacement candidates are all unreadable"):
         two[1][0]
 
 

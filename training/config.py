@@ -167,7 +167,7 @@ class TrainConfig:
 # fields that may differ between a run and its resumption: none changes the model, the data order or the
 # arithmetic of a step (gradient checkpointing and CUDA graphs give the same values)
 RESUMABLE_FIELDS = ("steps", "save_every", "log_every", "num_workers", "output_dir", "gradient_checkpointing",
-                    "cuda_graphs")
+                    "cuda_graphs", "allow_unmasked", "allow_single_view")   # the last two: permissions, not data
 
 
 def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:

@@ -24,18 +24,34 @@ def global_batches(num_items: int, global_batch: int, *, epoch: int, seed: int) 
     return [order[i:i + global_batch] for i in range(0, num_items - global_batch + 1, global_batch)]
 
 
-def replacement_candidates(batch: Sequence[int], position: int, num_items: int) -> list[int]:
-    """Subjects that may stand in for the one at ``position`` of global ``batch`` if it is unreadable.
+class ReplacementCandidates:
+    """Subjects that may stand in for the one at ``position`` of global ``batch`` if it is unreadable, made
+    lazily (iterated only after a failure: nothing is built per sample otherwise).
 
     Outside the batch, starting after its first subject, and dealt round-robin to the batch positions
     (position p gets candidates p, p + G, p + 2G, ... of G = len(batch)): a replacement never duplicates a
     subject of the global batch, nor the replacement at another position (on this process or another),
-    so the contrastive losses never see the same subject twice.
+    so the contrastive losses never see the same subject twice. Where the data has too few subjects outside
+    the batch for every position to get its own, the others follow (a duplicate is then possible but rare:
+    it needs several unreadable subjects in one small dataset's batch).
     """
-    members = set(batch)
-    outside = [(batch[0] + k) % num_items for k in range(1, num_items)]
-    outside = [i for i in outside if i not in members]
-    return outside[position::len(batch)]
+
+    def __init__(self, batch: Sequence[int], position: int, num_items: int) -> None:
+        self.batch, self.position, self.num_items = tuple(batch), position, num_items
+
+    def __iter__(self):
+        members = set(self.batch)
+        outside = [i for i in ((self.batch[0] + k) % self.num_items for k in range(1, self.num_items))
+                   if i not in members]
+        own = outside[self.position::len(self.batch)]
+        yield from own
+        taken = set(own)
+        yield from (i for i in outside if i not in taken)
+
+
+def replacement_candidates(batch: Sequence[int], position: int, num_items: int) -> list[int]:
+    """:class:`ReplacementCandidates` as a list."""
+    return list(ReplacementCandidates(batch, position, num_items))
 
 
 class EpochBatches(Dataset):
@@ -56,5 +72,5 @@ class EpochBatches(Dataset):
     def __getitem__(self, k: int) -> dict:
         batch, n = self.batches[k], len(self.dataset)
         positions = range(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        return default_collate([self.dataset.sample(batch[p], self.epoch, replacement_candidates(batch, p, n))
+        return default_collate([self.dataset.sample(batch[p], self.epoch, ReplacementCandidates(batch, p, n))
                                 for p in positions])

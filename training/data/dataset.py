@@ -6,8 +6,9 @@ copy-paste — and a *positive* view (another frame, segmented, random scale and
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -92,15 +93,18 @@ class SubjectDataset(Dataset):
         n = len(self.records)
         return self.sample(index, self.epoch, [(index + offset) % n for offset in range(1, n)])
 
-    def sample(self, index: int, epoch: int, replacements: Sequence[int] = ()) -> dict:
+    def sample(self, index: int, epoch: int, replacements: Iterable[int] = ()) -> dict:
         """Subject ``index`` at ``epoch``; an unreadable or corrupt subject is skipped with a warning and the
-        first readable one of ``replacements`` is taken instead (its ``subject_index`` says which)."""
-        for i in (index, *replacements):
+        first readable one of ``replacements`` (iterated only after a failure) is taken instead (its
+        ``subject_index`` says which)."""
+        tried = 0
+        for i in itertools.chain((index,), replacements):
+            tried += 1
             try:
                 return self._sample(i, epoch)
             except (OSError, ValueError) as err:   # unreadable or corrupt file: skip, never fatal
                 log.warning("skipping subject %r (item %d): %s", self.records[i].subject, i, err)
-        raise RuntimeError(f"subject {index} and its {len(replacements)} replacement candidates are all unreadable "
+        raise RuntimeError(f"subject {index} and its {tried - 1} replacement candidates are all unreadable "
                            f"(of {len(self.records)} subjects); check the manifest")
 
     def _background(self, shape: tuple[int, ...], g: torch.Generator) -> Tensor:
