@@ -70,6 +70,17 @@ def crop_to_mask(image: Tensor, mask: Tensor, background: float = 0.5) -> Tensor
     return canvas
 
 
+
+def require_local(path: str | None, what: str, *, folder: bool) -> None:
+    """Refuses a missing or non-existent local weights path (nothing is downloaded), saying what was expected."""
+    kind = "folder" if folder else "file"
+    if not path:
+        raise ValueError(f"{what}: expected a {kind} path, found {path!r} (a random model is only built for tiny "
+                         "pipeline checks; nothing is downloaded)")
+    if not (Path(path).is_dir() if folder else Path(path).is_file()):
+        raise FileNotFoundError(f"{what}: expected an existing {kind}, found no {kind} at {path} "
+                                "(nothing is downloaded)")
+
 class ClipScorer:
     """open_clip image and text embeddings (CLIP-T, CLIP-I) from a local weights file.
 
@@ -83,13 +94,8 @@ class ClipScorer:
         if tiny:
             torch.manual_seed(0)
             self.model = open_clip.create_model(model_name, pretrained=None)
-        elif not weights:
-            raise ValueError(f"CLIP-T and CLIP-I need local open_clip {model_name} weights: expected a file path, "
-                             f"found {weights!r} (a random CLIP is only built for tiny pipeline checks)")
-        elif not Path(weights).is_file():
-            raise FileNotFoundError(f"open_clip {model_name} weights: expected an existing file, found no file at "
-                                    f"{weights} (nothing is downloaded)")
         else:
+            require_local(weights, f"CLIP-T and CLIP-I need local open_clip {model_name} weights", folder=False)
             self.model = open_clip.create_model(model_name, pretrained=str(weights))
         self.model.to(device).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
@@ -118,13 +124,8 @@ class DinoScorer:
             torch.manual_seed(0)
             self.model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                             intermediate_size=64, image_size=32, patch_size=8), add_pooling_layer=False)
-        elif not model_dir:
-            raise ValueError(f"DINO-I needs a local DINO ViT folder (e.g. dino-vits16): expected a folder path, "
-                             f"found {model_dir!r} (nothing is downloaded)")
-        elif not Path(model_dir).is_dir():
-            raise FileNotFoundError(f"DINO ViT: expected an existing folder, found no folder at {model_dir} "
-                                    f"(nothing is downloaded)")
         else:
+            require_local(model_dir, "DINO-I needs a local DINO ViT folder (e.g. dino-vits16)", folder=True)
             self.model = ViTModel.from_pretrained(str(model_dir), local_files_only=True, add_pooling_layer=False)
         self.model.to(device).eval()
         self.size = int(self.model.config.image_size)
