@@ -17,7 +17,7 @@ NODE_SPECS = {
     "CLIPVisionLoader": (["clip_name"], [], [("CLIP_VISION", "CLIP_VISION")]),
     "LoadImage": (["image", "upload"], [], [("IMAGE", "IMAGE"), ("MASK", "MASK")]),
     "CustomContrastLoader": (["checkpoint"], [], [("CUSTOMCONTRAST", "CUSTOMCONTRAST")]),
-    "CustomContrastEncodeSubject": (["average", "center_crop"],
+    "CustomContrastEncodeSubject": (["average", "center_crop", "invert_mask"],
                                     [("customcontrast", "CUSTOMCONTRAST"), ("clip_vision", "CLIP_VISION"),
                                      ("image", "IMAGE"), ("mask", "MASK")],
                                     [("SUBJECT", "CUSTOMCONTRAST_SUBJECT")]),
@@ -52,7 +52,8 @@ def single_subject(ckpt: str, size: int, steps: int, preview: bool = False) -> d
         "3": ("LoadImage", {"image": "subject.png", "upload": "image"}),
         "4": ("CustomContrastLoader", {"checkpoint": "customcontrast.safetensors"}),
         "5": ("CustomContrastEncodeSubject", {"customcontrast": ["4", 0], "clip_vision": ["2", 0],
-                                              "image": ["3", 0], "average": True, "center_crop": True}),
+                                              "image": ["3", 0], "average": True, "center_crop": True,
+                                              "invert_mask": False}),
         "6": ("CustomContrastApply", {"model": ["1", 0], "clip": ["1", 1], "customcontrast": ["4", 0],
                                       "subject": ["5", 0], "prompt": "a photo of <subject> on the beach",
                                       "weight": 1.0, "start_percent": 0.0, "end_percent": 1.0, "use_mask": True,
@@ -75,7 +76,8 @@ def two_subjects() -> dict:
     graph = single_subject("sd15.safetensors", 512, 30)
     graph["14"] = ("LoadImage", {"image": "subject2.png", "upload": "image"})
     graph["15"] = ("CustomContrastEncodeSubject", {"customcontrast": ["4", 0], "clip_vision": ["2", 0],
-                                                   "image": ["14", 0], "average": True, "center_crop": True})
+                                                   "image": ["14", 0], "average": True, "center_crop": True,
+                                                   "invert_mask": False})
     apply = dict(graph["6"][1], subject2=["15", 0], prompt="<subject1> and <subject2> sitting on a sofa")
     graph["6"] = ("CustomContrastApply", apply)
     return graph
