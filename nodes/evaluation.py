@@ -84,7 +84,6 @@ class Evaluation:
             k, v = projection(rows[subject])                                              # (B, m, inner) each
         return k.to(device, dtype), v.to(device, dtype)
 
-
     def visual_k_heads_of(self, name: str, subject: int, dtype: torch.dtype, heads: int) -> Tensor | None:
         """One layer's visual K split into heads, head axis first, for the visual map's matmul (no copy per layer):
         a view of one head-first copy of every layer's projection per evaluation, dtype and head width. Only with

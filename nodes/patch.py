@@ -32,8 +32,7 @@ from .encodings import PROMPTS_PER_CALL, Encodings, RecentUse, encode_timesteps,
 from .evaluation import Evaluation as _Evaluation
 from .evaluation import per_latent as _per_latent
 from .graphed import LayerGraphs
-from .replace import Attn2Replace, sigma_of
-from .replace import _plain as plain_layer
+from .replace import Attn2Replace, sigma_of, unpatched_attention
 from .rows import check_user_mask, make_rows, matching_chunks, patched_chunks
 from .stacked_kv import weight_of
 from .text_encode import PlaceholderPrompt, reorder_for
@@ -285,8 +284,8 @@ class SubjectPatch:
         out = torch.empty_like(q)
         out.index_copy_(0, ours, self._patched(ev, key, layer, *(x.index_select(0, ours) for x in (q, k, v)),
                                                extra_options).to(q.dtype))
-        return out.index_copy_(0, others, plain_layer(*(x.index_select(0, others) for x in (q, k, v)),
-                                                      extra_options).to(q.dtype))
+        plain = unpatched_attention(*(x.index_select(0, others) for x in (q, k, v)), extra_options)
+        return out.index_copy_(0, others, plain.to(q.dtype))
 
     def _patched(self, ev: _Evaluation, key: tuple, layer: CrossAttentionLayer, q: Tensor, k: Tensor, v: Tensor,
                  extra_options: dict) -> Tensor:

@@ -59,9 +59,9 @@ class Attn2Replace:
         for patch in self.patches:
             result = patch.attention(q, k, v, extra_options)
             if result is not None:
-                out = result if out is None else out + (result - _plain(q, k, v, extra_options))
+                out = result if out is None else out + (result - unpatched_attention(q, k, v, extra_options))
         if out is None:
-            out = _plain(q, k, v, extra_options)
+            out = unpatched_attention(q, k, v, extra_options)
         out = out.to(q.dtype)
         if self.callback:
             sigma = sigma_of(extra_options)
@@ -71,6 +71,7 @@ class Attn2Replace:
         return out.to(q.dtype)
 
 
-def _plain(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+def unpatched_attention(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
+    """ComfyUI's own cross-attention of the layer (what the replace would run without a patch)."""
     from comfy.ldm.modules.attention import optimized_attention
     return optimized_attention(q, k, v, extra_options["n_heads"], transformer_options=extra_options)

@@ -91,7 +91,7 @@ class SubjectDataset(Dataset):
         """Subject ``index`` at the current epoch; when unreadable, the next readable subject (which may be in
         the same batch: training draws replacements through ``sample`` with subjects outside the batch)."""
         n = len(self.records)
-        return self.sample(index, self.epoch, [(index + offset) % n for offset in range(1, n)])
+        return self.sample(index, self.epoch, ((index + offset) % n for offset in range(1, n)))
 
     def sample(self, index: int, epoch: int, replacements: Iterable[int] = ()) -> dict:
         """Subject ``index`` at ``epoch``; an unreadable or corrupt subject is skipped with a warning and the

@@ -70,7 +70,6 @@ def crop_to_mask(image: Tensor, mask: Tensor, background: float = 0.5) -> Tensor
     return canvas
 
 
-
 def require_local(path: str | None, what: str, *, folder: bool) -> None:
     """Refuses a missing or non-existent local weights path (nothing is downloaded), saying what was expected."""
     kind = "folder" if folder else "file"
@@ -80,6 +79,7 @@ def require_local(path: str | None, what: str, *, folder: bool) -> None:
     if not (Path(path).is_dir() if folder else Path(path).is_file()):
         raise FileNotFoundError(f"{what}: expected an existing {kind}, found no {kind} at {path} "
                                 "(nothing is downloaded)")
+
 
 class ClipScorer:
     """open_clip image and text embeddings (CLIP-T, CLIP-I) from a local weights file.
