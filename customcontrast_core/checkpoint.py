@@ -3,32 +3,29 @@
 Keys: ``encoder.*`` and ``visual_kv.<layer>.to_k.weight`` / ``visual_kv.<layer>.to_v.weight``.
 Metadata: format name and version, the encoder config JSON, base family, the ordered layer names,
 the CLIP-vision width and layer indices it expects, the training step, and free-form extras.
-Nothing here unpickles: a pickle or ``torch.save`` file is refused with an explanation.
+Nothing here unpickles: a pickle or ``torch.save`` file is refused with an explanation. The config is
+checked against the header's tensor names and shapes before any module is built or any tensor read.
 """
 from __future__ import annotations
 
 import json
-import os
-import struct
-import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .config import EncoderConfig
+from .safetensors_file import CheckpointError, Header, read_header, read_tensors, write_atomically
 from .visual_kv import CustomContrastModel
 
 FORMAT = "customcontrast"
 FORMAT_VERSION = 1
-_MAX_HEADER = 100 * 2**20   # a safetensors header larger than this is not one of ours
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")   # safetensors names of the dtypes a checkpoint may use
 
-
-class CheckpointError(ValueError):
-    """A weight file that is not a valid CustomContrast checkpoint; the message says why."""
+__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "CheckpointInfo", "check_matches", "expected_shapes",
+           "load", "read_info", "save"]
 
 
 @dataclass(frozen=True)
@@ -51,7 +48,9 @@ class CheckpointInfo:
 
 def save(path: str | Path, model: CustomContrastModel, *, step: int = 0,
          extra: Mapping[str, str] | None = None) -> Path:
-    """Writes the model atomically (temporary file + rename), so a crash never leaves half a file."""
+    """Writes the model atomically (temporary file, fsync, rename): a crash or a full disk never leaves half
+    a file under ``path`` (the previous file is kept). The file follows the umask (0o644 under 022).
+    Non-finite weights are refused (CheckpointError), as the loader would refuse them."""
     path = Path(path)
     config = model.config
     metadata = {
@@ -66,97 +65,49 @@ def save(path: str | Path, model: CustomContrastModel, *, step: int = 0,
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def _read_header(path: Path) -> dict:
-    """Parses the safetensors header and checks that the file holds every byte it declares."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no CustomContrast checkpoint at {path}")
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if head[:2] == b"PK" or head[:1] == b"\x80":
-            raise CheckpointError(
-                f"{path.name} is a pickle / torch.save file; expected a .safetensors CustomContrast checkpoint. "
-                "Pickles are never loaded (they can run code): export with `python -m training.export`."
-            )
-        if len(head) < 8:
-            raise CheckpointError(f"{path.name} has {size} bytes; a .safetensors file has at least 8")
-        (n,) = struct.unpack("<Q", head)
-        if n > _MAX_HEADER:
-            raise CheckpointError(f"{path.name} is not a .safetensors file (its first 8 bytes are not a header length)")
-        raw = f.read(n)
-    if len(raw) < n:
-        raise CheckpointError(f"{path.name} is truncated: header declares {n} bytes, file has {size - 8} after the length")
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path.name} is not a .safetensors file (its header is not JSON)") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path.name} is not a .safetensors file (its header is not a JSON object)")
-    entries = {k: v for k, v in header.items() if k != "__metadata__"}
-    bad = [k for k, v in entries.items() if not (isinstance(v, dict) and isinstance(v.get("dtype"), str)
-                                                  and isinstance(v.get("shape"), list)
-                                                  and isinstance(v.get("data_offsets"), list)
-                                                  and len(v["data_offsets"]) == 2
-                                                  and all(isinstance(o, int) for o in v["data_offsets"]))]
-    if bad:
-        raise CheckpointError(f"{path.name} is not a valid .safetensors file: tensor entry {bad[0]!r} lacks "
-                              "dtype, shape or data_offsets [begin, end]")
-    end = max((v["data_offsets"][1] for v in entries.values()), default=0)
-    if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path.name} is truncated: expected {8 + n + end} bytes, found {size} (re-copy or re-export the file)"
-        )
-    return header
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():   # the loader would refuse the file: never write one
+            raise CheckpointError(f"not writing {path}: {key} contains NaN or Inf values (a diverged training "
+                                  "run?); any previous file there is kept")
+    return write_atomically(path, tensors, metadata)
 
 
 def _info_from_metadata(path: Path, meta: Mapping[str, str]) -> CheckpointInfo:
     found = meta.get("format")
     if found != FORMAT:
         raise CheckpointError(
-            f"{path.name} is a .safetensors file but not a CustomContrast checkpoint: expected metadata "
+            f"{path} is a .safetensors file but not a CustomContrast checkpoint: expected metadata "
             f"format={FORMAT!r}, found {found!r} (IP-Adapter and other adapters have their own loaders)"
         )
     try:
         version = int(meta["format_version"])
     except (KeyError, ValueError):
-        raise CheckpointError(f"{path.name}: metadata has no integer format_version") from None
+        raise CheckpointError(f"{path}: metadata has no integer format_version") from None
     if version < 1:
-        raise CheckpointError(f"{path.name}: format_version must be 1..{FORMAT_VERSION}, found {version}")
+        raise CheckpointError(f"{path}: format_version must be 1..{FORMAT_VERSION}, found {version}")
     if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path.name} uses checkpoint format version {version}; this version of CustomContrast reads "
+            f"{path} uses checkpoint format version {version}; this version of CustomContrast reads "
             f"up to {FORMAT_VERSION}. Update the extension."
         )
     try:
         config = EncoderConfig.from_json(meta["config"])
     except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path.name}: metadata has no valid encoder config ({err})") from None
+        raise CheckpointError(f"{path}: metadata has no valid encoder config ({err})") from None
     declared = {"base": config.base, "clip_width": str(config.clip_width),
                 "layers": [layer.name for layer in config.layers], "clip_layers": list(config.clip_layers)}
     for key, expected in declared.items():
         value = meta.get(key)
         value = _parsed(path, key, value) if key in ("layers", "clip_layers") and value is not None else value
         if value != expected:
-            raise CheckpointError(f"{path.name}: metadata {key}={value!r} contradicts its config ({expected!r})")
+            raise CheckpointError(f"{path}: metadata {key}={value!r} contradicts its config ({expected!r})")
     try:
         step = int(meta.get("step", 0))
     except ValueError:
-        raise CheckpointError(f"{path.name}: metadata step must be an integer, found {meta['step']!r}") from None
+        raise CheckpointError(f"{path}: metadata step must be an integer, found {meta['step']!r}") from None
     extra = _parsed(path, "extra", meta.get("extra", "{}"))
     if not isinstance(extra, dict):
-        raise CheckpointError(f"{path.name}: metadata extra must be a JSON object, found {type(extra).__name__}")
+        raise CheckpointError(f"{path}: metadata extra must be a JSON object, found {type(extra).__name__}")
     return CheckpointInfo(config=config, format_version=version, step=step, extra=extra)
 
 
@@ -165,57 +116,140 @@ def _parsed(path: Path, key: str, text: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path.name}: metadata {key} is not valid JSON ({err})") from None
+        raise CheckpointError(f"{path}: metadata {key} is not valid JSON ({err})") from None
 
 
 def read_info(path: str | Path) -> CheckpointInfo:
     """Reads and validates a checkpoint's metadata without loading its tensors."""
     path = Path(path)
-    header = _read_header(path)
-    return _info_from_metadata(path, header.get("__metadata__") or {})
+    return _info_from_metadata(path, read_header(path).metadata)
 
 
-def _check_tensors(path: Path, tensors: Mapping[str, Tensor], config: EncoderConfig) -> None:
-    expected = CustomContrastModel(config, device=torch.device("meta")).state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+def _block_shapes(prefix: str, c: EncoderConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """One QFormerBlock (perceiver.py): bias-free attention and feed-forward, LayerNorms with bias."""
+    w, inner, hidden = c.width, c.heads * c.dim_head, c.width * c.ff_mult
+    for norm in ("attn.norm_features", "attn.norm_queries"):
+        yield f"{prefix}{norm}.weight", (w,)
+        yield f"{prefix}{norm}.bias", (w,)
+    yield f"{prefix}attn.to_q.weight", (inner, w)
+    yield f"{prefix}attn.to_kv_features.weight", (2 * inner, w)
+    yield f"{prefix}attn.to_kv_queries.weight", (2 * inner, w)
+    yield f"{prefix}attn.to_out.weight", (w, inner)
+    yield f"{prefix}ff.0.weight", (w,)
+    yield f"{prefix}ff.0.bias", (w,)
+    yield f"{prefix}ff.1.weight", (hidden, w)
+    yield f"{prefix}ff.3.weight", (w, hidden)
+
+
+def _linear(name: str, out_dim: int, in_dim: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    yield f"{name}.weight", (out_dim, in_dim)
+    yield f"{name}.bias", (out_dim,)
+
+
+def _norm(name: str, dim: int) -> Iterator[tuple[str, tuple[int, ...]]]:
+    yield f"{name}.weight", (dim,)
+    yield f"{name}.bias", (dim,)
+
+
+def expected_shapes(config: EncoderConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
+    """Every tensor of a checkpoint of ``config`` with its shape, in module order, without building a module.
+
+    Lazy, so a config that claims 20000 Q-Former blocks costs nothing beyond the tensors a file holds.
+    Mirrors CustomContrastModel's state_dict (tests compare the two for every preset and variants).
+    """
+    c, e = config, "encoder."
+    w = c.width
+    yield f"{e}layer_embed", (len(c.clip_layers), c.clip_width)
+    yield from _linear(f"{e}proj_in", w, c.clip_width)
+    yield f"{e}visual_queries", (c.num_visual_tokens + 1, w)
+    for i in range(c.depth):
+        yield from _block_shapes(f"{e}visual_qformer.blocks.{i}.", c)
+    yield f"{e}group_queries", (c.num_groups + 1, w)
+    yield from _linear(f"{e}time_mlp.0", w, c.fourier_dim)
+    yield from _linear(f"{e}time_mlp.2", w, w)
+    for i in range(c.depth):
+        yield from _block_shapes(f"{e}text_qformer.blocks.{i}.", c)
+    yield from _norm(f"{e}text_out.0", w)
+    yield from _linear(f"{e}text_out.1", c.token_dim, w)
+    yield from _linear(f"{e}text_to_width", w, c.token_dim)
+    yield from _block_shapes(f"{e}tv_fusion.", c)
+    yield from _linear(f"{e}visual_out.0", c.context_dim, w)
+    yield from _norm(f"{e}visual_out.1", c.context_dim)
+    yield from _linear(f"{e}visual_cls_proj", c.cls_dim, w)
+    yield from _linear(f"{e}text_cls_proj", c.cls_dim, c.token_dim)
+    for layer in c.layers:
+        yield f"visual_kv.{layer.name}.to_k.weight", (layer.inner_dim, c.context_dim)
+        yield f"visual_kv.{layer.name}.to_v.weight", (layer.inner_dim, c.context_dim)
+
+
+def _summary(c: EncoderConfig) -> str:
+    return (f"{c.base}, depth {c.depth}, width {c.width}, heads {c.heads} x dim_head {c.dim_head}, "
+            f"ff_mult {c.ff_mult}, {c.num_visual_tokens} visual tokens, clip_width {c.clip_width}, "
+            f"context_dim {c.context_dim}, {len(c.layers)} layers")
+
+
+def check_matches(path: str | Path, config: EncoderConfig, what: str = "its config") -> None:
+    """Raises CheckpointError unless the file's tensor names, shapes and dtype (header only) fit ``config``."""
+    path = Path(path)
+    _check_entries(path, read_header(path), config, what)
+
+
+def _check_entries(path: Path, header: Header, config: EncoderConfig, what: str = "its config") -> None:
+    """Names, shapes and dtypes from the header against the config, before any tensor is read."""
+    entries = header.entries
+    expected: dict[str, tuple[int, ...]] = {}
+    limit = 2 * len(entries) + 64   # enumeration bounded by the file's size, whatever the config claims
+    for key, shape in expected_shapes(config):
+        expected[key] = shape
+        if len(expected) > limit:
+            missing = [k for k in expected if k not in entries]
+            raise CheckpointError(
+                f"{path} does not match {what} ({_summary(config)}): the config implies more than "
+                f"{limit} tensors, the file holds {len(entries)} (missing e.g. {missing[:3]})"
+            )
+    missing = sorted(set(expected) - set(entries))
+    unexpected = sorted(set(entries) - set(expected))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path.name} does not match its {config.base} config: {len(missing)} missing keys "
+            f"{path} does not match {what} ({_summary(config)}): {len(missing)} missing keys "
             f"(e.g. {missing[:3]}), {len(unexpected)} unexpected keys (e.g. {unexpected[:3]})"
         )
-    dtypes = {tensor.dtype for tensor in tensors.values()}
-    if len(dtypes) != 1 or not next(iter(dtypes)).is_floating_point:
-        raise CheckpointError(f"{path.name}: expected every tensor in one floating-point dtype (as "
-                              f"`python -m training.export` writes), found {sorted(str(d) for d in dtypes)}")
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise CheckpointError(f"{path.name}: {key} has shape {tuple(tensors[key].shape)}, expected {tuple(ref.shape)}")
-        if tensors[key].is_floating_point() and not torch.isfinite(tensors[key]).all():
-            raise CheckpointError(f"{path.name}: {key} contains NaN or Inf values (a diverged training run?)")
+    dtypes = sorted({entry.dtype for entry in entries.values()})
+    if len(dtypes) != 1 or dtypes[0] not in WEIGHT_DTYPES:
+        raise CheckpointError(f"{path}: expected every tensor in one floating-point dtype {WEIGHT_DTYPES} (as "
+                              f"`python -m training.export` writes), found {dtypes}")
+    for key, shape in expected.items():
+        if entries[key].shape != shape:
+            raise CheckpointError(f"{path}: {key} has shape {entries[key].shape}, expected {shape} from {what} "
+                                  f"({_summary(config)})")
 
 
 def load(path: str | Path, *, expected_base: str | None = None, expected_clip_width: int | None = None,
          device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> tuple[CustomContrastModel, CheckpointInfo]:
-    """Loads and validates a checkpoint; raises CheckpointError saying what was expected and found."""
+    """Loads and validates a checkpoint; raises CheckpointError saying what was expected and found.
+
+    Order: header (no tensor data), metadata and config, names/shapes/dtypes against the config, then the
+    tensors (finite), and only then a module, so a crafted small file costs no more than its size.
+    """
     path = Path(path)
-    info = read_info(path)
+    header = read_header(path)
+    info = _info_from_metadata(path, header.metadata)
     config = info.config
     if expected_base is not None and config.base != expected_base:
         raise CheckpointError(
-            f"{path.name} was trained for {config.base.upper()} but the model is {expected_base.upper()}; "
+            f"{path} was trained for {config.base.upper()} but the model is {expected_base.upper()}; "
             f"pick a {expected_base} CustomContrast checkpoint"
         )
     if expected_clip_width is not None and config.clip_width != expected_clip_width:
         raise CheckpointError(
-            f"{path.name} expects a CLIP-vision model of width {config.clip_width}, the one given has width "
+            f"{path} expects a CLIP-vision model of width {config.clip_width}, the one given has width "
             f"{expected_clip_width}; load the CLIP-vision model it was trained with"
         )
-    try:
-        tensors = load_file(str(path), device="cpu")
-    except Exception as err:  # safetensors raises its own error types for malformed files
-        raise CheckpointError(f"{path.name} could not be read as .safetensors: {err}") from None
-    _check_tensors(path, tensors, config)
+    _check_entries(path, header, config)
+    tensors: dict[str, Tensor] = read_tensors(path)
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path}: {key} contains NaN or Inf values (a diverged training run?)")
     model = CustomContrastModel(config, device=torch.device("meta"))
     model.load_state_dict(tensors, assign=True)
     model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device=device)

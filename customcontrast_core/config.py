@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,36 @@ def dataclass_from_dict(cls: type, data: dict[str, Any], what: str, complete: bo
     if complete and missing:
         raise ValueError(f"{what} lacks the fields {missing}; a saved config names all of {sorted(known)}")
     return cls(**data)
+
+
+_WIDTH = (1, 2**16)   # any real width is far below; a larger one would only fail later, deep inside torch
+_INT_RANGES: dict[str, tuple[int, int]] = {   # field -> inclusive [low, high]
+    "clip_width": _WIDTH, "clip_num_layers": (1, 1024), "width": _WIDTH, "heads": (1, 1024),
+    "dim_head": (1, 4096), "depth": (1, 256), "ff_mult": (1, 64), "num_visual_tokens": (1, 4096),
+    "context_dim": _WIDTH, "fourier_dim": (2, 2**16), "max_timestep": (1, 10**6), "cls_dim": _WIDTH,
+}
+_TUPLE_FIELDS: dict[str, tuple[int, int]] = {   # field -> inclusive range of each entry
+    "block_out_channels": _WIDTH, "clip_layers": (0, 1024), "token_widths": _WIDTH, "layer_groups": (0, 1024),
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_int(name: str, value: Any, low: int, high: int) -> None:
+    if not _is_int(value) or not low <= value <= high:
+        raise ValueError(f"encoder config {name}: expected an integer in [{low}, {high}], found {value!r}")
+
+
+def _int_tuple(name: str, value: Any) -> tuple[int, ...]:
+    """A list/tuple of integers in the field's range, as a tuple of ints (JSON gives lists)."""
+    low, high = _TUPLE_FIELDS[name]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(f"encoder config {name}: expected a non-empty list of integers, found {value!r}")
+    for i, x in enumerate(value):
+        _check_int(f"{name}[{i}]", x, low, high)
+    return tuple(int(x) for x in value)
 
 
 @dataclass(frozen=True)
@@ -48,10 +79,14 @@ class EncoderConfig:
     cls_dim: int = 512                                  # shared width of the projected CLS tokens (CSCL)
 
     def __post_init__(self) -> None:
-        for name in ("block_out_channels", "clip_layers", "token_widths", "layer_groups"):
-            object.__setattr__(self, name, tuple(int(x) for x in getattr(self, name)))
+        if not isinstance(self.base, str) or self.base not in BASE_LAYER_COUNT:
+            raise ValueError(f"encoder config base: expected one of {sorted(BASE_LAYER_COUNT)}, found {self.base!r}")
+        for name in _TUPLE_FIELDS:
+            object.__setattr__(self, name, _int_tuple(name, getattr(self, name)))
+        for name, (low, high) in _INT_RANGES.items():
+            _check_int(name, getattr(self, name), low, high)
         n_layers = len(self.layers)
-        if self.base in BASE_LAYER_COUNT and n_layers != BASE_LAYER_COUNT[self.base]:
+        if n_layers != BASE_LAYER_COUNT[self.base]:
             raise ValueError(f"{self.base} has {BASE_LAYER_COUNT[self.base]} cross-attention layers, got {n_layers}")
         if len(self.layer_groups) != n_layers:
             raise ValueError(
@@ -66,12 +101,6 @@ class EncoderConfig:
             raise ValueError(
                 f"clip_layers must be non-empty HF hidden_states indices in [0, {self.clip_num_layers}], found {self.clip_layers}"
             )
-        if sum(self.token_widths) <= 0 or min(self.token_widths) <= 0:
-            raise ValueError(f"token_widths must be positive, found {self.token_widths}")
-        for name in ("clip_width", "width", "heads", "dim_head", "depth", "ff_mult",
-                     "num_visual_tokens", "context_dim", "fourier_dim", "max_timestep", "cls_dim"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, found {getattr(self, name)}")
         if self.fourier_dim % 2:
             raise ValueError(f"fourier_dim must be even (sin and cos halves), found {self.fourier_dim}")
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from customcontrast_core import CustomContrastModel, get_preset
-from customcontrast_core import checkpoint
+from customcontrast_core import checkpoint, safetensors_file
 from customcontrast_core.checkpoint import CheckpointError
 
 
@@ -74,7 +74,7 @@ def test_truncated(tiny_file):
     _, path = tiny_file
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 100])
-    with pytest.raises(CheckpointError, match=f"truncated: expected {len(data)} bytes, found {len(data) - 100}"):
+    with pytest.raises(CheckpointError, match=rf"truncated \(incomplete\): expected {len(data)} bytes as its header declares, found {len(data) - 100}"):
         checkpoint.load(path)
     path.write_bytes(data[:50])
     with pytest.raises(CheckpointError, match="truncated"):
@@ -158,7 +158,7 @@ def test_failed_save_keeps_previous_file(tiny_file, monkeypatch):
 
     def crash(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(checkpoint, "save_file", crash)
+    monkeypatch.setattr(safetensors_file, "_write_file", crash)
     with pytest.raises(OSError, match="disk full"):
         checkpoint.save(path, model, step=43)
     assert path.read_bytes() == before

@@ -10,28 +10,63 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from safetensors.torch import load_file
-
 from customcontrast_core import checkpoint
 from customcontrast_core.config import get_preset
+from customcontrast_core.safetensors_file import read_tensors
 from customcontrast_core.visual_kv import CustomContrastModel
 
 from .config import TrainConfig
 from .state import find_checkpoint
 
 
+def _read_json(path: Path, what: str) -> object:
+    """A JSON file of the run, or an error naming it (missing or malformed)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: expected {path}, found no such file")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{what}: {path} is not valid JSON ({err})") from None
+
+
+def _step(folder: Path) -> int:
+    state = _read_json(folder / "state.json", "training checkpoint state")
+    step = state.get("step") if isinstance(state, dict) else None
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise ValueError(f"{folder / 'state.json'}: expected an object with a non-negative integer step, "
+                         f"found {state!r:.200}")
+    return step
+
+
+def _output_path(out: Path) -> Path:
+    if out.is_dir() or out.suffix != ".safetensors":
+        raise ValueError(f"--out: expected a file path ending in .safetensors (the Load node lists those), found {out}"
+                         + (" (a folder)" if out.is_dir() else ""))
+    return out
+
+
 def export(run_dir: Path, *, which: str = "latest", out: Path | None = None) -> Path:
-    """Converts a training checkpoint of ``run_dir`` into one CustomContrast ``.safetensors``."""
+    """Converts a training checkpoint of ``run_dir`` into one CustomContrast ``.safetensors``.
+
+    The file is written atomically (nothing appears under its name until it is complete) and follows the
+    umask; a malformed or incomplete training checkpoint is refused naming the file.
+    """
+    out = _output_path(Path(out)) if out is not None else None
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run folder: expected {config_file}")
-    cfg = TrainConfig.from_dict(json.loads(config_file.read_text()))
+    cfg = TrainConfig.from_dict(_read_json(config_file, "training run config"))
     folder = find_checkpoint(run_dir / "checkpoints", which)
     if folder is None:
         raise FileNotFoundError(f"no complete checkpoint under {run_dir / 'checkpoints'}")
-    model = CustomContrastModel(get_preset(cfg.encoder_preset))
-    model.load_state_dict(load_file(str(folder / "trainable.safetensors")))
-    step = json.loads((folder / "state.json").read_text())["step"]
+    step = _step(folder)
+    weights = folder / "trainable.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"incomplete training checkpoint {folder}: expected {weights}, found no such file")
+    config = get_preset(cfg.encoder_preset)
+    checkpoint.check_matches(weights, config, f"the run's encoder preset {cfg.encoder_preset!r}")
+    model = CustomContrastModel(config)
+    model.load_state_dict(read_tensors(weights))
     return checkpoint.save(out or run_dir / f"customcontrast_step{step}.safetensors", model, step=step,
                            extra={"train_config": cfg.to_json()})
 
