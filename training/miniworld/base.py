@@ -1,0 +1,187 @@
+"""The small world's base text-to-image model, trained from scratch on the CPU.
+
+The architectures are the ``tiny`` preset's (``training.models.build_tiny``): a latent-diffusion UNet with
+SD1.5's block structure (16 cross-attention layers in SD1.5's places), a KL autoencoder (4 latent channels,
+4x down) and a CLIP-structured text encoder with CLIP's BPE tokenizer. Choices:
+- the autoencoder is trained first, alone (reconstruction + a small KL), then frozen: the UNet needs a
+  fixed latent space, as SD's did;
+- the text encoder is trained jointly with the UNet, then frozen: a random frozen encoder gives features
+  the UNet can read, but learning them makes caption following converge in far fewer CPU steps;
+- the CLIP-vision and appearance towers stay random (their weights come from ``build_tiny``'s seed):
+  CustomContrast's trainable parts learn to read them, and no scorer shares them.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from customcontrast_core.config import EncoderConfig
+
+from ..models import FrozenModels, build_tiny
+
+log = logging.getLogger(__name__)
+PARTS = ("vae", "unet", "text", "clip_vision", "appearance")
+
+
+@dataclass(frozen=True)
+class BaseConfig:
+    """How the base model is trained."""
+
+    image_size: int = 32
+    vae_steps: int = 1500
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-6
+    steps: int = 4000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 200
+    drop_caption: float = 0.1     # empty prompts, for classifier-free guidance
+    seed: int = 0
+
+
+def build_base(config: EncoderConfig, image_size: int, reference_size: int, seed: int = 0) -> FrozenModels:
+    """The base model's architectures: ``build_tiny``'s for ``config`` (random weights)."""
+    return build_tiny(config, image_size=image_size, reference_size=reference_size, seed=seed)
+
+
+def _modules(models: FrozenModels) -> dict[str, torch.nn.Module]:
+    return dict(zip(PARTS, (models.vae, models.unet, models.text, models.clip_vision.model, models.appearance.model)))
+
+
+def load_base(folder: str | Path, config: EncoderConfig, image_size: int, reference_size: int) -> FrozenModels:
+    """The trained base model of ``folder`` (every frozen part, the random towers included), frozen."""
+    models = build_base(config, image_size, reference_size)
+    for name, module in _modules(models).items():
+        path = Path(folder) / f"{name}.safetensors"
+        if not path.is_file():
+            raise FileNotFoundError(f"no trained base model part at {path}: run `python -m training.miniworld "
+                                    "--stages world,base` first")
+        missing, unexpected = module.load_state_dict(load_file(str(path)), strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{path}: expected the weights of the {config.base} tiny architecture, found "
+                             f"{len(missing)} missing and {len(unexpected)} unexpected tensors (first: "
+                             f"{(missing or unexpected)[0]})")
+    scale = json.loads(load_file_metadata(Path(folder) / "vae.safetensors").get("scaling_factor", "null"))
+    if scale is None:
+        raise ValueError(f"{Path(folder) / 'vae.safetensors'}: no scaling_factor in its metadata")
+    models.vae.register_to_config(scaling_factor=scale)
+    return models.freeze()
+
+
+def _save(folder: Path, name: str, module: torch.nn.Module, meta: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{name}.safetensors.tmp"
+    save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in meta.items()})
+    tmp.replace(folder / f"{name}.safetensors")
+
+
+def _batches(images: np.ndarray, captions: list[str], batch: int, rng: np.random.Generator):
+    while True:
+        index = rng.integers(0, len(images), batch)
+        x = torch.from_numpy(images[index]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        yield x, [captions[i] for i in index]
+
+
+def train_vae(models: FrozenModels, images: np.ndarray, cfg: BaseConfig) -> list[float]:
+    """Trains the autoencoder on the scenes (MSE + small KL); returns the losses."""
+    vae = models.vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng([cfg.seed, 1])
+    losses = []
+    for step, (x, _) in zip(range(cfg.vae_steps), _batches(images, [""] * len(images), cfg.batch_size, rng)):
+        for group in opt.param_groups:
+            group["lr"] = cfg.vae_lr * min(1.0, (step + 1) / 100) * (0.1 if step > 0.8 * cfg.vae_steps else 1.0)
+        dist = vae.encode(x).latent_dist
+        z = dist.sample()
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + cfg.vae_kl * dist.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if step % 250 == 0:
+            log.info("vae step %d: loss %.4f", step, loss.item())
+    vae.eval().requires_grad_(False)
+    return losses
+
+
+@torch.no_grad()
+def latent_scale(models: FrozenModels, images: np.ndarray) -> float:
+    """1 / std of the latents (SD's ``scaling_factor`` rule), over up to 512 scenes."""
+    x = torch.from_numpy(images[:512]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return float(1.0 / models.vae.encode(x).latent_dist.mean.std())
+
+
+def train_unet(models: FrozenModels, images: np.ndarray, captions: list[str], cfg: BaseConfig) -> list[float]:
+    """Trains the UNet and the text encoder jointly (epsilon prediction, caption dropout); returns the losses."""
+    unet, text = models.unet.train().requires_grad_(True), models.text.train().requires_grad_(True)
+    params = list(unet.parameters()) + list(text.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    sched = models.scheduler
+    scale = models.vae.config.scaling_factor
+    rng = np.random.default_rng([cfg.seed, 2])
+    g = torch.Generator().manual_seed(cfg.seed)
+    losses, start = [], time.time()
+    for step, (x, caps) in zip(range(cfg.steps), _batches(images, captions, cfg.batch_size, rng)):
+        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        caps = ["" if rng.uniform() < cfg.drop_caption else c for c in caps]
+        with torch.no_grad():
+            latents = models.vae.encode(x).latent_dist.mean * scale
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(x),), generator=g)
+        context, _ = text(text.tokenize(caps, "<subject>"))
+        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        losses.append(loss.item())
+        if step % 100 == 0:
+            log.info("unet step %d: loss %.4f (%.2f s/step)", step, np.mean(losses[-100:]),
+                     (time.time() - start) / (step + 1))
+    unet.eval().requires_grad_(False)
+    text.eval().requires_grad_(False)
+    return losses
+
+
+def train_base(folder: str | Path, images: np.ndarray, captions: list[str], cfg: BaseConfig,
+               config: EncoderConfig) -> FrozenModels:
+    """Trains (or, when its parts are on disk, loads) the base model; writes one safetensors file per part."""
+    folder = Path(folder)
+    models = build_base(config, cfg.image_size, cfg.image_size, cfg.seed)
+    meta = {"base_config": asdict(cfg)}
+    vae_file = folder / "vae.safetensors"
+    if vae_file.is_file():
+        models.vae.load_state_dict(load_file(str(vae_file)))
+        models.vae.eval().requires_grad_(False)
+    else:
+        losses = train_vae(models, images, cfg)
+        models.vae.register_to_config(scaling_factor=latent_scale(models, images))
+        _save(folder, "vae", models.vae, {**meta, "final_loss": float(np.mean(losses[-50:])),
+                                           "scaling_factor": models.vae.config.scaling_factor})
+    models.vae.register_to_config(scaling_factor=json.loads(load_file_metadata(vae_file)["scaling_factor"]))
+    if not (folder / "unet.safetensors").is_file():
+        losses = train_unet(models, images, captions, cfg)
+        final = {**meta, "final_loss": float(np.mean(losses[-100:]))}
+        for name in ("clip_vision", "appearance", "text"):
+            _save(folder, name, _modules(models)[name], meta)
+        _save(folder, "unet", models.unet, final)   # last: its presence marks the stage complete
+    return load_base(folder, config, cfg.image_size, cfg.image_size)
+
+
+def load_file_metadata(path: str | Path) -> dict[str, str]:
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
