@@ -13,6 +13,7 @@ from customcontrast_core.layers import CrossAttentionLayer
 from customcontrast_core.masks import MaskConfig
 from customcontrast_core.prompt import placeholder_words
 
+from .checks import APPLY, check_finite, check_number
 from .patch import ApplySettings, Attn2Replace, SubjectPatch
 from .text_encode import encode_base, tokenize_prompt
 
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from .subject import Subject
 
 STATE_KEY = "customcontrast"
+SUBJECT_INPUTS = ("subject", "subject2", "subject3")   # the Apply node's inputs, in placeholder order
 
 
 def model_family(model) -> str:
@@ -116,6 +118,7 @@ def user_mask_of(attn_mask) -> torch.Tensor | None:
     user = (attn_mask[None] if attn_mask.ndim == 2 else attn_mask).float()
     if user.ndim != 3 or 0 in user.shape:
         raise ValueError(f"attn_mask must be a MASK of shape (H, W) or (B, H, W), got {tuple(attn_mask.shape)}")
+    check_finite(APPLY, "attn_mask", user, "hold finite values from 0 to 1", ("mask", "row", "column"))
     empty = [i for i, peak in enumerate(user.flatten(1).amax(1).tolist()) if peak <= 0]
     if empty:
         which = "" if user.shape[0] == 1 else f" {empty[0]} (of {user.shape[0]})"
@@ -130,14 +133,19 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
 
     ``cuda_graphs`` replays each patched layer's attention as a CUDA graph (``graphed.py``); layers on
     other devices run eagerly."""
+    weight = check_number(APPLY, "weight", weight, 0.0, 3.0)
+    start_percent = check_number(APPLY, "start_percent", start_percent, 0.0, 1.0)
+    end_percent = check_number(APPLY, "end_percent", end_percent, 0.0, 1.0)
+    splus_buckets = int(check_number(APPLY, "splus_buckets", splus_buckets, 0, 1000, whole=True))
     if start_percent > end_percent:
-        raise ValueError(f"start_percent ({start_percent}) must not be after end_percent ({end_percent})")
+        raise ValueError(f"{APPLY}: start_percent ({start_percent}) must not be after end_percent ({end_percent})")
     layers = check_model(model, customcontrast)
     config = customcontrast.model.config
-    for s in subjects:
+    for name, s in zip(SUBJECT_INPUTS, subjects):
         if s.width != config.clip_width or s.layers != config.clip_layers:
             raise ValueError(f"a SUBJECT was encoded for CLIP width {s.width} / layers {s.layers}, this checkpoint "
                              f"expects {config.clip_width} / {config.clip_layers}: re-encode it with this checkpoint")
+        check_finite(APPLY, name, s.hidden, "hold finite CLIP-vision features", ("image", "layer", "token", "channel"))
     words = placeholder_words(len(subjects))
     tokens = tokenize_prompt(clip, prompt, words, config.base, config.token_widths)
     sampling = model.get_model_object("model_sampling")
@@ -150,7 +158,11 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
     with torch.no_grad():
         first = sampling.timestep(sampling.sigma_max.reshape(1)).float()
         splus = [encoder(s.hidden.to(next(encoder.parameters())), first).splus[0] for s in subjects]
+    check_finite(APPLY, "customcontrast", torch.stack(splus), "give finite S+ vectors (its encoder's weights hold "
+                 "NaN or infinite values?)", ("subject", "layer group", "channel"))
     base_context, pooled = encode_base(clip, tokens, splus)
+    check_finite(APPLY, "clip", base_context, "encode the prompt to finite embeddings",
+                 ("prompt", "token", "channel"))
     patch = SubjectPatch(model=customcontrast.model, clip=clip, subjects=[s.hidden for s in subjects],
                          blank=subjects[0].blank, prompt=tokens, base_context=base_context, layers=layers,
                          settings=settings, timestep_of=lambda sigma: sampling.timestep(sigma).float())

@@ -200,7 +200,10 @@ class SubjectPatch:
                 self._eval.step_masks = self.tracker.mask_for(sigma)
         return self._eval
 
-    def _base_for(self, context: Tensor) -> Tensor:
+    def _base_for(self, context: Tensor) -> Tensor | None:
+        """The positive conditioning at the batch's context length; None if that is no multiple of the prompt's."""
+        if context.shape[1] % self.base_context.shape[1]:
+            return None
         key = (context.device, context.dtype, context.shape[1])
         if key not in self._base:
             self._base[key] = reorder_for(self.base_context.to(context.device, context.dtype), context.shape[1])[0]
@@ -218,7 +221,8 @@ class SubjectPatch:
         named = (uuids, chunks, b, context.shape[1]) if len(uuids) == len(chunks) else None
         swapped = self._swapped.get(named) if named is not None else None
         if swapped is None:
-            swapped = matching_chunks(context, chunks, self._base_for(context))
+            base = self._base_for(context)
+            swapped = () if base is None else matching_chunks(context, chunks, base)
             if named is not None:
                 self._swapped[named] = swapped
         if swapped:

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 from torch import Tensor
 
+from .checks import ENCODE, check_batch, check_finite
 from .loader import CUSTOMCONTRAST, LoadedCustomContrast
 
 SUBJECT = io.Custom("CUSTOMCONTRAST_SUBJECT")
@@ -118,10 +119,15 @@ def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Ten
     LoadImage MASK, 1 where the image is transparent). Shapes: image (B, H, W, C), mask (H, W) or (1 or B, H, W)."""
     config = customcontrast.model.config
     rgb, alpha = to_rgb(image.float())
+    check_batch(ENCODE, "image", rgb, "image")
     h, w = rgb.shape[1:3]
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"the reference image is {w}x{h} px; expected at least {MIN_SIDE}x{MIN_SIDE}")
+    check_finite(ENCODE, "image", image, "hold finite pixel values (0 to 1)", ("image", "row", "column", "channel"))
+    rgb = rgb.clamp(0, 1)   # an upscaler's overshoot (or 1e30) would reach CLIP vision as is
     if mask is not None:   # invert_mask applies to the MASK input only, never to an RGBA image's alpha
+        check_finite(ENCODE, "mask", mask if mask.ndim != 2 else mask[None], "hold finite values from 0 to 1",
+                     ("mask", "row", "column"))
         mask = 1 - mask.float() if invert_mask else mask.float()
     elif alpha is not None and alpha.min() < 1:
         mask = alpha
@@ -130,6 +136,9 @@ def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Ten
     hidden = clip_hidden(clip_vision, rgb, config.clip_layers, crop, config.clip_width)
     hidden = hidden.mean(0, keepdim=True) if average else hidden[:1]
     blank = clip_hidden(clip_vision, torch.zeros(1, 224, 224, 3), config.clip_layers, crop, config.clip_width)
+    for features in (hidden, blank):   # a CLIP-vision model with broken weights, or one overflowing in fp16
+        check_finite(ENCODE, "clip_vision", features, "give finite features of the image",
+                     ("image", "layer", "token", "channel"))
     return Subject(hidden=hidden, blank=blank, width=config.clip_width, layers=config.clip_layers)
 
 

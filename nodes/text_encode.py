@@ -26,9 +26,41 @@ def _word_ids(clip, key: str, word: str) -> list[int]:
     return list(tokenizer(word)["input_ids"][1:-1])
 
 
-def _collapse_section(section: list[tuple], patterns: Sequence[Sequence[int]]) -> tuple[list[tuple], list[list[int]]]:
-    """Collapses each placeholder pattern to one slot inside one 77-token section of (token, weight) pairs."""
-    ids = [entry[0] for entry in section]
+def _ids(section: list[tuple]) -> list[int | None]:
+    """The token ids of a section; None for an embedding (a tensor token of a textual-inversion embedding)."""
+    return [entry[0] if isinstance(entry[0], int) else None for entry in section]
+
+
+def _start_cut_placeholders(sections: list[list[tuple]], patterns: Sequence[Sequence[int]],
+                            tokenizer) -> list[list[tuple]]:
+    """Mends a placeholder that ComfyUI's tokenizer cut at a 77-token boundary (a long prompt fills each section
+    and goes on in the next, word or not): the cut placeholder starts the next section, whole (collapsed to its
+    slot afterwards), and the section before ends where it began (end token, then padding)."""
+    start, end, pad = tokenizer.start_token, tokenizer.end_token, tokenizer.pad_token
+    sections = [list(section) for section in sections]
+    for s in range(len(sections) - 1):
+        first, second = sections[s], sections[s + 1]
+        ids, head = _ids(first), _ids(second)[1:]
+        if end not in ids[1:] or not second or _ids(second)[0] != start:
+            continue
+        stop = ids.index(end, 1)                       # the end token that closes the section's text
+        tail = ids[1:stop]
+        for pattern in sorted(map(list, patterns), key=len, reverse=True):
+            cut = next((k for k in range(len(pattern) - 1, 0, -1)
+                        if tail[-k:] == pattern[:k] and head[:len(pattern) - k] == pattern[k:]), None)
+            if cut is not None:
+                closing = first[stop]
+                sections[s] = first[:stop - cut] + [closing] + [(pad, 1.0, *closing[2:])] * cut + first[stop + 1:]
+                sections[s + 1] = [second[0]] + [(t, *second[1][1:]) for t in pattern[:cut]] + second[1:]
+                break
+    return sections
+
+
+def _collapse_section(section: list[tuple], patterns: Sequence[Sequence[int]],
+                      length: int) -> tuple[list[tuple], list[list[int]]]:
+    """Collapses each placeholder pattern to one slot inside one section of (token, weight) pairs, ``length``
+    entries long afterwards (padded with its last entry)."""
+    ids = _ids(section)
     out: list[tuple] = []
     slots: list[list[int]] = [[] for _ in patterns]
     order = sorted(range(len(patterns)), key=lambda i: len(patterns[i]), reverse=True)
@@ -43,7 +75,7 @@ def _collapse_section(section: list[tuple], patterns: Sequence[Sequence[int]]) -
             out.append(section[index])
             index += len(patterns[hit])
     pad = section[-1]
-    return out + [pad] * (len(section) - len(out)), slots
+    return (out + [pad] * (length - len(out)))[:length], slots
 
 
 @dataclass
@@ -67,7 +99,7 @@ class PlaceholderPrompt:
 
 def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: Sequence[int]) -> PlaceholderPrompt:
     """Tokenizes a prompt with ComfyUI's tokenizer and locates each subject's placeholder."""
-    check_prompt(prompt, words)
+    counts = check_prompt(prompt, words)
     tokens = clip.tokenize(isolate_placeholders(prompt, words))
     keys = ENCODER_KEYS[base]
     if sorted(tokens) != sorted(keys):   # an SDXL CLIP (l and g) on an SD1.5 model would give 2048-wide contexts
@@ -81,8 +113,9 @@ def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: 
             collapsed[key] = tokens[key]
             continue
         sections, found = [], [[] for _ in words]
-        for s, section in enumerate(tokens[key]):
-            new, where = _collapse_section(list(section), patterns)
+        mended = _start_cut_placeholders(tokens[key], patterns, getattr(clip.tokenizer, f"clip_{key}"))
+        for s, (section, original) in enumerate(zip(mended, tokens[key])):
+            new, where = _collapse_section(section, patterns, len(original))
             sections.append(new)
             for subject, positions in enumerate(where):
                 found[subject] += [(s, p) for p in positions]
@@ -91,8 +124,9 @@ def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: 
             raise ValueError("CLIP-L and CLIP-G tokenizers place the placeholder differently; cannot encode S+")
         slots = found
     for word, where in zip(words, slots or []):
-        if not where:
-            raise PlaceholderError(f"placeholder {word!r} was not found among the prompt's tokens")
+        if len(where) < counts[word]:
+            raise PlaceholderError(f"placeholder {word!r} occurs {counts[word]} time(s) in the prompt, "
+                                   f"{len(where)} of them were found among the prompt's tokens")
     return PlaceholderPrompt(tokens=collapsed, slots=slots or [], base=base, widths=tuple(widths))
 
 
