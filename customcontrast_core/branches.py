@@ -75,4 +75,4 @@ class SubjectMaps:
 
     text: Tensor            # (B, N) placeholder probability from the biased text softmax; 0 outside text_rows
     visual: Tensor | None   # (B, N) visual attention normalised over space, mean over visual tokens; sums to 1
-                            # over N (None when not asked for: training's L_loc reads only the text map)
+                            # over N (None when not asked for: training's text-only L_loc, loc_maps="text")

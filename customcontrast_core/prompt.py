@@ -8,17 +8,19 @@ embeddings are added (textual-inversion semantics).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
 __all__ = ["PlaceholderError", "assemble_splus", "check_prompt", "collapse_placeholder", "collapse_placeholders",
-           "find_placeholders", "isolate_placeholders", "placeholder_words", "split_splus"]
+           "find_placeholders", "isolate_placeholders", "placeholder_words", "pooled_prompt_ids", "split_splus"]
 
 # anything written like `<word>`; `<lora:name:1.0>`-style syntax (colons) is not a placeholder
 _PLACEHOLDER = re.compile(r"<[A-Za-z_][\w-]*>")
+T = TypeVar("T")
 
 
 class PlaceholderError(ValueError):
@@ -151,6 +153,26 @@ def collapse_placeholder(
     """
     out, slots = collapse_placeholders(ids, [pattern], pad_id=pad_id, slot_ids=[slot_id], length=length)
     return out, slots[0]
+
+
+def pooled_prompt_ids(ids: Sequence[T], slots: Iterable[int], placeholder_ids: Sequence[int]) -> list[T | int]:
+    """The tokens SDXL's pooled text embedding is computed from, in training and in ComfyUI alike.
+
+    SDXL adds the projected CLIP-G output at the prompt's end token to its timestep embedding: one vector
+    per image for the whole sampling run. S+ changes with the timestep and the layer group, that vector
+    cannot (ComfyUI computes it once per run), so it is computed without S+: from the collapsed prompt
+    with each of the placeholder's ``slots`` holding the placeholder's first BPE token
+    (``placeholder_ids[0]``). ``ids``: one collapsed token sequence (ints, or whatever a tokenizer puts in
+    its entries: only the slots change). Returns a new list of the same length.
+    """
+    if not placeholder_ids:
+        raise ValueError("placeholder id pattern is empty; tokenize the word without start/end tokens")
+    out = list(ids)
+    for slot in slots:
+        if not 0 <= slot < len(out):
+            raise ValueError(f"placeholder slot {slot} lies outside the {len(out)}-token prompt")
+        out[slot] = placeholder_ids[0]
+    return out
 
 
 # Embeddings

@@ -15,7 +15,7 @@ from customcontrast_core.prompt import placeholder_words
 
 from .checks import APPLY, check_finite, check_number
 from .patch import ApplySettings, Attn2Replace, SubjectPatch
-from .text_encode import encode_base, tokenize_prompt
+from .text_encode import encode_base, encode_pooled, tokenize_prompt
 
 if TYPE_CHECKING:
     from .loader import LoadedCustomContrast
@@ -161,6 +161,8 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
     check_finite(APPLY, "customcontrast", torch.stack(splus), "give finite S+ vectors (its encoder's weights hold "
                  "NaN or infinite values?)", ("subject", "layer group", "channel"))
     base_context, pooled = encode_base(clip, tokens, splus)
+    if config.base == "sdxl":   # SDXL's added condition as in training: the prompt without S+ (pooled_prompt_ids)
+        pooled = encode_pooled(clip, tokens, words)
     check_finite(APPLY, "clip", base_context, "encode the prompt to finite embeddings",
                  ("prompt", "token", "channel"))
     patch = SubjectPatch(model=customcontrast.model, clip=clip, subjects=[s.hidden for s in subjects],

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders
+from customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders, pooled_prompt_ids
 
 from .fast_tokens import stamped_rows
 
@@ -170,6 +170,24 @@ def encode_base(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tup
     """The positive CONDITIONING: the prompt with the first group's S+ vectors. Shapes: -> (1, 77*S, C)."""
     contexts, pooled = encode_splus(clip, prompt, [v[:1] for v in splus])
     return contexts[:1], (pooled[:1] if pooled is not None else None)
+
+
+def encode_pooled(clip, prompt: PlaceholderPrompt, words: Sequence[str]) -> Tensor:
+    """SDXL's pooled text embedding exactly as training computes it: the prompt with each placeholder's first
+    BPE token in its slots and no S+ (``pooled_prompt_ids``), prompt weights left out. ComfyUI pools the first
+    77-token section, so only that section is encoded. Shapes: -> (1, P)."""
+    tokens = {}
+    for key, sections in prompt.tokens.items():
+        section = list(sections[0])
+        if key in ENCODER_KEYS[prompt.base]:
+            ids = [entry[0] for entry in section]
+            for subject, word in enumerate(words):
+                ids = pooled_prompt_ids(ids, [pos for s, pos in prompt.slots[subject] if s == 0],
+                                        _word_ids(clip, key, word))
+            section = [(token, 1.0, *entry[2:]) for token, entry in zip(ids, section)]
+        tokens[key] = [section]
+    _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    return pooled
 
 
 def reorder_for(contexts: Tensor, length: int) -> Tensor:

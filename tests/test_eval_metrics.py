@@ -72,3 +72,29 @@ def test_evaluate_names_the_missing_metric_key_of_eval_json(tmp_path):
     config.write_text(json.dumps({"paths": {}, "clip_weights": str(ckpt)}))
     with pytest.raises(ValueError, match=r"key 'dino_dir' must give the local path of a DINO ViT-S/16 folder"):
         evaluate.main(args)
+
+
+def test_clip_scorer_preprocesses_as_open_clip_does_on_a_non_square_image():
+    """Bicubic resize of the shorter side to 224, centre crop, CLIP's mean/std: open_clip's own evaluation
+    transform, applied to the 8-bit image; a band at the side of a wide image is cropped away, not squashed in."""
+    import open_clip
+    from PIL import Image
+
+    scorer = ClipScorer("ViT-B-32", None, tiny=True)
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 240, 400)).float() / 255            # landscape, 8-bit values
+    image[:, :, :60] = 1.0                                                 # a white band left of the centre square
+    reference = open_clip.image_transform(224, is_train=False)             # open_clip's defaults (OpenAI mean/std)
+    expected = reference(Image.fromarray(image.mul(255).round().byte().permute(1, 2, 0).numpy()))
+    pixels = scorer.pixels([image])
+    assert pixels.shape == (1, 3, 224, 224)
+    torch.testing.assert_close(pixels[0], expected, rtol=0, atol=0)
+    mean = torch.tensor((0.48145466, 0.4578275, 0.40821073))[:, None, None]
+    std = torch.tensor((0.26862954, 0.26130258, 0.27577711))[:, None, None]
+    shown = pixels[0] * std + mean
+    assert (shown[:, :, :8] > 0.99).float().mean() < 0.05                 # the band is not in the crop
+    features = scorer.images([image, image[:, :, 20:]])                   # the scorer embeds exactly these pixels
+    with torch.no_grad():
+        torch.testing.assert_close(features[:1], scorer.model.encode_image(expected[None]).float())
+    with pytest.raises(ValueError, match=r"image 1 must be a finite \(3, H, W\) tensor .* with NaN or inf"):
+        scorer.images([image, torch.full((3, 8, 8), float("nan"))])

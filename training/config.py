@@ -94,6 +94,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     lambda_contrast: float = 1e-2         # λ1 of Eq. 9
     lambda_loc: float = 1e-3              # λ2 of Eq. 9
+    loc_maps: str = "combined"            # Ā of L_loc: "combined" (text + visual, the inference masks' map) or "text"
     contrastive_terms: tuple[str, ...] = ("cscl", "macl")   # which of Eq. 9's contrastive terms are trained
     cscl_temperature: float = 1.0         # as printed in Eq. 4 (no temperature)
     macl_temperature: float = 0.07
@@ -143,6 +144,7 @@ class TrainConfig:
         _require(set(self.capture_downsample) <= set(layers), "capture_downsample",
                  f"downsample factors of {self.encoder_preset} cross-attention layers, among {layers}",
                  self.capture_downsample)
+        _require(self.loc_maps in ("combined", "text"), "loc_maps", "'combined' or 'text'", self.loc_maps)
         _require(bool(self.capture_downsample) or self.lambda_loc == 0, "capture_downsample",
                  "at least one factor while lambda_loc > 0 (no captured layer makes L_loc 0)", self.capture_downsample)
         _require(self.optimizer in ("adamw", "sgd"), "optimizer", "'adamw' or 'sgd'", self.optimizer)

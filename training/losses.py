@@ -4,13 +4,18 @@ Where the printed paper is ambiguous or wrong, the docstring says what is implem
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import einsum, rearrange
 from torch import Tensor
+
+from customcontrast_core.masks import combine_maps
+from customcontrast_core.propagation import subject_location
+
+LOC_MAPS = ("combined", "text")   # Ā of L_loc: the inference masks' text + visual map, or the text map alone
 
 
 def _check_pair(a: Tensor, b: Tensor, name: str) -> None:
@@ -78,10 +83,34 @@ def macl_loss(anchor: Tensor, positive: Tensor, appearance_anchor: Tensor, appea
     return rearrange(per_anchor, "(l i) -> l i", l=anchor.shape[1]).sum(0).mean()
 
 
+def location_map(text_maps: Sequence[Tensor], visual_maps: Sequence[Tensor] | None,
+                 grids: Sequence[tuple[int, int]]) -> Tensor:
+    """Ā of Eq. 8 on the largest of the capture layers' grids.
+
+    The paper averages "all visual cross-attention maps A_v and p-th text cross-attention maps". With
+    ``visual_maps`` this is the map the inference masks are made from (``subject_location``, Sec. 3.4): the
+    mean over layers (each resized to that grid) of the placeholder's text maps and of the visual maps, each
+    min-max normalised over space per sample, averaged and normalised again, in [0, 1]. With
+    ``visual_maps=None`` (the text-only form, ``loc_maps="text"``): the mean text map as it is, in units of
+    attention probability. Shapes: text_maps[i], visual_maps[i] (B, h_i*w_i) with grids[i] = (h_i, w_i)
+    -> (B, H, W) fp32.
+    """
+    if not grids:
+        raise ValueError("location_map needs the maps of at least one capture layer, found none")
+    grid = max(grids, key=lambda g: g[0] * g[1])
+    text = combine_maps(text_maps, grids, grid)
+    if visual_maps is None:
+        return text
+    if any(v is None for v in visual_maps):
+        raise ValueError("location_map: the combined map needs every capture layer's visual map; the layers were "
+                         "run without them (ProcessorState.visual_maps=False)")
+    return subject_location(text, combine_maps(visual_maps, grids, grid))
+
+
 def localization_loss(attn_map: Tensor, mask: Tensor) -> Tensor:
     """Balanced localization loss of FastComposer: mean over background minus mean over the subject.
 
-    Shapes: attn_map (B, N) the placeholder's attention averaged over layers, mask (B, N) in {0, 1} -> scalar.
+    Shapes: attn_map (B, N) Ā (:func:`location_map`), mask (B, N) in {0, 1} -> scalar.
     The paper prints Eq. 8 as mean((1-M)⊙(1-Ā)) - mean(M⊙Ā), which, minimised, rewards attention on
     the background — a typo; the balanced form here pulls attention onto the subject. A map equal to
     the mask gives -1, its complement +1. An empty side contributes 0 for that sample.

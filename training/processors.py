@@ -32,7 +32,8 @@ class ProcessorState:
     mask: Tensor | None = None               # (B, H, W) subject mask from the previous step (inference); None: M = 1
     latent_hw: tuple[int, int] = (0, 0)
     capture: bool = False
-    visual_maps: bool = True                 # with capture, also the visual maps (mask propagation; L_loc reads text)
+    visual_maps: bool = True                 # with capture, also the visual maps (mask propagation; L_loc unless
+                                             # its text-only form is trained)
     maps: dict[str, SubjectMaps] = field(default_factory=dict)   # layer name -> maps of the last forward
     grids: dict[str, tuple[int, int]] = field(default_factory=dict)
 

@@ -15,11 +15,11 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from customcontrast_core.encoder import SubjectEncoding
-from customcontrast_core.masks import combine_maps
 from customcontrast_core.visual_kv import CustomContrastModel
 
 from .config import TrainConfig
-from .losses import cscl_loss, gather_with_grad, localization_loss, macl_loss, sample_condition_dropout, total_loss
+from .losses import (cscl_loss, gather_with_grad, localization_loss, location_map, macl_loss, sample_condition_dropout,
+                     total_loss)
 from .graphed import FrozenGraphs
 from .models import FrozenModels, appearance_features, clip_hidden_states, vae_latent_moments
 from .processors import ProcessorState, install_processors, project_visual_kv
@@ -113,7 +113,8 @@ class TrainingModule(nn.Module):
         state.reset()
         state.contexts, state.visual_tokens, state.slots = contexts.unbind(0), visual, tokens.slots
         state.visual_kv = project_visual_kv(self.model.visual_kv, visual)
-        state.latent_hw, state.capture, state.visual_maps = tuple(latents.shape[-2:]), True, False   # L_loc: text maps
+        state.latent_hw, state.capture = tuple(latents.shape[-2:]), True
+        state.visual_maps = cfg.loc_maps == "combined"     # L_loc's Ā: the inference masks' text + visual map
         pred = frozen.unet(noisy, timesteps, encoder_hidden_states=contexts[0], added_cond_kwargs=added).sample
         ldm_target = noise if frozen.scheduler.config.prediction_type == "epsilon" \
             else frozen.scheduler.get_velocity(latents, noise, timesteps).to(latents)
@@ -128,7 +129,7 @@ class TrainingModule(nn.Module):
             terms["macl"] = macl_loss(gather_with_grad(enc.splus.float()), gather_with_grad(enc_pos.splus.float()),
                                       gather_with_grad(app_ref), gather_with_grad(app_pos),
                                       temperature=cfg.macl_temperature, r_min=cfg.r_min)
-        terms["loc"] = self._localization(batch["target_mask"].to(device), tokens.slots)
+        terms["loc"] = self._localization(batch["target_mask"].to(device), tokens.slots, drop_image.tolist())
         # the processors' inputs stay in ``state`` until ``release``: gradient-checkpointed UNet blocks run
         # their forward again during the backward pass and read them there
         # each process sees all negatives but back-propagates only its rows; DDP averages over processes,
@@ -159,21 +160,25 @@ class TrainingModule(nn.Module):
         if getattr(unet.config, "addition_embed_type", None) != "text_time":
             return None
         with torch.no_grad():
-            _, pooled = self.frozen.text(tokens)
+            pooled = self.frozen.text.pooled(tokens)    # no S+: the rule the ComfyUI node follows (pooled_prompt_ids)
         size = self.cfg.target_size
         time_ids = torch.tensor([[size, size, 0, 0, size, size]], dtype=pooled.dtype, device=device).expand(b, -1)
         return {"text_embeds": pooled.to(device), "time_ids": time_ids}
 
-    def _localization(self, target_mask: Tensor, slots) -> Tensor:
-        """L_loc on the placeholder's text-attention map averaged over the capture layers (FastComposer form)."""
-        state = self.state
-        rows = [i for i, s in enumerate(slots) if s]
+    def _localization(self, target_mask: Tensor, slots, dropped_image: list[bool]) -> Tensor:
+        """L_loc (Eq. 8, FastComposer's balanced form) of Ā (``location_map``: by default the inference masks'
+        text + visual map) against the target view's subject mask, over the rows whose prompt has the placeholder;
+        with the combined map only rows with their reference (a blank reference's visual tokens show no subject).
+        Shapes: target_mask (B, 1, H, W) -> scalar."""
+        state, combined = self.state, self.cfg.loc_maps == "combined"
+        rows = [i for i, s in enumerate(slots) if s and not (combined and dropped_image[i])]
         if not state.maps or not rows:
             return target_mask.new_zeros(())
         names = list(state.maps)
-        grid = max((state.grids[n] for n in names), key=lambda g: g[0] * g[1])
-        avg = combine_maps([state.maps[n].text for n in names], [state.grids[n] for n in names], grid)  # (B, H, W)
-        mask = F.interpolate(target_mask.float(), size=grid, mode="area") > 0.5                           # (B, 1, H, W)
+        avg = location_map([state.maps[n].text for n in names],
+                           [state.maps[n].visual for n in names] if combined else None,
+                           [state.grids[n] for n in names])                                        # (B, H, W)
+        mask = F.interpolate(target_mask.float(), size=tuple(avg.shape[-2:]), mode="area") > 0.5   # (B, 1, H, W)
         index = torch.tensor(rows, device=avg.device)
         return localization_loss(rearrange(avg[index], "b h w -> b (h w)"),
                                  rearrange(mask[index], "b 1 h w -> b (h w)").float())

@@ -15,7 +15,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from customcontrast_core.prompt import collapse_placeholder, isolate_placeholders
+from customcontrast_core.prompt import collapse_placeholder, isolate_placeholders, pooled_prompt_ids
 
 CONTEXT_LENGTH = 77
 
@@ -68,14 +68,16 @@ class TokenizedPrompts:
 
     ids: tuple[Tensor, ...]     # per encoder (B, 77) long
     slots: tuple[tuple[int, ...], ...]   # per prompt, the slot positions (empty: no placeholder)
+    patterns: tuple[tuple[int, ...], ...] = ()   # per encoder, the placeholder's token ids (no start/end)
 
 
 def tokenize(tokenizers: Sequence[PromptTokenizer], prompts: Sequence[str], placeholder: str) -> TokenizedPrompts:
     """Tokenizes prompts for every encoder and collapses the placeholder to a single slot."""
-    ids_per_encoder, slots = [], None
+    ids_per_encoder, slots, patterns = [], None, []
     for tok in tokenizers:
         rows, row_slots = [], []
         pattern = tok.word_ids(placeholder)
+        patterns.append(tuple(pattern))
         for prompt in prompts:
             seq = tok.sequence(isolate_placeholders(prompt, [placeholder]))
             seq = seq + [tok.pad_id] * max(0, CONTEXT_LENGTH - len(seq))
@@ -86,7 +88,7 @@ def tokenize(tokenizers: Sequence[PromptTokenizer], prompts: Sequence[str], plac
             raise ValueError("the text encoders' tokenizers put the placeholder at different positions")
         slots = row_slots
         ids_per_encoder.append(torch.tensor(rows, dtype=torch.long))
-    return TokenizedPrompts(ids=tuple(ids_per_encoder), slots=tuple(slots or ()))
+    return TokenizedPrompts(ids=tuple(ids_per_encoder), slots=tuple(slots or ()), patterns=tuple(patterns))
 
 
 @contextlib.contextmanager
@@ -125,8 +127,7 @@ class TextEncoderStack(nn.Module):
         A prompt without a placeholder (text dropout) is the same in every group: it is encoded once
         and its result repeated, in the same encoder call as the others (no extra calls or kernels).
         Shapes: splus (B, G, sum(widths)) or None -> context (G*B or B, 77, sum(widths)) in group-major
-        order; pooled (B, P) for SDXL without ``splus`` (projected CLIP-G pooled output; the added
-        condition uses the plain prompt), else None.
+        order; pooled (B, P) for SDXL without ``splus`` (:meth:`pooled`), else None.
         """
         batch = tokens.ids[0].shape[0]
         groups = 1 if splus is None else splus.shape[1]
@@ -135,7 +136,7 @@ class TextEncoderStack(nn.Module):
             slot_mask[row, list(where)] = True
         copies = _Copies(tokens.slots, groups)
         vectors = None if splus is None else copies.vectors(splus).split(list(self.widths), dim=-1)
-        features, pooled = [], None
+        features = []
         for index, (encoder, ids) in enumerate(zip(self.encoders, tokens.ids)):
             device = next(encoder.parameters()).device
             embedding = encoder.get_input_embeddings()
@@ -145,10 +146,24 @@ class TextEncoderStack(nn.Module):
                 out = encoder(input_ids=copies.rows(ids).to(device), output_hidden_states=True)
             if self.base == "sdxl":
                 features.append(out.hidden_states[-2])          # penultimate, no final LayerNorm
-                pooled = getattr(out, "text_embeds", None) if splus is None else None
             else:
                 features.append(out.last_hidden_state)          # SD1.5: last layer with final LayerNorm
+        pooled = self.pooled(tokens) if splus is None and self.base == "sdxl" else None
         return copies.expand(torch.cat(features, dim=-1)), pooled
+
+    def pooled(self, tokens: TokenizedPrompts) -> Tensor:
+        """SDXL's pooled text embedding (the added condition): CLIP-G's projected end-token output of each prompt
+        with the placeholder's first BPE token in its slots and no S+ (``pooled_prompt_ids``, the rule the
+        ComfyUI node follows too). Shapes: -> (B, P)."""
+        if self.base != "sdxl":
+            raise ValueError(f"only SDXL has a pooled text embedding condition, this text stack is {self.base}")
+        if len(tokens.patterns) != len(self.encoders):
+            raise ValueError(f"the tokenized prompts carry {len(tokens.patterns)} placeholder patterns, the stack has "
+                             f"{len(self.encoders)} encoders: tokenize them with this stack's tokenize")
+        encoder, pattern = self.encoders[-1], tokens.patterns[-1]
+        rows = [pooled_prompt_ids(row, slots, pattern) for row, slots in zip(tokens.ids[-1].tolist(), tokens.slots)]
+        ids = torch.tensor(rows, dtype=torch.long, device=next(encoder.parameters()).device)
+        return encoder(input_ids=ids).text_embeds
 
 
 class _Copies:

@@ -8,8 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..models import CLIP_MEAN, CLIP_STD, ImageEncoder
-
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -91,6 +89,7 @@ class ClipScorer:
     def __init__(self, model_name: str = "ViT-B-32", weights: str | None = None, device: str = "cpu", *,
                  tiny: bool = False) -> None:
         import open_clip
+        from open_clip.transform import PreprocessCfg, image_transform_v2
         if tiny:
             torch.manual_seed(0)
             self.model = open_clip.create_model(model_name, pretrained=None)
@@ -99,16 +98,27 @@ class ClipScorer:
             self.model = open_clip.create_model(model_name, pretrained=str(weights))
         self.model.to(device).eval()
         self.tokenizer = open_clip.get_tokenizer(model_name)
-        size = self.model.visual.image_size
-        self.encoder = ImageEncoder(self.model.visual, size[0] if isinstance(size, (tuple, list)) else size,
-                                    CLIP_MEAN, CLIP_STD)
+        # open_clip's own evaluation transform (bicubic resize of the shorter side, centre crop, its mean/std), as
+        # published CLIP-T / CLIP-I numbers use it: a non-square image is cropped, never squashed
+        self.preprocess = image_transform_v2(PreprocessCfg(**self.model.visual.preprocess_cfg), is_train=False)
         self.device = device
+
+    def pixels(self, images: Sequence[Tensor]) -> Tensor:
+        """open_clip's preprocessing of images in [0, 1], rounded to 8 bits first as a saved PNG is.
+        Shapes: images[i] (3, H_i, W_i) -> (N, 3, S, S) normalised."""
+        from torchvision.transforms.functional import to_pil_image
+        out = []
+        for n, image in enumerate(images):
+            image = image.detach().float().cpu()
+            if image.ndim != 3 or image.shape[0] != 3 or not torch.isfinite(image).all():
+                raise ValueError(f"CLIP scorer: image {n} must be a finite (3, H, W) tensor in [0, 1], found shape "
+                                 f"{tuple(image.shape)}{'' if torch.isfinite(image).all() else ' with NaN or inf'}")
+            out.append(self.preprocess(to_pil_image(image.clamp(0, 1).mul(255).round().to(torch.uint8))))
+        return torch.stack(out)
 
     @torch.no_grad()
     def images(self, images: Sequence[Tensor]) -> Tensor:
-        x = torch.stack([F.interpolate(i[None], size=(self.encoder.size,) * 2, mode="bilinear", antialias=True,
-                                       align_corners=False)[0] for i in images])
-        return self.model.encode_image(self.encoder.preprocess(x).to(self.device)).float().cpu()
+        return self.model.encode_image(self.pixels(images).to(self.device)).float().cpu()
 
     @torch.no_grad()
     def texts(self, texts: Sequence[str]) -> Tensor:
