@@ -73,6 +73,31 @@ def _require(ok: bool, name: str, expected: str, found: Any) -> None:
         raise ValueError(f"TrainConfig.{name}: expected {expected}, found {found!r}")
 
 
+SAMPLE_PLACEHOLDER = "<subject>"   # the training captions' placeholder (DataConfig.placeholder)
+
+
+def _check_schedule_and_samples(cfg: "TrainConfig") -> None:
+    """Ranges of the warmup, clipping, checkpoint-keeping and sampling fields."""
+    for name in ("warmup_steps", "sample_every"):
+        _require(getattr(cfg, name) >= 0, name, ">= 0 (0 = off)", getattr(cfg, name))
+    _require(cfg.max_grad_norm >= 0, "max_grad_norm", "a number >= 0 (0 = off)", cfg.max_grad_norm)
+    _require(cfg.keep_checkpoints >= 1, "keep_checkpoints", ">= 1 (the newest checkpoint is what --resume reads)",
+             cfg.keep_checkpoints)
+    _require(cfg.sample_steps >= 1, "sample_steps", "a positive integer", cfg.sample_steps)
+    _require(cfg.sample_guidance >= 0, "sample_guidance", "a number >= 0", cfg.sample_guidance)
+    _require(bool(cfg.sample_prompts), "sample_prompts", "at least one prompt", cfg.sample_prompts)
+    for i, prompt in enumerate(cfg.sample_prompts):
+        _require(SAMPLE_PLACEHOLDER in prompt, f"sample_prompts[{i}]",
+                 f"a prompt naming the subject by {SAMPLE_PLACEHOLDER!r} ({{cls}} is replaced by its class word)",
+                 prompt)
+    _require(bool(cfg.sample_seeds) and min(cfg.sample_seeds) >= 0, "sample_seeds", "at least one seed, each >= 0",
+             cfg.sample_seeds)
+    base = ENCODER_PRESETS[cfg.encoder_preset].base
+    _require(cfg.sample_every == 0 or base == "sd15", "sample_every",
+             f"0 for {cfg.encoder_preset} (the evaluation sampler conditions SD1.5 UNets only; no SDXL pooled "
+             "text or size ids)", cfg.sample_every)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Everything one training run depends on; written to the output folder as JSON."""
@@ -109,7 +134,15 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     cuda_graphs: bool = False             # frozen encoders' forward passes as CUDA graphs (training/graphed.py)
     save_every: int = 30
-    log_every: int = 5
+    log_every: int = 5                    # progress bar and TensorBoard: mean of the steps since the last log
+    keep_checkpoints: int = 2             # newest training checkpoints kept under output_dir/checkpoints
+    warmup_steps: int = 0                 # linear learning-rate warmup: step s (1-based) uses lr * min(1, s / warmup)
+    max_grad_norm: float = 0.0            # clip the trainable weights' gradient norm to this (0 = off)
+    sample_every: int = 0                 # a sample grid every N steps in output_dir/samples (0 = off)
+    sample_prompts: tuple[str, ...] = ("a photo of a <subject> {cls}", "a <subject> {cls} on the beach")
+    sample_seeds: tuple[int, ...] = (0, 1)   # one column per seed; the reference subject in the first column
+    sample_steps: int = 20                # DDIM steps of the evaluation sampler
+    sample_guidance: float = 7.5
     num_workers: int = 0
     seed: int = 0
     augment: bool = True
@@ -150,6 +183,7 @@ class TrainConfig:
         _require(self.optimizer in ("adamw", "sgd"), "optimizer", "'adamw' or 'sgd'", self.optimizer)
         _require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'",
                  self.mixed_precision)
+        _check_schedule_and_samples(self)
         if not self.tiny_models and not (self.paths.diffusion and self.paths.clip_vision):
             raise ValueError("TrainConfig.paths: real training (tiny_models=false) needs paths.diffusion and "
                              f"paths.clip_vision (local paths), found {self.paths}")
@@ -167,9 +201,12 @@ class TrainConfig:
 
 
 # fields that may differ between a run and its resumption: none changes the model, the data order or the
-# arithmetic of a step (gradient checkpointing and CUDA graphs give the same values)
+# arithmetic of a step (gradient checkpointing and CUDA graphs give the same values; allow_unmasked and
+# allow_single_view are permissions, not data; the sample_* fields only read the weights; warmup_steps and
+# max_grad_norm do change the steps, so they are not here)
 RESUMABLE_FIELDS = ("steps", "save_every", "log_every", "num_workers", "output_dir", "gradient_checkpointing",
-                    "cuda_graphs", "allow_unmasked", "allow_single_view")   # the last two: permissions, not data
+                    "cuda_graphs", "allow_unmasked", "allow_single_view", "keep_checkpoints", "sample_every",
+                    "sample_prompts", "sample_seeds", "sample_steps", "sample_guidance")
 
 
 def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:
@@ -182,13 +219,15 @@ def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:
 
 
 PRESETS: dict[str, TrainConfig] = {
-    # random-init tiny SD1.5-structured models on procedural multi-view subjects; 2 CPU cores
-    "tiny": TrainConfig(),
+    # random-init tiny SD1.5-structured models on procedural multi-view subjects; 2 CPU cores; a sample grid
+    # (4 DDIM steps, about a second) at steps 50, 100 and 150
+    "tiny": TrainConfig(sample_every=50, sample_steps=4),
     # the paper's recipe (Sec. 4.1) at 512 px on SD1.5; fill in paths and data
     "sd15": TrainConfig(encoder_preset="sd15", tiny_models=False, data="", output_dir="runs/sd15",
                         steps=200_000, batch_size=8, lr=3e-5, target_size=512, reference_size=224,
                         mixed_precision="bf16", gradient_checkpointing=True, save_every=5_000, log_every=50,
-                        num_workers=8, paths=ModelPaths(diffusion="REQUIRED", clip_vision="REQUIRED")),
+                        sample_every=5_000, sample_steps=30, num_workers=8,
+                        paths=ModelPaths(diffusion="REQUIRED", clip_vision="REQUIRED")),
     "sdxl": TrainConfig(encoder_preset="sdxl", tiny_models=False, data="", output_dir="runs/sdxl",
                         steps=200_000, batch_size=4, lr=3e-5, target_size=1024, reference_size=224,
                         capture_downsample=(2, 4), mixed_precision="bf16", gradient_checkpointing=True,

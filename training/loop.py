@@ -18,6 +18,8 @@ from .data import DataConfig, EpochBatches, SubjectDataset, generate_synthetic, 
 from .models import build_from_paths, build_tiny
 from .processors import unet_kv_weights
 from .report import LossHistory
+from .sampling import TrainingSamples
+from .schedule import clip_gradients, set_learning_rate
 from .state import TrainingState, find_checkpoint, load_state, save_state
 from .step import TrainingModule
 
@@ -166,7 +168,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     unwrapped = accelerator.unwrap_model(module)
     batches = _batch_iterator(dataset, cfg, epoch, index, rank, world)
     history = LossHistory(out / "logs", enabled=accelerator.is_main_process,
-                          resume_step=step if found is not None else None)
+                          resume_step=step if found is not None else None, log_every=cfg.log_every)
+    samples = TrainingSamples(cfg, records[0], out / "samples") \
+        if cfg.sample_every and accelerator.is_main_process else None   # the manifest's first subject
     export_path = out / EXPORT_NAME
     bar = tqdm(total=cfg.steps, initial=step, disable=not accelerator.is_main_process, desc="training")
     while step < cfg.steps:
@@ -179,21 +183,29 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
                 raise FloatingPointError(f"loss is {loss.item()} at step {step}: {{{', '.join(f'{k}: {v.item():.4g}' for k, v in terms.items())}}}")
             accelerator.backward(loss)
             unwrapped.release()
+            grad_norm = clip_gradients(accelerator, module.parameters(), cfg.max_grad_norm)
+            lr = set_learning_rate(optimizer, cfg, step)
             optimizer.step()
             optimizer.zero_grad()
         if accelerator.sync_gradients:
             step += 1
             values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
-            history.add(step, values)
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
+            means = history.add(step, values, last=step == cfg.steps, scalars={"lr": lr})
             bar.update(1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in values.items()})
+            if means:
+                bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()})
+            if samples is not None and step % cfg.sample_every == 0:
+                with accelerator.autocast():
+                    history.add_image("samples", samples(unwrapped.frozen, unwrapped.model, step)[1], step)
             if step % cfg.save_every == 0 or step == cfg.steps:
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     after = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)   # the next batch
                     save_state(ckpt_root, unwrapped.model, optimizer,
                                TrainingState(step=step, epoch=after[0], batch=after[1], micro_batches=micro_batches,
-                                             processes=world, generator_state=generator.get_state()))
+                                             processes=world, generator_state=generator.get_state()), keep=cfg.keep_checkpoints)
                     checkpoint.save(export_path, unwrapped.model, step=step,
                                     extra={"train_config": cfg.to_json()})
                     history.flush()

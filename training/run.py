@@ -3,6 +3,7 @@
 Examples:
     python -m training.run                                   # tiny preset, CPU, under a minute
     python -m training.run --preset sd15 --config my.json    # real models from local paths
+    python -m training.run --config my_sd15.json             # a copy of configs/sd15.json, data and paths filled in
     accelerate launch --num_processes 8 -m training.run --preset sd15 --config my.json
     torchrun --nproc_per_node 8 -m training.run --preset sd15 --config my.json
     python -m training.run --output-dir runs/tiny --resume latest
