@@ -12,7 +12,7 @@ from training.run import parse_config
     ("steps", "100", "TrainConfig.steps: expected an integer, found str '100'"),
     ("steps", 2.5, "TrainConfig.steps: expected an integer, found float 2.5"),
     ("batch_size", True, "TrainConfig.batch_size: expected an integer, found bool True"),
-    ("lr", "abc", "TrainConfig.lr: expected a number, found str 'abc'"),
+    ("lr", "abc", "TrainConfig.lr: expected a finite number, found str 'abc'"),
     ("augment", "False", "TrainConfig.augment: expected a bool (true or false), found str 'False'"),
     ("augment", 1, "TrainConfig.augment: expected a bool (true or false), found int 1"),
     ("data", None, "TrainConfig.data: expected a string, found NoneType None"),

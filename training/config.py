@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ class ModelPaths:
     diffusion: str = ""          # diffusers folder (unet/, vae/, text_encoder/, tokenizer/, ...) or single .safetensors
     diffusion_config: str = ""   # diffusers folder whose configs describe a single-file checkpoint
     clip_vision: str = ""        # transformers CLIPVisionModel folder (e.g. ViT-H/14 image encoder)
-    appearance_model: str = "ViT-B-32"   # open_clip architecture name for the MACL appearance features
+    appearance_model: str = "ViT-B-32"   # open_clip's built-in architecture name for the MACL appearance features
     appearance_weights: str = ""         # local open_clip weights file for it
 
     def __post_init__(self) -> None:
@@ -28,6 +29,11 @@ class ModelPaths:
             if not isinstance(value, str):
                 raise ValueError(f"TrainConfig.paths.{f.name}: expected a path string, found "
                                  f"{type(value).__name__} {value!r}")
+        if ":" in self.appearance_model:   # open_clip fetches "hf-hub:org/name" from the Hugging Face Hub
+            raise ValueError("TrainConfig.paths.appearance_model: expected a built-in open_clip architecture name "
+                             f"(e.g. ViT-B-32, ViT-H-14), found {self.appearance_model!r}: remote names are never "
+                             "fetched; give the architecture name and its local weights file in "
+                             "paths.appearance_weights")
 
 
 def _checked(name: str, hint: Any, value: Any) -> Any:
@@ -46,9 +52,9 @@ def _checked(name: str, hint: Any, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise refuse("an integer")
         return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise refuse("a number")
+    if hint is float:   # every float field is a rate, a weight or a temperature: NaN and Infinity make no sense
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise refuse("a finite number")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -197,7 +203,37 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
-        return cls.from_dict(json.loads(Path(path).read_text()))
+        data = read_config_file(path)
+        try:
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"config file {path}: {err}") from None
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The JSON object of TrainConfig fields in ``path``; a ValueError naming the file, what was expected and
+    what was found otherwise (an unreadable file, invalid JSON, or JSON that is not an object)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else err
+        raise ValueError(f"config file {path}: expected a readable JSON text file, found an error: {reason}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"config file {path}: expected JSON, found invalid JSON at line {err.lineno} column "
+                         f"{err.colno} ({err.msg})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f'config file {path}: expected a JSON object of TrainConfig fields ({{"lr": 0.0001, ...}}), '
+                         f"found a JSON {_json_kind(data)}")
+    return data
+
 
 
 # fields that may differ between a run and its resumption: none changes the model, the data order or the

@@ -1,7 +1,6 @@
 """The training loop: accelerate (one GPU, many, or CPU), accumulation, logging, checkpoints, export."""
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -13,18 +12,23 @@ from customcontrast_core import checkpoint
 from customcontrast_core.config import get_preset
 from customcontrast_core.visual_kv import CustomContrastModel
 
-from .config import RESUMABLE_FIELDS, TrainConfig, resume_mismatch
+from .config import RESUMABLE_FIELDS, TrainConfig, read_config_file, resume_mismatch
 from .data import DataConfig, EpochBatches, SubjectDataset, generate_synthetic, global_batches, read_manifest
 from .models import build_from_paths, build_tiny
 from .processors import unet_kv_weights
 from .report import LossHistory
 from .sampling import TrainingSamples
 from .schedule import clip_gradients, set_learning_rate
-from .state import TrainingState, find_checkpoint, load_state, save_state
+from .state import (CheckpointWriteError, TrainingState, find_checkpoint, kept_checkpoint, load_state,
+                    remove_unfinished, save_state, write_failure, write_text_atomic)
 from .step import TrainingModule
 
 log = logging.getLogger(__name__)
 EXPORT_NAME = "customcontrast.safetensors"
+
+
+class TrainingDiverged(FloatingPointError):
+    """The loss or the trainable weights became NaN or infinite; nothing of that step is saved or exported."""
 
 
 def _records(cfg: TrainConfig, out: Path, accelerator) -> list:
@@ -87,11 +91,73 @@ def _check_resumable(config_file: Path, cfg: TrainConfig, checkpoint_dir: Path) 
         log.warning("resuming from %s without the run's %s: the config cannot be compared", checkpoint_dir,
                     config_file)
         return
-    changed = resume_mismatch(json.loads(config_file.read_text()), cfg)
+    try:
+        changed = resume_mismatch(read_config_file(config_file), cfg)
+    except ValueError as err:
+        raise ValueError(f"cannot resume {checkpoint_dir}: the run's {config_file} is not a valid training config "
+                         f"({err}); restore it or train in a new output_dir") from None
     if changed:
         raise ValueError(f"cannot resume {checkpoint_dir} with this config: these fields differ from the run's "
                          f"{config_file} ({'; '.join(changed)}); only {', '.join(RESUMABLE_FIELDS)} may change on "
                          "resume. Train with the new values in a new output_dir (or restore them)")
+
+
+def nonfinite_tensors(model: torch.nn.Module) -> list[str]:
+    """Names of the model's floating-point tensors that hold NaN or Inf."""
+    return [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+def _diverged(step: int, what: str, cfg: TrainConfig) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged at step {step}: {what}; nothing of this step is saved or exported "
+                            f"and {kept_checkpoint(Path(cfg.output_dir) / 'checkpoints')} (lower lr, now {cfg.lr:g}, "
+                            "and resume from it with --resume latest)")
+
+
+def _check_loss(step: int, loss: torch.Tensor, terms: dict, model: torch.nn.Module, cfg: TrainConfig,
+                accelerator) -> None:
+    """Stops every process (TrainingDiverged) when the loss of ``step`` is NaN or infinite on any of them."""
+    finite = math.isfinite(loss.item())
+    if accelerator.num_processes > 1:   # all stop together: one process alone would leave the others waiting
+        flags = accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), reduction="sum")
+        finite = flags.item() == accelerator.num_processes
+    if finite:
+        return
+    values = {"loss": loss.item(), **{k: v.item() for k, v in terms.items()}}
+    bad = [f"{k} {v}" for k, v in values.items() if not math.isfinite(v)]
+    good = [f"{k} {v:.4g}" for k, v in values.items() if math.isfinite(v)]
+    weights = nonfinite_tensors(model)
+    what = f"non-finite: {', '.join(bad)}" if bad else "the loss is non-finite on another process"
+    if good:
+        what += f" (finite: {', '.join(good)})"
+    if weights:
+        what += f"; the weights {weights[:3]} ({len(weights)} tensors) hold NaN or Inf"
+    raise _diverged(step, what, cfg)
+
+
+def _export(cfg: TrainConfig, model: CustomContrastModel, step: int) -> Path:
+    """Writes the file the ComfyUI nodes load; a failed write names the path and what is kept."""
+    out = Path(cfg.output_dir)
+    path = out / EXPORT_NAME
+    try:
+        return checkpoint.save(path, model, step=step, extra={"train_config": cfg.to_json()})
+    except (OSError, RuntimeError) as err:
+        why = str(err) if str(path) in str(err) else write_failure(path, err)
+        raise CheckpointWriteError(f"{why}; the training checkpoint of step {step} is complete: "
+                                   f"`python -m training.export {out} --out {path}` writes this file once there is "
+                                   "space") from err
+
+
+def _save(cfg: TrainConfig, model: CustomContrastModel, optimizer, state: TrainingState, history: LossHistory) -> None:
+    """The history first (every step of a saved checkpoint is then in it; a resumed run drops the rows after
+    its checkpoint and trains those steps again), then the training checkpoint, then the export."""
+    root = Path(cfg.output_dir) / "checkpoints"
+    try:
+        history.flush()
+    except OSError as err:
+        raise CheckpointWriteError(f"{write_failure(history.folder / 'history.jsonl', err)}; "
+                                   f"{kept_checkpoint(root)}") from err
+    save_state(root, model, optimizer, state, keep=cfg.keep_checkpoints)
+    _export(cfg, model, state.step)
 
 
 def build_module(cfg: TrainConfig) -> TrainingModule:
@@ -138,7 +204,10 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     accelerator.wait_for_everyone()   # every process has read the saved config before it is replaced
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(cfg.to_json())
+        removed = remove_unfinished(out, EXPORT_NAME)
+        if removed:
+            log.info("removed %d temporary files of interrupted saves: %s", len(removed), [str(p) for p in removed])
+        write_text_atomic(out / "config.json", cfg.to_json())
     records = _records(cfg, out, accelerator)
     dataset = SubjectDataset(records, DataConfig(reference_size=cfg.reference_size, target_size=cfg.target_size,
                                                  augment=cfg.augment, seed=cfg.seed))
@@ -171,7 +240,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
                           resume_step=step if found is not None else None, log_every=cfg.log_every)
     samples = TrainingSamples(cfg, records[0], out / "samples") \
         if cfg.sample_every and accelerator.is_main_process else None   # the manifest's first subject
-    export_path = out / EXPORT_NAME
+    export_path, saved = out / EXPORT_NAME, None
     bar = tqdm(total=cfg.steps, initial=step, disable=not accelerator.is_main_process, desc="training")
     while step < cfg.steps:
         epoch, index, batch = next(batches)
@@ -179,8 +248,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
         with accelerator.accumulate(module):
             with accelerator.autocast():
                 loss, terms = module(batch, generator, rank=rank, world=world)
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError(f"loss is {loss.item()} at step {step}: {{{', '.join(f'{k}: {v.item():.4g}' for k, v in terms.items())}}}")
+            _check_loss(step + 1, loss, terms, unwrapped.model, cfg, accelerator)
             accelerator.backward(loss)
             unwrapped.release()
             grad_norm = clip_gradients(accelerator, module.parameters(), cfg.max_grad_norm)
@@ -200,15 +268,19 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
                 with accelerator.autocast():
                     history.add_image("samples", samples(unwrapped.frozen, unwrapped.model, step)[1], step)
             if step % cfg.save_every == 0 or step == cfg.steps:
+                bad = nonfinite_tensors(unwrapped.model)   # the same on every process: all stop together
+                if bad:
+                    raise _diverged(step, f"the trainable weights {bad[:3]} ({len(bad)} tensors) hold NaN or Inf "
+                                          "after the optimizer step", cfg)
                 accelerator.wait_for_everyone()
                 if accelerator.is_main_process:
                     after = (epoch, index + 1) if index + 1 < per_epoch else (epoch + 1, 0)   # the next batch
-                    save_state(ckpt_root, unwrapped.model, optimizer,
-                               TrainingState(step=step, epoch=after[0], batch=after[1], micro_batches=micro_batches,
-                                             processes=world, generator_state=generator.get_state()), keep=cfg.keep_checkpoints)
-                    checkpoint.save(export_path, unwrapped.model, step=step,
-                                    extra={"train_config": cfg.to_json()})
-                    history.flush()
+                    _save(cfg, unwrapped.model, optimizer,
+                          TrainingState(step=step, epoch=after[0], batch=after[1], micro_batches=micro_batches,
+                                        processes=world, generator_state=generator.get_state()), history)
+                saved = step
+    if saved != step and accelerator.is_main_process:   # resumed with no step left: the export of that step
+        _export(cfg, unwrapped.model, step)
     batches.close()
     bar.close()
     history.close()

@@ -140,12 +140,26 @@ def _require(path: str, what: str) -> Path:
     return p
 
 
+def builtin_open_clip_name(name: str, what: str) -> str:
+    """``name`` when it is one of open_clip's built-in architectures (configs shipped with the package);
+    a ValueError otherwise: an ``hf-hub:`` name would be fetched from the Hugging Face Hub, and nothing is
+    downloaded."""
+    import open_clip
+    if not isinstance(name, str) or name not in open_clip.list_models():
+        remote = isinstance(name, str) and ":" in name
+        raise ValueError(f"{what}: expected a built-in open_clip architecture name (e.g. ViT-B-32, ViT-H-14), "
+                         f"found {name!r}" + ("; remote names are never fetched (nothing is downloaded): give the "
+                                              "architecture name and a local weights file" if remote else ""))
+    return name
+
+
 def build_from_paths(config: EncoderConfig, paths: ModelPaths) -> FrozenModels:
     """Loads real frozen models from local paths (diffusers folder or single file)."""
     import open_clip
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
     from transformers import CLIPVisionModel
 
+    appearance = builtin_open_clip_name(paths.appearance_model, "paths.appearance_model")   # before any loading
     root = _require(paths.diffusion, "diffusion model")
     pipeline_cls = StableDiffusionXLPipeline if config.base == "sdxl" else StableDiffusionPipeline
     if root.is_file():
@@ -162,8 +176,8 @@ def build_from_paths(config: EncoderConfig, paths: ModelPaths) -> FrozenModels:
     vision = CLIPVisionModel.from_pretrained(str(_require(paths.clip_vision, "CLIP-vision model")), local_files_only=True)
     if vision.config.hidden_size != config.clip_width:
         raise ValueError(f"CLIP-vision width {vision.config.hidden_size} != encoder config clip_width {config.clip_width}")
-    clip_model = open_clip.create_model(paths.appearance_model,
-                                        pretrained=str(_require(paths.appearance_weights, "open_clip appearance weights")))
+    clip_model = open_clip.create_model(appearance, pretrained=str(_require(paths.appearance_weights,
+                                                                              "open_clip appearance weights")))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     log.info("loaded %s from %s", config.base, root)
     return FrozenModels(unet=pipe.unet, vae=pipe.vae, text=text,

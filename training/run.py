@@ -10,14 +10,20 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import logging
-from collections.abc import Sequence
-from pathlib import Path
+import os
 
-from .config import PRESETS, TrainConfig, get_train_preset
+# nothing is downloaded: set before any module of this package can import huggingface_hub (it reads this once)
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import argparse  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import sys  # noqa: E402
+from collections.abc import Sequence  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from .config import PRESETS, TrainConfig, get_train_preset, read_config_file  # noqa: E402
 
 
 PYTHON_SPELLINGS = {"True": True, "False": False, "None": None}
@@ -52,7 +58,10 @@ def parse_config(argv: Sequence[str] | None = None) -> tuple[TrainConfig, str | 
     cfg = get_train_preset(args.preset)
     overrides: dict = {}
     if args.config:
-        overrides.update(json.loads(args.config.read_text()))
+        try:
+            overrides.update(read_config_file(args.config))
+        except ValueError as err:   # names the file, what was expected and what was found
+            parser.error(f"--config: {err}")
     for item in args.set:
         field, sep, value = item.partition("=")
         if not sep:
@@ -80,5 +89,17 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return path
 
 
+def cli(argv: Sequence[str] | None = None) -> None:
+    """``main`` for the command line: a diverged run or a failed save exits 1 with its message (the last
+    good checkpoint is kept), never "exported"."""
+    from .loop import TrainingDiverged
+    from .state import CheckpointWriteError
+    try:
+        main(argv)
+    except (TrainingDiverged, CheckpointWriteError) as err:
+        logging.getLogger(__name__).error("%s", err)
+        sys.exit(1)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

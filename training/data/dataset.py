@@ -3,6 +3,10 @@
 A sample of subject i: a *reference* view (segmented, augmented) for the encoder, a *target* view
 (another frame, full image) for the diffusion loss — reference != target is what stops
 copy-paste — and a *positive* view (another frame, segmented, random scale and position) for MACL.
+
+A view that cannot be used — a file that does not decode (PIL's decompression-bomb refusal included), an
+image over ``MAX_PIXELS``, or a mask without a single foreground pixel — is an ``UnreadableView``: the
+subject is skipped for that sample with a warning naming the file, and another one stands in for it.
 """
 from __future__ import annotations
 
@@ -22,6 +26,12 @@ from .manifest import SubjectRecord
 
 log = logging.getLogger(__name__)
 BACKGROUNDS = ("gray", "white", "noise")
+MAX_PIXELS = 89_478_485   # PIL's own limit (about 9459 x 9459): above it a view would take gigabytes as floats
+
+
+class UnreadableView(ValueError):
+    """One view (image or mask file) that cannot be used; the message names the file and why."""
+
 
 
 @dataclass(frozen=True)
@@ -48,14 +58,34 @@ class DataConfig:
             raise ValueError("caption_template must contain {placeholder}")
 
 
+def _decode(path: str, mode: str) -> np.ndarray:
+    """The pixels of an image file in PIL ``mode``. Shapes: -> (H, W, C) or (H, W) uint8."""
+    try:
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise UnreadableView(f"{path}: {img.width} x {img.height} pixels, more than the {MAX_PIXELS} a "
+                                     "training view may have; downscale it")
+            return np.asarray(img.convert(mode))
+    except UnreadableView:
+        raise
+    except Exception as err:   # PIL raises many types for broken files (DecompressionBombError is no OSError)
+        raise UnreadableView(f"{path} cannot be decoded as an image ({type(err).__name__}: {err})") from None
+
+
 def load_view(image_path: str, mask_path: str | None) -> tuple[Tensor, Tensor]:
-    """An RGB view in [0, 1] and its mask. Shapes: -> (3, H, W), (1, H, W)."""
-    with Image.open(image_path) as img:
-        image = torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+    """An RGB view in [0, 1] and its mask; UnreadableView naming the file when it cannot be used (a mask
+    without foreground included: the segmented reference would be flat background).
+
+    Shapes: -> (3, H, W), (1, H, W).
+    """
+    image = torch.from_numpy(_decode(image_path, "RGB").astype(np.float32) / 255).permute(2, 0, 1)
     if mask_path is None:
         return image, torch.ones(1, *image.shape[1:])
-    with Image.open(mask_path) as m:
-        mask = torch.from_numpy((np.asarray(m.convert("L")) > 127).astype(np.float32))[None]
+    mask = torch.from_numpy((_decode(mask_path, "L") > 127).astype(np.float32))[None]
+    if not mask.any():
+        raise UnreadableView(f"mask {mask_path} has no foreground pixel (all values <= 127): the segmented "
+                             "reference and positive views would be flat background; remake it (training.prepare "
+                             "--sam) or drop the view")
     if mask.shape[1:] != image.shape[1:]:
         mask = F.interpolate(mask[None], size=image.shape[1:], mode="nearest")[0]
     return image, mask
@@ -79,6 +109,10 @@ class SubjectDataset(Dataset):
     def __init__(self, records: Sequence[SubjectRecord], cfg: DataConfig) -> None:
         if not records:
             raise ValueError("SubjectDataset needs at least one subject")
+        for record in records:   # checked here, not at a sample: a caption without it would skip its subject
+            if record.caption and cfg.placeholder not in record.caption:
+                raise ValueError(f"subject {record.subject!r}: its caption {record.caption!r} has no "
+                                 f"{cfg.placeholder!r}; expected a caption naming the subject by the placeholder")
         self.records, self.cfg, self.epoch = list(records), cfg, 0
 
     def __len__(self) -> int:
@@ -97,15 +131,16 @@ class SubjectDataset(Dataset):
         """Subject ``index`` at ``epoch``; an unreadable or corrupt subject is skipped with a warning and the
         first readable one of ``replacements`` (iterated only after a failure) is taken instead (its
         ``subject_index`` says which)."""
-        tried = 0
+        tried, error = 0, None
         for i in itertools.chain((index,), replacements):
             tried += 1
             try:
                 return self._sample(i, epoch)
-            except (OSError, ValueError) as err:   # unreadable or corrupt file: skip, never fatal
+            except (OSError, ValueError) as err:   # unreadable or corrupt file (named in err): skip, never fatal
                 log.warning("skipping subject %r (item %d): %s", self.records[i].subject, i, err)
+                error = err
         raise RuntimeError(f"subject {index} and its {tried - 1} replacement candidates are all unreadable "
-                           f"(of {len(self.records)} subjects); check the manifest")
+                           f"(of {len(self.records)} subjects; the last: {error}); check the manifest")
 
     def _background(self, shape: tuple[int, ...], g: torch.Generator) -> Tensor:
         if self.cfg.background == "white":
@@ -129,8 +164,6 @@ class SubjectDataset(Dataset):
         target, target_mask = self._target(tgt, tgt_m, g)
         positive, positive_mask = self._positive(pos, pos_m, g)
         caption = record.caption or cfg.caption_template.format(placeholder=cfg.placeholder, cls=record.cls)
-        if cfg.placeholder not in caption:
-            raise ValueError(f"caption {caption!r} of subject {record.subject!r} has no {cfg.placeholder!r}")
         return {"reference": reference, "reference_mask": reference_mask, "target": target * 2 - 1,
                 "target_mask": target_mask, "positive": positive, "positive_mask": positive_mask,
                 "caption": caption, "subject_index": i,

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..models import builtin_open_clip_name
+
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -90,6 +92,7 @@ class ClipScorer:
                  tiny: bool = False) -> None:
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
+        model_name = builtin_open_clip_name(model_name, "the CLIP-T / CLIP-I model name")   # never fetched
         if tiny:
             torch.manual_seed(0)
             self.model = open_clip.create_model(model_name, pretrained=None)
