@@ -110,6 +110,7 @@ class TrainConfig:
 
     encoder_preset: str = "tiny"          # customcontrast_core preset (tiny, sd15, sdxl, tiny_sdxl)
     tiny_models: bool = True              # random-init tiny frozen models built from configs
+    tiny_weights: str = ""                # with tiny_models: a folder of trained tiny models (python -m training.miniworld)
     paths: ModelPaths = ModelPaths()
     data: str = "synthetic"               # "synthetic" or a JSONL manifest path
     allow_single_view: bool = False       # subjects with one image (OpenImages): target/positive from that photo
@@ -152,6 +153,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     augment: bool = True
+    hflip: bool = True                    # mirror the views (off when captions say left/right)
 
     def __post_init__(self) -> None:
         hints = typing.get_type_hints(TrainConfig)
@@ -190,6 +192,8 @@ class TrainConfig:
         _require(self.mixed_precision in ("no", "bf16", "fp16"), "mixed_precision", "'no', 'bf16' or 'fp16'",
                  self.mixed_precision)
         _check_schedule_and_samples(self)
+        _require(not self.tiny_weights or self.tiny_models, "tiny_weights",
+                 "an empty string unless tiny_models=true (trained tiny models replace the random ones)", self.tiny_weights)
         if not self.tiny_models and not (self.paths.diffusion and self.paths.clip_vision):
             raise ValueError("TrainConfig.paths: real training (tiny_models=false) needs paths.diffusion and "
                              f"paths.clip_vision (local paths), found {self.paths}")
@@ -233,7 +237,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise ValueError(f'config file {path}: expected a JSON object of TrainConfig fields ({{"lr": 0.0001, ...}}), '
                          f"found a JSON {_json_kind(data)}")
     return data
-
 
 
 # fields that may differ between a run and its resumption: none changes the model, the data order or the

@@ -163,8 +163,13 @@ def _save(cfg: TrainConfig, model: CustomContrastModel, optimizer, state: Traini
 def build_module(cfg: TrainConfig) -> TrainingModule:
     """Builds the trainable model (visual K/V initialised from the UNet) around the frozen models."""
     enc_config = get_preset(cfg.encoder_preset)
-    frozen = build_tiny(enc_config, image_size=cfg.target_size, reference_size=cfg.reference_size, seed=cfg.seed) \
-        if cfg.tiny_models else build_from_paths(enc_config, cfg.paths)
+    if cfg.tiny_weights:     # trained tiny models (the small world's base model)
+        from .miniworld.base import load_base
+        frozen = load_base(cfg.tiny_weights, enc_config, image_size=cfg.target_size, reference_size=cfg.reference_size)
+    elif cfg.tiny_models:
+        frozen = build_tiny(enc_config, image_size=cfg.target_size, reference_size=cfg.reference_size, seed=cfg.seed)
+    else:
+        frozen = build_from_paths(enc_config, cfg.paths)
     torch.manual_seed(cfg.seed)
     model = CustomContrastModel(enc_config)
     model.visual_kv.load_from_unet(unet_kv_weights(frozen.unet, model))
@@ -210,7 +215,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
         write_text_atomic(out / "config.json", cfg.to_json())
     records = _records(cfg, out, accelerator)
     dataset = SubjectDataset(records, DataConfig(reference_size=cfg.reference_size, target_size=cfg.target_size,
-                                                 augment=cfg.augment, seed=cfg.seed))
+                                                 augment=cfg.augment, hflip=cfg.hflip, seed=cfg.seed))
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = len(global_batches(len(dataset), cfg.batch_size * world, epoch=0, seed=cfg.seed))
     module = build_module(cfg)

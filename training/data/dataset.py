@@ -33,7 +33,6 @@ class UnreadableView(ValueError):
     """One view (image or mask file) that cannot be used; the message names the file and why."""
 
 
-
 @dataclass(frozen=True)
 class DataConfig:
     """How samples are cut from the subjects' views."""
@@ -110,9 +109,10 @@ class SubjectDataset(Dataset):
         if not records:
             raise ValueError("SubjectDataset needs at least one subject")
         for record in records:   # checked here, not at a sample: a caption without it would skip its subject
-            if record.caption and cfg.placeholder not in record.caption:
-                raise ValueError(f"subject {record.subject!r}: its caption {record.caption!r} has no "
-                                 f"{cfg.placeholder!r}; expected a caption naming the subject by the placeholder")
+            for caption in (record.caption, *(record.captions or ())):
+                if caption and cfg.placeholder not in caption:
+                    raise ValueError(f"subject {record.subject!r}: its caption {caption!r} has no "
+                                     f"{cfg.placeholder!r}; expected a caption naming the subject by the placeholder")
         self.records, self.cfg, self.epoch = list(records), cfg, 0
 
     def __len__(self) -> int:
@@ -163,7 +163,8 @@ class SubjectDataset(Dataset):
         reference, reference_mask = self._reference(ref, ref_m, g)
         target, target_mask = self._target(tgt, tgt_m, g)
         positive, positive_mask = self._positive(pos, pos_m, g)
-        caption = record.caption or cfg.caption_template.format(placeholder=cfg.placeholder, cls=record.cls)
+        caption = (record.captions[tgt_i] if record.captions else record.caption) or \
+            cfg.caption_template.format(placeholder=cfg.placeholder, cls=record.cls)    # the target view's scene
         return {"reference": reference, "reference_mask": reference_mask, "target": target * 2 - 1,
                 "target_mask": target_mask, "positive": positive, "positive_mask": positive_mask,
                 "caption": caption, "subject_index": i,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
-FIELDS = ("subject", "class", "images", "masks", "caption")
+FIELDS = ("subject", "class", "images", "masks", "caption", "captions")
 JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
               float: "a number", type(None): "null"}
 
@@ -31,6 +31,7 @@ class SubjectRecord:
     images: tuple[str, ...]
     masks: tuple[str, ...] | None = None
     caption: str | None = None
+    captions: tuple[str, ...] | None = None   # one caption per image (scenes that differ per view); wins over caption
 
     def __post_init__(self) -> None:
         for name, value, optional in (("subject", self.subject, False), ("class", self.cls, False),
@@ -45,11 +46,18 @@ class SubjectRecord:
                 raise ValueError(f"subject {self.subject!r}: {len(self.images)} images but {len(self.masks)} masks")
         if not self.images:
             raise ValueError(f"subject {self.subject!r} has no images")
+        if self.captions is not None:
+            captions = tuple(self.captions) if isinstance(self.captions, (list, tuple)) else None
+            if captions is None or len(captions) != len(self.images) or not all(isinstance(c, str) for c in captions):
+                raise ValueError(f"subject {self.subject!r}: captions must be null or a list of one string per image "
+                                 f"({len(self.images)}), found {found(self.captions)}")
+            object.__setattr__(self, "captions", captions)
 
     def to_json(self, root: Path) -> str:
         rel = lambda p: os.path.relpath(Path(p).resolve(), root.resolve())  # noqa: E731
         return json.dumps({"subject": self.subject, "class": self.cls, "images": [rel(p) for p in self.images],
-                           "masks": [rel(p) for p in self.masks] if self.masks else None, "caption": self.caption})
+                           "masks": [rel(p) for p in self.masks] if self.masks else None, "caption": self.caption,
+                           **({"captions": list(self.captions)} if self.captions is not None else {})})
 
 
 def found(value: Any) -> str:
@@ -87,7 +95,7 @@ def _record(data: Any, root: Path, allow_single: bool) -> SubjectRecord:
     resolve = lambda p: str(p if Path(p).is_absolute() else root / p)  # noqa: E731
     return SubjectRecord(subject=data["subject"], cls=data["class"], images=tuple(resolve(p) for p in images),
                          masks=tuple(resolve(p) for p in masks) if masks is not None else None,
-                         caption=data.get("caption"))
+                         caption=data.get("caption"), captions=data.get("captions"))
 
 
 def _warn_repeats(path: Path, records: Sequence[SubjectRecord], lines: Sequence[int]) -> None:

@@ -1,0 +1,103 @@
+"""The small world's stages and their configuration: world -> base -> scorers -> train -> report."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from customcontrast_core.config import get_preset
+
+from ..config import TrainConfig
+from .base import BaseConfig, train_base
+from .data import WorldConfig, read_scenes, write_world
+
+log = logging.getLogger(__name__)
+STAGES = ("world", "base", "scorers", "train", "report")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One trained CustomContrast variant: the TrainConfig fields it changes."""
+
+    name: str
+    overrides: tuple[tuple[str, object], ...] = ()
+
+
+# the ablations of Eq. 9 (paper Table 4); inference-time variants live in the report
+TRAINED_VARIANTS = (
+    Variant("full"),
+    Variant("no_contrast", (("contrastive_terms", ()),)),   # lambda1 = 0
+    Variant("cscl_only", (("contrastive_terms", ("cscl",)),)),
+    Variant("macl_only", (("contrastive_terms", ("macl",)),)),
+)
+
+
+@dataclass(frozen=True)
+class MiniworldConfig:
+    """Everything the small world's run depends on."""
+
+    encoder_preset: str = "tiny"        # CustomContrast's preset; the base model has its UNet and text widths
+    world: WorldConfig = WorldConfig()
+    base: BaseConfig = BaseConfig()
+    train_steps: int = 600
+    train_batch: int = 16
+    train_lr: float = 1e-3
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[Variant, ...] = TRAINED_VARIANTS
+    sample_steps: int = 20
+    guidance: float = 4.0
+    scorer_quick: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def quick(cls) -> "MiniworldConfig":
+        """Toy scale: every stage runs, nothing is expected to be learned (the tests' mode)."""
+        return cls(world=WorldConfig(scenes=256, subjects=8, views=3, eval_subjects=2, eval_prompts=1,
+                                     eval_renders=1),
+                   base=BaseConfig(vae_steps=5, steps=5, batch_size=8, warmup=2),
+                   train_steps=3, train_batch=4, seeds=(0,), variants=TRAINED_VARIANTS[:2], sample_steps=2,
+                   scorer_quick=True)
+
+    def with_seeds(self, n: int) -> "MiniworldConfig":
+        return dataclasses.replace(self, seeds=tuple(range(n)))
+
+    def train_config(self, out: Path, variant: Variant, seed: int) -> TrainConfig:
+        """The TrainConfig of one CustomContrast run on the world (the real ``training.run`` path)."""
+        fields = dict(encoder_preset=self.encoder_preset, tiny_models=True, tiny_weights=str(out / "base"),
+                      data=str(out / "world" / "subjects" / "manifest.jsonl"), hflip=False,
+                      output_dir=str(out / "runs" / f"{variant.name}_seed{seed}"), steps=self.train_steps,
+                      batch_size=self.train_batch, lr=self.train_lr, target_size=self.world.image_size,
+                      reference_size=self.world.image_size, save_every=self.train_steps, seed=seed)
+        fields.update(dict(variant.overrides))
+        return TrainConfig.from_dict(fields)
+
+
+def run_stages(out: str | Path, cfg: MiniworldConfig, stages: list[str]) -> Path:
+    """Runs ``stages`` in order; each skips what is already on disk. Returns the report folder."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if "world" in stages:
+        write_world(out / "world", cfg.world)
+    if "base" in stages:
+        images, captions = read_scenes(out / "world" / "scenes.npz")
+        train_base(out / "base", images, captions, cfg.base, get_preset(cfg.encoder_preset))
+    if "scorers" in stages:
+        from .scorers import train_scorers
+        train_scorers(out / "scorers", seed=cfg.world.seed, quick=cfg.scorer_quick)
+    if "train" in stages:
+        from ..loop import train
+        for variant in cfg.variants:
+            for seed in cfg.seeds:
+                tc = cfg.train_config(out, variant, seed)
+                exported = Path(tc.output_dir) / "customcontrast.safetensors"
+                if exported.is_file():
+                    continue
+                log.info("training %s (seed %d)", variant.name, seed)
+                train(tc)
+    if "report" in stages:
+        from .report import write_report
+        write_report(out, cfg)
+    (out / "miniworld.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
+    return out / "report"
