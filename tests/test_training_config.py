@@ -99,3 +99,13 @@ def test_resume_mismatch_names_fields_that_change_the_run():
     # permissions, not data: a run made before the data checks resumes with them granted
     assert resume_mismatch(saved, TrainConfig(allow_unmasked=True, allow_single_view=True)) == []
     assert resume_mismatch(saved, TrainConfig(allow_unmasked=True, lr=1e-4)) == ["lr: 0.001 -> 0.0001"]
+
+
+def test_a_run_saved_before_loc_maps_existed_resumes_only_with_its_text_only_l_loc():
+    """Mutation caught: reading a missing field at today's default ("combined") silently changes L_loc on resume."""
+    saved = json.loads(TrainConfig().to_json())
+    del saved["loc_maps"]
+    assert resume_mismatch(saved, TrainConfig()) == ["loc_maps: 'text' -> 'combined'"]
+    assert resume_mismatch(saved, TrainConfig(loc_maps="text")) == []
+    saved["loc_maps"] = "combined"
+    assert resume_mismatch(saved, TrainConfig()) == []

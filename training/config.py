@@ -248,10 +248,15 @@ RESUMABLE_FIELDS = ("steps", "save_every", "log_every", "num_workers", "output_d
                     "sample_prompts", "sample_seeds", "sample_steps", "sample_guidance")
 
 
+# a run saved before a field existed trained as these values say (L_loc read the text map only)
+LEGACY_DEFAULTS: dict[str, Any] = {"loc_maps": "text"}
+
+
 def resume_mismatch(saved: dict[str, Any], current: TrainConfig) -> list[str]:
     """Fields of ``current`` that differ from a run's saved ``config.json`` (``saved``, missing fields at their
-    defaults) and may not change on resume, as ``"name: saved -> current"`` lines."""
-    before = json.loads(TrainConfig.from_dict(saved).to_json())
+    defaults, except fields whose default changed since: those at their old value, ``LEGACY_DEFAULTS``) and may
+    not change on resume, as ``"name: saved -> current"`` lines."""
+    before = json.loads(TrainConfig.from_dict({**LEGACY_DEFAULTS, **saved}).to_json())
     now = json.loads(current.to_json())
     return [f"{k}: {before[k]!r} -> {now[k]!r}" for k in sorted(now)
             if k not in RESUMABLE_FIELDS and before[k] != now[k]]
