@@ -54,7 +54,7 @@ def subject_caption(subject: Subject, ctx: Context) -> str:
     return ctx.words(f"{PLACEHOLDER} {subject.shape}")
 
 
-def _save_png(array: np.ndarray, path: Path) -> str:
+def save_png(array: np.ndarray, path: Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
     return str(path)
@@ -87,8 +87,8 @@ def write_subjects(folder: Path, cfg: WorldConfig) -> Path:
         for v in range(cfg.views):
             ctx = make_context(rng, held_out=False)
             image, mask = render(subject, ctx, cfg.image_size, rng)
-            images.append(_save_png(image, folder / f"s{k:04d}" / f"view_{v}.png"))
-            masks.append(_save_png((mask * 255).astype(np.uint8), folder / f"s{k:04d}" / f"mask_{v}.png"))
+            images.append(save_png(image, folder / f"s{k:04d}" / f"view_{v}.png"))
+            masks.append(save_png((mask * 255).astype(np.uint8), folder / f"s{k:04d}" / f"mask_{v}.png"))
             captions.append(subject_caption(subject, ctx))
         records.append(SubjectRecord(subject=f"s{k:04d}", cls=subject.shape, images=tuple(images),
                                      masks=tuple(masks), captions=tuple(captions)))
@@ -102,13 +102,13 @@ def write_eval(folder: Path, cfg: WorldConfig) -> list[EvalCase]:
         subject = make_subject(rng, held_out=True)
         name = f"heldout_{k:02d}"
         image, mask = render(subject, REFERENCE_CONTEXT, cfg.image_size, rng)
-        reference = _save_png(image, folder / name / "reference.png")
-        reference_mask = _save_png((mask * 255).astype(np.uint8), folder / name / "reference_mask.png")
+        reference = save_png(image, folder / name / "reference.png")
+        reference_mask = save_png((mask * 255).astype(np.uint8), folder / name / "reference_mask.png")
         contexts, renders = [], []
         for p in range(cfg.eval_prompts):
             ctx = make_context(rng, held_out=True, companion_rate=0.0)
             contexts.append(ctx)
-            renders.append(tuple(_save_png(render(subject, ctx, cfg.image_size, rng)[0],
+            renders.append(tuple(save_png(render(subject, ctx, cfg.image_size, rng)[0],
                                            folder / name / f"real_{p}_{r}.png") for r in range(cfg.eval_renders)))
         cases.append(EvalCase(name, subject, reference, reference_mask, tuple(contexts), tuple(renders)))
     (folder / "eval.json").write_text(json.dumps([asdict(c) for c in cases], indent=1))

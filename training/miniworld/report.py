@@ -84,14 +84,14 @@ def generate_column(gen: Generator, model, frozen, cases: list[EvalCase], cfg, s
     return out
 
 
-def real_column(cases: list[EvalCase], out: Path) -> dict:
+def real_column(cases: list[EvalCase], out: Path, size: int) -> dict:
     """The upper bound: real renders (the R- prompt's are the reference context's, rendered again)."""
-    from .data import _save_png
+    from .data import save_png
     from .world import render
     column = {}
     for case in cases:
         rng = np.random.default_rng([zlib.crc32(case.name.encode()), 40])
-        again = _save_png(render(case.subject, REFERENCE_CONTEXT, 32, rng)[0], out / case.name / "real_r.png")
+        again = save_png(render(case.subject, REFERENCE_CONTEXT, size, rng)[0], out / case.name / "real_r.png")
         column[case.name, 0] = _load(again)[None]
         for p, renders in enumerate(case.renders, start=1):
             column[case.name, p] = torch.stack([_load(r) for r in renders])
@@ -109,7 +109,7 @@ def write_report(out: Path, cfg) -> Path:
     frozen = load_base(out / "base", config, cfg.world.image_size, cfg.world.image_size)
     trained = {v.name for v in cfg.variants}
     results: dict[str, list[dict]] = {}
-    columns: dict[str, dict] = {UPPER: real_column(cases, report / "real")}
+    columns: dict[str, dict] = {UPPER: real_column(cases, report / "real", cfg.world.image_size)}
     results[UPPER] = [score_column(scorers, cases, columns[UPPER])]
     for gen in GENERATORS:
         runs = [None] if gen.trained is None else [s for s in cfg.seeds if gen.trained in trained]
