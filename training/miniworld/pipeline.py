@@ -41,9 +41,9 @@ class MiniworldConfig:
     encoder_preset: str = "tiny"        # CustomContrast's preset; the base model has its UNet and text widths
     world: WorldConfig = WorldConfig()
     base: BaseConfig = BaseConfig()
-    train_steps: int = 600
+    train_steps: int = 800
     train_batch: int = 16
-    train_lr: float = 1e-3
+    train_lr: float = 2e-3
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[Variant, ...] = TRAINED_VARIANTS
     sample_steps: int = 20
@@ -70,7 +70,8 @@ class MiniworldConfig:
                       data=str(out / "world" / "subjects" / "manifest.jsonl"), hflip=False,
                       output_dir=str(out / "runs" / f"{variant.name}_seed{seed}"), steps=self.train_steps,
                       batch_size=self.train_batch, lr=self.train_lr, target_size=self.world.image_size,
-                      reference_size=self.world.image_size, save_every=self.train_steps, seed=seed)
+                      reference_size=self.world.image_size, save_every=self.train_steps, seed=seed,
+                      warmup_steps=min(50, self.train_steps // 4))
         fields.update(dict(variant.overrides))
         return TrainConfig.from_dict(fields)
 
