@@ -1,7 +1,6 @@
 """What every patched layer of one model evaluation shares, computed by its first layer (no per-layer syncs)."""
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -45,8 +44,6 @@ class Evaluation:
     stacked: tuple | None = None                     # (stacked_visual_kv result,) once looked up
     visual_heads: dict = field(default_factory=dict)  # (dtype, head width) -> per subject (sum/D, B', m, D): head-first
     swapped: dict = field(default_factory=dict)     # (length, dtype) -> G swapped contexts (B, L, C), one tensor
-    map_sums: dict = field(default_factory=dict)    # graph mode: (subject, grid) -> text, visual map sums (B, N)
-    map_layers: dict = field(default_factory=dict)  # graph mode: (subject, grid) -> layers summed
     step_masks: list[Tensor] | None = None          # per subject, the previous step's mask it applies (or None)
     columns: dict = field(default_factory=dict)     # key length -> per subject, its placeholder columns
 
@@ -101,11 +98,9 @@ class Evaluation:
         return None if keys is None or offset % dims else keys.narrow(0, offset // dims, heads)
 
     def layer_mask(self, subject: int, mask: Tensor | None, user: Tensor | None, grid: tuple[int, int],
-                   device: torch.device, dtype: torch.dtype,
-                   static: Callable[[int, tuple], Tensor] | None = None) -> Tensor | None:
+                   device: torch.device, dtype: torch.dtype) -> Tensor | None:
         """The subject's mask (the previous step's ``mask``, intersected with the ``user`` mask) on a layer grid
-        for the patched rows, in ``dtype``, once per evaluation; in fp32 made in the buffer ``static(subject,
-        shape)`` when given (graph mode). Shapes: mask (b, H, W), user (1 or b, H', W') -> (B' or 1, N)."""
+        for the patched rows, in ``dtype``, once per evaluation. Shapes: mask (b, H, W), user (1 or b, H', W') -> (B' or 1, N)."""
         if mask is None and user is None:
             return None
         if (subject, grid, dtype) in self.masks:
@@ -120,11 +115,9 @@ class Evaluation:
         if user is not None:
             mask = intersect_user_mask(mask, user.to(device))
         single = mask.shape[0] == 1                             # (1, N) broadcasts over every row
-        flat = resize_mask(mask, grid, out=static(subject, (1, grid[0] * grid[1])) if static and single else None)
+        flat = resize_mask(mask, grid)
         if not single:                                          # one mask per latent, the same in every chunk
             flat = flat[:self.per_chunk].repeat(self.patched, 1)
-            if static is not None:
-                flat = static(subject, tuple(flat.shape)).copy_(flat)
         self.masks[(subject, grid, dtype)] = flat
         return flat
 

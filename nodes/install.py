@@ -128,11 +128,8 @@ def user_mask_of(attn_mask) -> torch.Tensor | None:
 
 def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], prompt: str, weight: float,
                          start_percent: float, end_percent: float, use_mask: bool, mask_mode: str,
-                         mask_threshold: float, attn_mask=None, splus_buckets: int = 0, cuda_graphs: bool = False):
-    """Builds the patch of one Apply node; returns the patched MODEL and the positive CONDITIONING.
-
-    ``cuda_graphs`` replays each patched layer's attention as a CUDA graph (``graphed.py``); layers on
-    other devices run eagerly."""
+                         mask_threshold: float, attn_mask=None, splus_buckets: int = 0):
+    """Builds the patch of one Apply node; returns the patched MODEL and the positive CONDITIONING."""
     weight = check_number(APPLY, "weight", weight, 0.0, 3.0)
     start_percent = check_number(APPLY, "start_percent", start_percent, 0.0, 1.0)
     end_percent = check_number(APPLY, "end_percent", end_percent, 0.0, 1.0)
@@ -152,8 +149,7 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
     settings = ApplySettings(
         gamma=weight, sigma_start=float(sampling.percent_to_sigma(start_percent)),
         sigma_end=float(sampling.percent_to_sigma(end_percent)), use_mask=use_mask,
-        mask=mask_config(mask_mode, mask_threshold), user_mask=user_mask_of(attn_mask), splus_buckets=splus_buckets,
-        cuda_graphs=cuda_graphs)
+        mask=mask_config(mask_mode, mask_threshold), user_mask=user_mask_of(attn_mask), splus_buckets=splus_buckets)
     encoder = customcontrast.model.encoder
     with torch.no_grad():
         first = sampling.timestep(sampling.sigma_max.reshape(1)).float()

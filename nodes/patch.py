@@ -31,10 +31,8 @@ from customcontrast_core.visual_kv import CustomContrastModel
 from .encodings import PROMPTS_PER_CALL, Encodings, RecentUse, encode_timesteps, encoding_key, window
 from .evaluation import Evaluation as _Evaluation
 from .evaluation import per_latent as _per_latent
-from .graphed import LayerGraphs
 from .replace import Attn2Replace, sigma_of, unpatched_attention
 from .rows import check_user_mask, make_rows, matching_chunks, patched_chunks
-from .stacked_kv import weight_of
 from .text_encode import PlaceholderPrompt, reorder_for
 
 log = logging.getLogger("customcontrast")
@@ -54,7 +52,6 @@ class ApplySettings:
     capture_downsample: tuple[int, ...] = (2, 4)   # 16x16 and 32x32 layers at 512 px
     user_mask: Tensor | None = None       # (1 or B, H, W) intersected with the propagated mask
     splus_buckets: int = 0                # 0: S+ re-encoded at every new sigma (paper); N: N timestep buckets
-    cuda_graphs: bool = False             # replay each layer's attention as a CUDA graph (see graphed.py)
 
     def __post_init__(self) -> None:
         if self.sigma_end > self.sigma_start:
@@ -87,19 +84,15 @@ class SubjectPatch:
     _keys: dict = field(default_factory=dict)   # sigma -> (cache key, timestep): timestep_of reads the device
     _rows: dict = field(default_factory=dict)   # (chunks, swapped, rows per chunk, device) -> swap, its view, kinds
     _swapped: dict = field(default_factory=dict)   # (uuids, chunks, rows per chunk, length) -> swapped chunks
-    graphs: LayerGraphs | None = None           # CUDA graphs of the layers (settings.cuda_graphs)
     _checked: set = field(default_factory=set)  # (layer key, q shape, k shape, capture, no mask) checked once
     _matched: bool | None = None                # whether a cond chunk of this run was this node's (None: none seen)
 
     def __post_init__(self) -> None:
-        self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects),
-                                   graphs="cuda" if self.settings.cuda_graphs else "off")
+        self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects))
         config = self.model.config
         group_of = {layer.name: group for layer, group in zip(config.layers, config.layer_groups)}
         self.groups = {key: group_of[layer.name] for key, layer in self.layers.items()}
         self._projections = dict(self.model.visual_kv.items())   # a dict lookup per layer (ModuleDict's is slower)
-        if self.settings.cuda_graphs and self.graphs is None:
-            self.graphs = LayerGraphs()
 
     def __deepcopy__(self, memo) -> "SubjectPatch":
         return self   # ModelPatcher.clone deep-copies model_options: share weights and state
@@ -109,7 +102,6 @@ class SubjectPatch:
     def reset(self) -> None:
         """Starts a sampling run: forgets the masks of the previous run and the encodings that the last
         runs did not use (a sigma's encodings are the same in every run of this patch: ``RecentUse``)."""
-        self._flush(self._eval)
         if self.tracker is not None and self.tracker.masks:
             self.last_masks = self.tracker.history()
         self.recent.start_run(self.cache, self._keys)
@@ -121,7 +113,6 @@ class SubjectPatch:
         self._schedule = (None, [])
 
     def finish(self) -> None:
-        self._flush(self._eval)
         self.last_masks = self.tracker.history()
         if self._matched is False:
             log.warning("CustomContrast: no positive conditioning of this run is the 'positive' output of the Apply "
@@ -190,9 +181,6 @@ class SubjectPatch:
         if self._eval is None or sigmas is not self._eval.sigmas:
             sigma = sigma_of(extra_options)
             previous = self._eval.sigma if self._eval is not None else None
-            # a new sigma makes the tracker finalise the flushed maps at once, before any layer rewrites the
-            # graph mode's accumulators: they need no copies then
-            self._flush(self._eval, copy=sigma == previous or not self.settings.use_mask)
             self._eval = _Evaluation(sigmas=sigmas, sigma=sigma)
             if sigma != previous and self.settings.use_mask:
                 self.tracker.begin(sigma)
@@ -216,7 +204,6 @@ class SubjectPatch:
         sigma and encodings) when they change."""
         if ev.context is context and ev.chunks == chunks:
             return ev
-        self._flush(ev)   # graph mode: maps summed under the previous rows
         b = context.shape[0] // len(chunks)
         named = (uuids, chunks, b, context.shape[1]) if len(uuids) == len(chunks) else None
         swapped = self._swapped.get(named) if named is not None else None
@@ -307,47 +294,36 @@ class SubjectPatch:
         capture = self.settings.use_mask and layer.downsample in self.settings.capture_downsample \
             and bool(ev.swapped_chunks)
         heads, projection = extra_options["n_heads"], self._projections[layer.name]
-        graphed = self.graphs is not None and self.graphs.usable(q, weight_of(projection))
-        # eager capture layers compute in fp32, the others in the UNet's dtype (graphs read fp32 masks): visual
-        # K/V, masks and bias are made once per evaluation in each dtype, not once per layer
-        dtype = torch.float32 if capture or graphed else q.dtype
-        # graph mode: each grid's masks are made straight in the static buffers its graphs read
-        static = None
-        if graphed:
-            self.graphs.start(ev)
-
-            def static(s: int, shape: tuple) -> Tensor:
-                return self.graphs.buffer(("mask", s, (h, w)), shape, torch.float32, q.device)
+        # capture layers compute in fp32, the others in the UNet's dtype: visual K/V, masks and bias are made once
+        # per evaluation in each dtype, not once per layer
+        dtype = torch.float32 if capture else q.dtype
         user = self.settings.user_mask
-        layer_masks = [ev.layer_mask(s, masks[s] if masks else None, user, (h, w), q.device, dtype, static)
+        layer_masks = [ev.layer_mask(s, masks[s] if masks else None, user, (h, w), q.device, dtype)
                        for s in subjects]
-        if graphed:
-            out, maps = self._graphed(ev, enc, key, projection, q, k, v, heads, layer_masks, columns, capture, (h, w))
-        else:
-            # the same shapes in every step: checked by the first evaluation of a run, trusted afterwards
-            shapes = (key, q.shape, k.shape, capture, masks is None)
-            check = shapes not in self._checked
-            make = SubjectBranch if check else SubjectBranch.unchecked
-            gamma, kv_of = self.settings.gamma, ev.visual_kv_of
-            branches = [make(*kv_of(self.model.visual_kv, enc, layer.name, s, dtype, q.device), gamma, layer_masks[s],
-                             columns[s], ev.swap, visual_k_heads=ev.visual_k_heads_of(layer.name, s, dtype, heads)
-                             if capture else None) for s in subjects]
-            bias_key = ((h, w), k.shape[1], dtype)
-            bias = ev.biases.get(bias_key, False)
-            if bias is False:   # (B, 1, N, T): broadcast over heads
-                bias = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1], self.settings.mask.eps,
-                                        q.device, dtype, columns=self._columns(ev, branches, q, k.shape[1])[:, 0])
-                bias = ev.biases[bias_key] = None if bias is None else bias[:, None]
-            probe = None
-            if capture:   # (B, H, T, P): expanded over heads once per run
-                probe = ev.probes.get((k.shape[1], heads))
-                if probe is None:
-                    probe = ev.probes[(k.shape[1], heads)] = self._columns(ev, branches, q, k.shape[1]).expand(
-                        -1, heads, -1, -1)
-            out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=self.settings.mask.eps,
-                                                 capture=capture, bias=bias, probe=probe, validate=check)
-            if check:
-                self._checked.add(shapes)
+        # the same shapes in every step: checked by the first evaluation of a run, trusted afterwards
+        shapes = (key, q.shape, k.shape, capture, masks is None)
+        check = shapes not in self._checked
+        make = SubjectBranch if check else SubjectBranch.unchecked
+        gamma, kv_of = self.settings.gamma, ev.visual_kv_of
+        branches = [make(*kv_of(self.model.visual_kv, enc, layer.name, s, dtype, q.device), gamma, layer_masks[s],
+                         columns[s], ev.swap, visual_k_heads=ev.visual_k_heads_of(layer.name, s, dtype, heads)
+                         if capture else None) for s in subjects]
+        bias_key = ((h, w), k.shape[1], dtype)
+        bias = ev.biases.get(bias_key, False)
+        if bias is False:   # (B, 1, N, T): broadcast over heads
+            bias = placeholder_bias(branches, q.shape[0], q.shape[1], k.shape[1], self.settings.mask.eps,
+                                    q.device, dtype, columns=self._columns(ev, branches, q, k.shape[1])[:, 0])
+            bias = ev.biases[bias_key] = None if bias is None else bias[:, None]
+        probe = None
+        if capture:   # (B, H, T, P): expanded over heads once per run
+            probe = ev.probes.get((k.shape[1], heads))
+            if probe is None:
+                probe = ev.probes[(k.shape[1], heads)] = self._columns(ev, branches, q, k.shape[1]).expand(
+                    -1, heads, -1, -1)
+        out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=branches, eps=self.settings.mask.eps,
+                                             capture=capture, bias=bias, probe=probe, validate=check)
+        if check:
+            self._checked.add(shapes)
         if maps:
             for s, m in enumerate(maps):
                 self.tracker.add(s, _per_latent(m, ev.swapped_chunks, b), (h, w))
@@ -361,40 +337,3 @@ class SubjectPatch:
         if columns is None:
             columns = ev.probes[keys] = placeholder_probe(branches, q.shape[0], keys, q.device)
         return columns
-
-    def _graphed(self, ev: _Evaluation, enc: Encodings, key: tuple, projection, q: Tensor, k: Tensor, v: Tensor,
-                 heads: int, masks: list[Tensor | None], columns: list[tuple[int, ...]], capture: bool,
-                 grid: tuple[int, int]) -> tuple[Tensor, None]:
-        """The layer through its CUDA graph; the evaluation's shared inputs go to static buffers once, and the
-        maps of capture layers are summed per grid inside the graphs (handed to the tracker by ``_flush``)."""
-        graphs, weight, subjects = self.graphs, weight_of(projection), range(len(self.subjects))
-        tokens = [graphs.static(ev, ("tokens", s), lambda s=s: enc.tokens_for(weight.device, weight.dtype)[s])
-                  for s in subjects]
-        sums, first = [], False
-        for s in subjects if capture else ():
-            pair = ev.map_sums.get((s, grid))
-            if pair is None:   # the grid's first capture layer writes its maps, the later ones add theirs
-                first = True
-                pair = ev.map_sums[(s, grid)] = (graphs.buffer(("text", s, grid), q.shape[:2], torch.float32, q.device),
-                                                 graphs.buffer(("visual", s, grid), q.shape[:2], torch.float32, q.device))
-            sums.append(pair)
-            ev.map_layers[(s, grid)] = ev.map_layers.get((s, grid), 0) + 1
-        # the row tensors are built once per run (``_rows``) and stay allocated: the graphs read them directly
-        out = graphs.attention(key, q, k, v, heads=heads, projection=projection, tokens=tokens, kinds=ev.kinds,
-                               rows=ev.swap, masks=masks, columns=columns,
-                               gamma=self.settings.gamma, eps=self.settings.mask.eps, sums=sums, assign=first)
-        return out, None
-
-    def _flush(self, ev: _Evaluation | None, copy: bool = True) -> None:
-        """Hands the evaluation's per-grid map sums (graph mode) to the mask tracker, once: copies of the static
-        accumulators unless the tracker consumes them before the next evaluation rewrites them (``copy``)."""
-        if ev is None or not ev.map_layers:
-            return
-        b = ev.per_chunk
-        for (s, grid), layers in ev.map_layers.items():
-            text, visual = ev.map_sums[(s, grid)]
-            if copy:
-                text, visual = text.clone(), visual.clone()
-            self.tracker.add(s, _per_latent(SubjectMaps(text=text, visual=visual), ev.swapped_chunks, b), grid, layers)
-        ev.map_layers.clear()
-        ev.map_sums.clear()

@@ -15,8 +15,6 @@ from torch import Tensor
 
 from customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders, pooled_prompt_ids
 
-from .fast_tokens import stamped_rows
-
 # ComfyUI token dict key -> index of that encoder's slice in the concatenated S+ vector
 ENCODER_KEYS = {"sd15": ("l",), "sdxl": ("l", "g")}
 
@@ -141,8 +139,7 @@ def _with_vectors(prompt: PlaceholderPrompt, key: str, vectors: Sequence[Tensor]
 
 
 def encode_splus(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-    """Encodes the prompt once per layer group in one text-encoder call (token processing of the copies
-    in a few kernels: ``fast_tokens.py``).
+    """Encodes the prompt once per layer group in one text-encoder call.
 
     Shapes: splus[i] (G, sum(widths)) for subject i -> contexts (G, 77*S, C), pooled (G, P) or None.
     """
@@ -159,9 +156,7 @@ def encode_splus(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tu
         vectors[key] = per_subject = [v[:, start:start + prompt.widths[index]].float().cpu() for v in splus]
         batched[key] = [section for g in range(groups)
                         for section in _with_vectors(prompt, key, [v[g] for v in per_subject])]
-    sections = {key: len(prompt.tokens[key]) for key in vectors}
-    with stamped_rows(clip, groups, sections, prompt.slots, vectors):
-        cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
+    cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
     contexts = cond.reshape(groups, prompt.length, cond.shape[-1])
     return contexts, pooled
 

@@ -27,7 +27,7 @@ def tiny(env):
     return config, unet, model, ours, foreign, negative
 
 
-def run(tiny, contexts, chunks, *, graphs=False, user_mask=None, latents=1, patch=None):
+def run(tiny, contexts, chunks, *, user_mask=None, latents=1, patch=None):
     """One step per sigma of SIGMAS through the patched UNet (the same latents in every chunk); returns the
     outputs per step (B, 4, 16, 16) and the patch."""
     config, unet, model, ours, _, _ = tiny
@@ -36,9 +36,6 @@ def run(tiny, contexts, chunks, *, graphs=False, user_mask=None, latents=1, patc
         torch.manual_seed(4)
         encodings.blank_visual = [torch.randn_like(encodings.visual[0])]   # the uncond rows' branch acts too
         patch.settings = dataclasses.replace(patch.settings, user_mask=user_mask)
-        if graphs:
-            from nodes_under_test import LayerGraphs
-            patch.graphs = LayerGraphs(emulate=True)
     context = torch.cat([c.expand(latents, -1, -1) for c in contexts])
     outputs = []
     torch.manual_seed(5)
@@ -62,14 +59,13 @@ def plain(tiny, contexts, latents=1):
     return outputs
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_another_prompts_rows_are_the_unpatched_unets_and_ours_do_not_change(tiny, graphs):
+def test_another_prompts_rows_are_the_unpatched_unets_and_ours_do_not_change(tiny):
     """A batch of this node's prompt, another prompt (ConditioningCombine, another Apply node) and the negative:
     the other prompt's row is the plain UNet's to the last bit; this node's and the negative's rows are those of
-    a batch without the other prompt, masks included (eager and graph mode)."""
+    a batch without the other prompt, masks included."""
     _, _, _, ours, foreign, negative = tiny
-    mixed, patch = run(tiny, [negative, ours, foreign], (1, 0, 0), graphs=graphs)
-    alone, patch_alone = run(tiny, [negative, ours], (1, 0), graphs=graphs)
+    mixed, patch = run(tiny, [negative, ours, foreign], (1, 0, 0))
+    alone, patch_alone = run(tiny, [negative, ours], (1, 0))
     reference = plain(tiny, [negative, ours, foreign])
     for got, want, unpatched in zip(mixed, alone, reference):
         torch.testing.assert_close(got[2], unpatched[2], rtol=0, atol=0)
