@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CountOps, CudaAttentionRoute, busy_fractions, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+from .common import CountOps, busy_fractions, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
 
 
 def encoding_time(run, device: str) -> dict:
@@ -79,14 +79,9 @@ def count_kernels(variants: dict, steps: int) -> dict:
     kernels from Python, the time ratio follows this ratio."""
     kernels = {}
     for name, fn in variants.items():
-        counter = CountOps()
-        counter.paused = True
-        with CudaAttentionRoute(counter):
-            fn()   # the warm run
-            counter.count = counter.kernels = 0
-            counter.paused = False
-            with counter:
-                fn()
+        fn()   # the warm run
+        with CountOps() as counter:
+            fn()
         kernels[name] = counter.kernels
         print(f"[comfy] {name}: {kernels[name]} kernels per run ({kernels[name] / steps:.0f} per step)", flush=True)
     return {"kernels_per_run": kernels, "kernels_per_step": {k: v / steps for k, v in kernels.items()},

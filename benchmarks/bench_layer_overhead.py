@@ -6,8 +6,8 @@
 On a fast GPU a 512 px SD1.5 step is bound by launching kernels from Python (the H100 numbers in the
 README: 52 ms per plain CFG step), so what the patch costs there is mostly host time per layer:
 Python, einops parsing and one dispatcher call per operator. This benchmark isolates exactly that on
-the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = every layer's ``swap_context`` +
-``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of
+the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = ``model_call`` and every layer's
+``swap_context`` + ``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of
 ``plain_attention`` calls; once with mask capture and masks (default), once without. It also counts
 the ATen operators dispatched per layer (each one is at least one kernel launch on a GPU, views aside).
 With ``--device cuda`` the same evaluations run on the GPU (tiny tensors: launch-bound).
@@ -23,36 +23,30 @@ import torch
 
 from customcontrast_core import CustomContrastModel, get_preset, plain_attention
 
-from .common import CountOps, CudaAttentionRoute, machine, write_json
+from .common import CountOps, machine, write_json
 
 
 def _patch(family: str, use_mask: bool, device: str = "cpu", subjects: int = 1,
-           dtype: torch.dtype = torch.float32, stacked: bool = True):
-    """A SubjectPatch of the tiny preset with encodings for sigmas 1..199;
-    ``subjects`` placeholders at token positions 4, 7, 10, ...; the UNet side (and the CustomContrast model, as
-    ComfyUI loads it) in ``dtype``, the S+ contexts in fp32 as ComfyUI's CLIP returns them; the visual K/V
-    stacked as the Loader node stacks them (``stacked=False``: the checkpoint's per-layer projections)."""
+           dtype: torch.dtype = torch.float32):
+    """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; ``subjects`` placeholders at token
+    positions 4, 7, 10, ...; the UNet side (and the CustomContrast model, as ComfyUI loads it) in ``dtype``, the
+    S+ contexts in fp32 as ComfyUI's CLIP returns them."""
     from .comfy_runtime import extension
 
-    patch_module = extension("nodes.patch")
-    ApplySettings, SubjectPatch = patch_module.ApplySettings, patch_module.SubjectPatch
-    Encodings, PlaceholderPrompt = patch_module.Encodings, patch_module.PlaceholderPrompt
-
+    patch_module, encodings = extension("nodes.patch"), extension("nodes.encodings")
     config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
     model = CustomContrastModel(config).eval().to(device, dtype)
-    if stacked:
-        extension("nodes.stacked_kv").stack_for_sampling(model)
-    prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4 + 3 * i)] for i in range(subjects)],
-                               base=config.base, widths=config.token_widths)
+    prompt = extension("nodes.text_encode").PlaceholderPrompt(
+        tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4 + 3 * i)] for i in range(subjects)], base=config.base,
+        widths=config.token_widths)
     base = torch.randn(1, 77, config.context_dim, device=device, dtype=dtype)
-    patch = SubjectPatch(model=model, clip=None, subjects=[torch.zeros(1)] * subjects, blank=torch.zeros(1),
-                         prompt=prompt,
-                         base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
-                         settings=ApplySettings(use_mask=use_mask),
-                         timestep_of=lambda s: s * 100)
+    patch = patch_module.SubjectPatch(
+        model=model, clip=None, subjects=[torch.zeros(1)] * subjects, blank=torch.zeros(1), prompt=prompt,
+        base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
+        settings=patch_module.ApplySettings(use_mask=use_mask), timestep_of=lambda s: s * 100)
     for sigma in range(1, 200):
         shape = (1, config.num_visual_tokens, config.context_dim)
-        patch.cache[float(sigma)] = Encodings(
+        patch.cache[float(sigma)] = encodings.Encodings(
             contexts=torch.randn(config.num_groups, 77, config.context_dim, device=device),
             visual=[torch.randn(shape, device=device, dtype=dtype) for _ in range(subjects)],
             blank_visual=[torch.zeros(shape, device=device, dtype=dtype)] * subjects)
@@ -66,20 +60,18 @@ def _layers(config, grid: int):
 
 
 def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4, outputs: list | None = None):
-    """One model evaluation (cond + uncond, batch 1 each) through every patched layer; appends each layer's
-    output to ``outputs`` when given."""
+    """One model evaluation (cond + uncond, batch 1 each) through every patched layer, as ComfyUI's hooks call
+    them (``nodes/comfy_glue.py``); appends each layer's output to ``outputs`` when given."""
     context = torch.cat([base, torch.randn_like(base)])
-    sigmas = torch.tensor([sigma, sigma], device=base.device)
     device, dtype = base.device, base.dtype
     with torch.no_grad():
+        call = patch.model_call((2, 4, grid, grid), sigma, context, (0, 1))
         for layer, side, inner in _layers(config, grid):
-            options = {"block": layer.comfy_key[:2], "block_index": layer.comfy_key[2], "cond_or_uncond": [0, 1],
-                       "sigmas": sigmas, "n_heads": heads, "activations_shape": [2, inner, side, side]}
-            patch.swap_context(torch.randn(2, side * side, inner, device=device, dtype=dtype), context, context,
-                               options)
+            key = layer.comfy_key
+            swapped, _ = patch.swap_context(call, key, context, context)
             q = torch.randn(2, side * side, inner, device=device, dtype=dtype)
             k = torch.randn(2, 77, inner, device=device, dtype=dtype)
-            out = patch.attention(q, k, k, options)
+            out = patch.attention(call, key, q, k, k, heads, lambda *qkv: plain_attention(*qkv, heads=heads))
             if outputs is not None:
                 outputs.append(out)
 
@@ -126,7 +118,7 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu",
     for s in sigmas[5:5 + evaluations]:
         patched.append(_timed(lambda: _evaluation(patch, config, base, s), device))
         plain.append(_timed(lambda: _plain(config, device=device, dtype=dtype), device))
-    with CountOps() as ops_patched, CudaAttentionRoute(ops_patched):   # the capture layers' attention as on CUDA
+    with CountOps() as ops_patched:
         _evaluation(patch, config, base, sigmas[-1])
     with CountOps() as ops_plain:
         _plain(config, device=device, dtype=dtype)

@@ -114,8 +114,3 @@ class MaskTracker:
         if self.pending is not None:
             self._finalise()
         return sorted(self.masks.items(), key=lambda item: -item[0])
-
-
-def empty_like_batch(batch: int, grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
-    """A mask of ones (M = 1). Shapes: -> (B, H, W)."""
-    return torch.ones(batch, *grid, device=device)

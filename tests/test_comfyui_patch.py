@@ -1,10 +1,13 @@
 """The ComfyUI patch on tiny random UNets: exact firing counts, and parity with the training processors."""
+import dataclasses
+
 import pytest
 import torch
 
 from comfy_env import comfyui
 from customcontrast_core import CustomContrastModel, get_preset
-from training.processors import ProcessorState, install_processors, layer_grid
+from customcontrast_core.layers import layer_grid
+from training.processors import ProcessorState, install_processors
 from training.tiny_models import tiny_unet
 
 COMFY_DEPTHS = {
@@ -40,7 +43,9 @@ def comfy_twin(diffusers_unet, config):
 
 def make_patch(model, config, context, sigma, *, gamma=1.0, slot=3, use_mask=False, more_sigmas=()):
     """A SubjectPatch whose per-sigma encodings are given (the same for ``more_sigmas``), so no CLIP is needed."""
-    from nodes_under_test import ApplySettings, Encodings, PlaceholderPrompt, SubjectPatch
+    from comfyui_customcontrast.nodes.encodings import Encodings
+    from comfyui_customcontrast.nodes.patch import ApplySettings, SubjectPatch
+    from comfyui_customcontrast.nodes.text_encode import PlaceholderPrompt
 
     torch.manual_seed(3)
     contexts = torch.randn(config.num_groups, 77, config.context_dim)
@@ -59,27 +64,25 @@ def make_patch(model, config, context, sigma, *, gamma=1.0, slot=3, use_mask=Fal
 
 @pytest.fixture(scope="module")
 def env():
-    env = comfyui()
-    import sys
-    package = next(name for name in sys.modules if name.endswith("comfyui-customcontrast.nodes.patch"))
-    sys.modules["nodes_under_test"] = sys.modules[package]
-    sys.modules["nodes_under_test"].PlaceholderPrompt = sys.modules[package.replace(".patch", ".text_encode")].PlaceholderPrompt
-    return env
+    return comfyui()
 
 
 def comfy_forward(unet, patch, x, t, context, sigma, chunks=(0,)):
-    from nodes_under_test import Attn2Replace
+    """One UNet call as ComfyUI makes it with the patch installed: the APPLY_MODEL wrapper's ModelCall in
+    transformer_options, the context swap as attn2_patch, the replace on every patched block key."""
+    from comfyui_customcontrast.nodes import comfy_glue
 
-    replace = Attn2Replace([patch])
+    replace = comfy_glue.Attn2Replace([patch])
     calls = []
 
     def counting(q, k, v, extra_options):
         calls.append(((*extra_options["block"], extra_options["block_index"]),
                       tuple(extra_options["activations_shape"][-2:])))
         return replace(q, k, v, extra_options)
-    options = {"patches": {"attn2_patch": [patch.swap_context]},
+    options = {"patches": {"attn2_patch": [comfy_glue.swap_context(patch)]},
                "patches_replace": {"attn2": {key: counting for key in patch.layers}},
-               "cond_or_uncond": list(chunks), "sigmas": torch.tensor([sigma])}
+               "cond_or_uncond": list(chunks), "sigmas": torch.tensor([sigma]),
+               comfy_glue.call_key(patch): patch.model_call(tuple(x.shape), sigma, context, tuple(chunks))}
     with torch.no_grad():
         out = unet(x, timesteps=t, context=context, transformer_options=options)
     return out, calls
@@ -153,7 +156,7 @@ def test_half_precision_unet_matches_fp32(env, dtype):
     patch, _ = make_patch(model, config, context, 5.0)
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
     full, _ = comfy_forward(unet, patch, x, t, context, 5.0)
-    patch.cache[5.0].contexts = patch.cache[5.0].contexts.to(dtype)
+    patch.cache[5.0] = dataclasses.replace(patch.cache[5.0], contexts=patch.cache[5.0].contexts.to(dtype))
     half, calls = comfy_forward(unet.to(dtype), patch, x.to(dtype), t, context.to(dtype), 5.0)
     assert half.dtype == dtype and len(calls) == 16
     assert (half.float() - full).abs().max() < 0.1 * full.abs().max()

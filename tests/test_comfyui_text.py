@@ -5,9 +5,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks.common import randomize_
-from benchmarks.comfy_runtime import _unet_config
-from comfy_env import comfyui
+from comfy_env import comfyui, randomize_, unet_config
 
 PROMPTS = {
     "plain": ("a photo of <subject> on the beach", 1),
@@ -30,7 +28,7 @@ def clips(env):
 
     made = {}
     for family in ("sd15", "sdxl"):
-        config = comfy.model_detection.model_config_from_unet_config(_unet_config(family, torch.float32))
+        config = comfy.model_detection.model_config_from_unet_config(unet_config(family, torch.float32))
         clip = comfy.sd.CLIP(target=config.clip_target())
         randomize_(clip.cond_stage_model, seed=7)
         made[family] = clip
