@@ -143,6 +143,11 @@ def test_uncond_rows_use_blank_visual_tokens_and_base_text(env):
     cond, _ = comfy_forward(unet, patch, x, torch.tensor([500.0]), context, 5.0)
     torch.testing.assert_close(both[1:], cond, atol=1e-5, rtol=1e-5)   # batching with uncond changes nothing
     assert (both[0] - cond[0]).abs().max() > 1e-3
+    # the uncond row keeps its text and gets the blank reference's tokens (zeros here: a visual branch of 0),
+    # so it is the plain UNet's row on the negative
+    with torch.no_grad():
+        plain = unet(x, timesteps=torch.tensor([500.0]), context=negative)
+    torch.testing.assert_close(both[:1], plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -160,3 +165,33 @@ def test_half_precision_unet_matches_fp32(env, dtype):
     half, calls = comfy_forward(unet.to(dtype), patch, x.to(dtype), t, context.to(dtype), 5.0)
     assert half.dtype == dtype and len(calls) == 16
     assert (half.float() - full).abs().max() < 0.1 * full.abs().max()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sdxl"])
+def test_the_mask_made_at_one_step_acts_at_the_next_as_in_training(env, preset):
+    """Masks are carried from step t to t-1: the maps captured at sigma 9 make the mask that the next call (sigma
+    5) applies, and that call equals the training processors given the same mask (SD1.5 and SDXL structure)."""
+    config = get_preset(preset)
+    torch.manual_seed(0)
+    d_unet = tiny_unet(config).eval()
+    c_unet = comfy_twin(d_unet, config)
+    torch.manual_seed(1)
+    model = CustomContrastModel(config).eval()
+    context = torch.randn(1, 77, config.context_dim)
+    patch, enc = make_patch(model, config, context, 9.0, use_mask=True, more_sigmas=(5.0,))
+    first, second = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    comfy_forward(c_unet, patch, first, torch.tensor([900.0]), context, 9.0)
+    masked, _ = comfy_forward(c_unet, patch, second, torch.tensor([500.0]), context, 5.0)
+    mask = patch.tracker.mask_for(5.0)[0]                               # made from the step at sigma 9
+    assert 0 < float(mask.mean()) < 1
+
+    state = ProcessorState()
+    install_processors(d_unet, model, state, capture_downsample=())
+    state.contexts, state.visual_tokens, state.slots = enc.contexts[:, None], enc.visual[0], ((3,),)
+    state.mask, state.latent_hw = mask, (16, 16)
+    with torch.no_grad():
+        trained = d_unet(second, torch.tensor([500.0]), encoder_hidden_states=context).sample
+    assert (trained - masked).abs().max().item() < 1e-4
+    unmasked, _ = comfy_forward(c_unet, make_patch(model, config, context, 5.0)[0], second, torch.tensor([500.0]),
+                                context, 5.0)
+    assert (unmasked - masked).abs().max().item() > 1e-3
