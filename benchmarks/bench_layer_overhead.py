@@ -4,7 +4,7 @@
     python -m benchmarks.bench_layer_overhead --out benchmarks/results/layer_overhead_cpu.json
 
 On a fast GPU a 512 px SD1.5 step is bound by launching kernels from Python (the H100 numbers in the
-README: 52 ms per plain CFG step), so what the patch costs there is mostly host time per layer:
+docs/performance.md: 52 ms per plain CFG step), so what the patch costs there is mostly host time per layer:
 Python, einops parsing and one dispatcher call per operator. This benchmark isolates exactly that on
 the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = ``model_call`` and every layer's
 ``swap_context`` + ``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of

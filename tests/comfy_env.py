@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP_REASON = ("COMFYUI_PATH is not set: real-ComfyUI tests need a ComfyUI checkout "
-               "(see README, 'Testing with a real ComfyUI')")
+               "(see docs/testing.md)")
 PACKAGE = "comfyui-customcontrast"
 _LOADED: types.SimpleNamespace | None = None
 

@@ -42,3 +42,24 @@ def test_quick_run_writes_every_stage_and_a_second_run_reuses_them(tmp_path) -> 
                                                 tmp_path / "scorers" / "scorers.safetensors"]}
     run_stages(tmp_path, cfg, ["world", "base", "scorers", "train"])
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_tiny_models_use_sd15s_schedule_and_never_clip_the_predicted_latents() -> None:
+    """diffusers' DDPM default clips x0 to [-1, 1] at every DDIM step: every tiny generation came out grey."""
+    from diffusers import DDIMScheduler
+
+    from customcontrast_core.config import get_preset
+    from training.models import build_tiny
+
+    config = build_tiny(get_preset("tiny"), image_size=32, reference_size=32).scheduler.config
+    assert (config.beta_schedule, config.beta_start, config.beta_end, config.prediction_type) == \
+        ("scaled_linear", 0.00085, 0.012, "epsilon")
+    ddim = DDIMScheduler.from_config(config)
+    ddim.set_timesteps(10)
+    import torch
+    latents = torch.full((1, 4, 2, 2), 3.0)     # latents of std 1 reach 3: x0 must come back as it is
+    t = ddim.timesteps[-1]
+    alpha = ddim.alphas_cumprod[t]
+    sample = alpha.sqrt() * latents            # noise prediction 0: x0 = sample / sqrt(alpha) = 3
+    out = ddim.step(torch.zeros_like(latents), t, sample).pred_original_sample
+    assert torch.allclose(out, latents, atol=1e-4)

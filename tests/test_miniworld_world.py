@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from training.data import DataConfig, SubjectDataset, read_manifest
-from training.miniworld.data import WorldConfig, read_eval, write_world
+from training.miniworld.data import WorldConfig, read_eval, read_scenes, write_scenes, write_world
 from training.miniworld.world import (ALL_CONTEXTS, BACKGROUNDS, HELD_OUT_CONTEXTS, HELD_OUT_HUE_PAIRS,
-                                      HELD_OUT_SHAPE_TEXTURE, PATTERNS, POSITIONS, SIZES, Context, context_key,
-                                      make_context, make_subject, render)
+                                      HELD_OUT_SHAPE_TEXTURE, HUE_WORDS, PATTERNS, POSITIONS, SIZES, SHAPES,
+                                      TEXTURE_WORDS, Context, Subject, context_key, make_context, make_subject,
+                                      render)
 
 
 def test_held_out_subjects_share_no_colour_pair_or_shape_texture_pair_with_training() -> None:
@@ -76,3 +77,22 @@ def test_world_is_deterministic_and_its_training_data_carries_the_target_views_c
     cases = read_eval(a / "eval")
     assert [len(c.contexts) for c in cases] == [2, 2]
     assert all(context_key(ctx) in HELD_OUT_CONTEXTS for c in cases for ctx in c.contexts)
+
+
+def test_subject_words_are_coarse_and_never_describe_a_held_out_subject_in_the_base_captions(tmp_path) -> None:
+    assert Subject("star", "stripes", ((1.0, 0.5, 0.0), (0.0, 0.5, 1.0))).description() == \
+        "orange and azure banded star"
+    assert Subject("disc", "plain", ((0.9, 0.2, 0.9), (0.9, 0.2, 0.9))).description() == "pink disc"
+    cfg = WorldConfig(scenes=600, subjects=1, views=1, eval_subjects=1, eval_prompts=1, eval_renders=1)
+    write_scenes(tmp_path / "scenes.npz", cfg)
+    _, captions = read_scenes(tmp_path / "scenes.npz")
+    described = [c for c in captions if any(f" {w} " in c for w in HUE_WORDS)]
+    assert 0.4 < len(described) / len(captions) < 0.6
+    rng = np.random.default_rng(3)
+    held = {make_subject(rng, held_out=True).description() for _ in range(300)}
+    assert not any(d in c for d in held for c in captions)
+    words = {w for c in captions for w in c.split()}
+    assert set(HUE_WORDS) | {w for w in TEXTURE_WORDS.values() if w} | set(SHAPES) <= words
+    # the rate does not change the scenes: the base model's images are the same with or without the words
+    write_scenes(tmp_path / "plain.npz", WorldConfig(scenes=600, describe_subjects=0.0))
+    assert (read_scenes(tmp_path / "plain.npz")[0] == read_scenes(tmp_path / "scenes.npz")[0]).all()

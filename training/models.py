@@ -111,7 +111,7 @@ def build_tiny(config: EncoderConfig, *, image_size: int = 64, reference_size: i
         num_hidden_layers=config.clip_num_layers, num_attention_heads=4, image_size=reference_size, patch_size=8))
     appearance = VisionTransformer(image_size=reference_size, patch_size=8, width=32, layers=2, heads=4,
                                    mlp_ratio=2.0, output_dim=32)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear",
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False,
                               beta_start=0.00085, beta_end=0.012)
     return FrozenModels(unet=unet, vae=vae, text=text,
                         clip_vision=ImageEncoder(vision, reference_size),

@@ -35,6 +35,7 @@ class WorldConfig:
     eval_subjects: int = 10       # held-out subjects
     eval_prompts: int = 4         # editing prompts (held-out contexts) per held-out subject
     eval_renders: int = 4         # real renders per (subject, prompt): the upper bound's samples
+    describe_subjects: float = 0.5   # share of base-model captions with the subject's coarse colour/texture words
     seed: int = 0
 
 
@@ -62,12 +63,14 @@ def save_png(array: np.ndarray, path: Path) -> str:
 
 def write_scenes(path: Path, cfg: WorldConfig) -> None:
     rng = np.random.default_rng([cfg.seed, 10])
+    words = np.random.default_rng([cfg.seed, 11])     # its own stream: the scenes do not depend on the rate
     images, captions = [], []
     for _ in range(cfg.scenes):
         subject, ctx = make_subject(rng, held_out=False), make_context(rng, held_out=False)
         image, _ = render(subject, ctx, cfg.image_size, rng)
         images.append(image)
-        captions.append(ctx.words(subject.shape))
+        described = words.uniform() < cfg.describe_subjects
+        captions.append(ctx.words(subject.description() if described else subject.shape))
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, images=np.stack(images), captions=np.array(captions))
     tmp.replace(path)

@@ -41,14 +41,15 @@ class MiniworldConfig:
     encoder_preset: str = "tiny"        # CustomContrast's preset; the base model has its UNet and text widths
     world: WorldConfig = WorldConfig()
     base: BaseConfig = BaseConfig()
-    train_steps: int = 600
+    train_steps: int = 800
     train_batch: int = 16
-    train_lr: float = 1e-3
+    train_lr: float = 2e-3
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[Variant, ...] = TRAINED_VARIANTS
     sample_steps: int = 20
     guidance: float = 4.0
     scorer_quick: bool = False
+    workers: int = 2                    # CustomContrast runs trained at once, one torch thread each
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -58,7 +59,7 @@ class MiniworldConfig:
                                      eval_renders=1),
                    base=BaseConfig(vae_steps=5, steps=5, batch_size=8, warmup=2),
                    train_steps=3, train_batch=4, seeds=(0,), variants=TRAINED_VARIANTS[:2], sample_steps=2,
-                   scorer_quick=True)
+                   scorer_quick=True, workers=1)
 
     def with_seeds(self, n: int) -> "MiniworldConfig":
         return dataclasses.replace(self, seeds=tuple(range(n)))
@@ -69,9 +70,44 @@ class MiniworldConfig:
                       data=str(out / "world" / "subjects" / "manifest.jsonl"), hflip=False,
                       output_dir=str(out / "runs" / f"{variant.name}_seed{seed}"), steps=self.train_steps,
                       batch_size=self.train_batch, lr=self.train_lr, target_size=self.world.image_size,
-                      reference_size=self.world.image_size, save_every=self.train_steps, seed=seed)
+                      reference_size=self.world.image_size, save_every=self.train_steps, seed=seed,
+                      warmup_steps=min(50, self.train_steps // 4))
         fields.update(dict(variant.overrides))
         return TrainConfig.from_dict(fields)
+
+
+def _train_one(tc: TrainConfig, threads: int | None = 1) -> None:
+    """One CustomContrast run (in a worker process: one torch thread, so two runs share two cores)."""
+    import torch
+
+    from ..loop import train
+    if threads is not None:
+        torch.set_num_threads(threads)
+    log.info("training %s", tc.output_dir)
+    train(tc)
+
+
+RELEASE_FILES = ("base/vae.safetensors", "base/unet.safetensors", "base/text.safetensors",
+                 "base/clip_vision.safetensors", "base/appearance.safetensors", "scorers/scorers.safetensors")
+
+
+def release(out: Path, cfg: MiniworldConfig) -> Path:
+    """Copies the base model, the first seed's full CustomContrast and the scorers into ``out/release`` with
+    their numbers (``numbers.json``: that seed's report rows), the files the learned-behaviour tests read."""
+    import shutil
+    folder = out / "release"
+    (folder / "base").mkdir(parents=True, exist_ok=True)
+    (folder / "scorers").mkdir(exist_ok=True)
+    for name in RELEASE_FILES:
+        shutil.copyfile(out / name, folder / name)
+    seed = cfg.seeds[0]
+    shutil.copyfile(out / "runs" / f"full_seed{seed}" / "customcontrast.safetensors",
+                    folder / "customcontrast.safetensors")
+    results = json.loads((out / "report" / "results.json").read_text())
+    numbers = {"seed": seed, "world": dataclasses.asdict(cfg.world), "train_steps": cfg.train_steps,
+               "rows": {name: runs[0] for name, runs in results.items()}}
+    (folder / "numbers.json").write_text(json.dumps(numbers, indent=1))
+    return folder
 
 
 def run_stages(out: str | Path, cfg: MiniworldConfig, stages: list[str]) -> Path:
@@ -87,17 +123,18 @@ def run_stages(out: str | Path, cfg: MiniworldConfig, stages: list[str]) -> Path
         from .scorers import train_scorers
         train_scorers(out / "scorers", seed=cfg.world.seed, quick=cfg.scorer_quick)
     if "train" in stages:
-        from ..loop import train
-        for variant in cfg.variants:
-            for seed in cfg.seeds:
-                tc = cfg.train_config(out, variant, seed)
-                exported = Path(tc.output_dir) / "customcontrast.safetensors"
-                if exported.is_file():
-                    continue
-                log.info("training %s (seed %d)", variant.name, seed)
-                train(tc)
+        todo = [cfg.train_config(out, v, seed) for v in cfg.variants for seed in cfg.seeds]
+        todo = [tc for tc in todo if not (Path(tc.output_dir) / "customcontrast.safetensors").is_file()]
+        if cfg.workers > 1 and len(todo) > 1:
+            import multiprocessing
+            with multiprocessing.get_context("spawn").Pool(cfg.workers, maxtasksperchild=1) as pool:
+                pool.map(_train_one, todo, chunksize=1)
+        else:
+            for tc in todo:
+                _train_one(tc, threads=None)
     if "report" in stages:
         from .report import write_report
         write_report(out, cfg)
+        release(out, cfg)
     (out / "miniworld.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1, default=str))
     return out / "report"

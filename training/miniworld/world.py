@@ -3,7 +3,8 @@
 A *subject* is an identity no caption word can name: a shape, a texture and two continuous colours.
 A *scene* places one subject at a position, with a size, on a background (a colour word and a
 pattern), sometimes beside a second, captioned object. Captions use the subject's class word (its
-shape): ``"a small star at the left on a red checkered background beside a ball"``.
+shape): ``"a small star at the left on a red checkered background beside a ball"``; some of the base
+model's captions also give coarse words for the subject's colours and texture (``Subject.description``).
 
 Splits (all deterministic for a seed):
 - training subjects: colour pairs and shape-texture pairs of the training sets;
@@ -29,6 +30,9 @@ BACKGROUNDS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.62, "purple"
 PATTERNS = ("plain", "checkered", "striped")
 COMPANIONS = ("ball", "block")                                        # the second, captioned object
 HUE_BINS = 6
+# coarse words for a subject's colours (hue bins) and textures, distinct from the background's words
+HUE_WORDS = ("orange", "lime", "mint", "azure", "violet", "pink")
+TEXTURE_WORDS = {"plain": "", "stripes": "banded", "dots": "spotted", "checker": "tiled"}
 PLACEHOLDER = "<subject>"
 
 # Held out: each shape loses one texture, and complementary hue-bin pairs.
@@ -47,6 +51,14 @@ class Subject:
     @property
     def hue_bins(self) -> tuple[int, int]:
         return tuple(int(colorsys.rgb_to_hsv(*c)[0] * HUE_BINS) % HUE_BINS for c in self.colors)
+
+    def description(self) -> str:
+        """Coarse words for the subject (hue bins, texture, class word): ``"orange and azure banded star"``.
+        They do not name the identity (the colours are continuous within a bin), but they let the base
+        model learn to draw a subject's colours and texture from conditioning, as SD learned from text."""
+        first, second = (HUE_WORDS[b] for b in self.hue_bins)
+        colours = first if self.texture == "plain" else f"{first} and {second}"
+        return " ".join(w for w in (colours, TEXTURE_WORDS[self.texture], self.shape) if w)
 
 
 @dataclass(frozen=True)
