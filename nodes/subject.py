@@ -29,17 +29,12 @@ class Subject:
 
 
 def to_rgb(image: Tensor) -> tuple[Tensor, Tensor | None]:
-    """IMAGE (B, H, W, C) -> RGB (B, H, W, 3) and the alpha channel when there is one."""
-    if image.ndim != 4:
-        raise ValueError(f"expected an IMAGE of shape (B, H, W, C), found {tuple(image.shape)}")
-    channels = image.shape[-1]
-    if channels == 1:
-        return image.expand(-1, -1, -1, 3), None
-    if channels == 3:
-        return image, None
-    if channels == 4:
-        return image[..., :3], image[..., 3]
-    raise ValueError(f"expected 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, found {channels}")
+    """IMAGE (B, H, W, C) with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels -> RGB (B, H, W, 3) and the alpha
+    channel when there is one."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an IMAGE (B, H, W, C) with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, found "
+                         f"shape {tuple(image.shape)}")
+    return image[..., :3].expand(-1, -1, -1, 3), (image[..., 3] if image.shape[-1] == 4 else None)
 
 
 def prepare_mask(mask: Tensor, size: tuple[int, int], images: int = 1) -> Tensor:
