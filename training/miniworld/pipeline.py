@@ -123,7 +123,7 @@ def run_stages(out: str | Path, cfg: MiniworldConfig, stages: list[str]) -> Path
         from .scorers import train_scorers
         train_scorers(out / "scorers", seed=cfg.world.seed, quick=cfg.scorer_quick)
     if "train" in stages:
-        todo = [cfg.train_config(out, v, seed) for v in cfg.variants for seed in cfg.seeds]
+        todo = [cfg.train_config(out, v, seed) for seed in cfg.seeds for v in cfg.variants]   # seed 0 first
         todo = [tc for tc in todo if not (Path(tc.output_dir) / "customcontrast.safetensors").is_file()]
         if cfg.workers > 1 and len(todo) > 1:
             import multiprocessing

@@ -1,0 +1,80 @@
+"""Learned behaviour, on the small world's committed weights (``assets/miniworld``, written by
+``python -m training.miniworld``): a held-out subject generated from its reference photo looks more like that
+reference than the base model's class-word generation does, through each branch on its own.
+
+Each branch is checked alone, so cutting one fails a test of its own: S+ that no longer reaches the text
+encoder fails the S+ test, a visual branch that no longer reaches the UNet fails the visual test, and a
+blank reference encoding fails both and the full model's.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from customcontrast_core import checkpoint
+from customcontrast_core.config import get_preset
+from training.miniworld.base import load_base
+from training.miniworld.data import WorldConfig, write_eval
+from training.miniworld.pipeline import MiniworldConfig
+from training.miniworld.report import GENERATORS, generate_column, score_column
+from training.miniworld.scorers import load_scorers
+
+# another run's release folder (python -m training.miniworld writes <out>/release) can be checked the same way
+RELEASE = Path(os.environ.get("CUSTOMCONTRAST_MINIWORLD", Path(__file__).resolve().parents[1] / "assets" / "miniworld"))
+if not (RELEASE / "customcontrast.safetensors").is_file():
+    pytest.skip(f"no trained small-world release at {RELEASE}: `python -m training.miniworld` writes one to "
+                "<out>/release (docs/miniworld.md)", allow_module_level=True)
+SUBJECTS = 6          # held-out subjects (the world's first ones: the report measures 10)
+MARGIN = 0.10         # appearance cosine above the base model's
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    cfg = MiniworldConfig()
+    cases = write_eval(tmp_path_factory.mktemp("eval"), WorldConfig(eval_subjects=SUBJECTS, eval_prompts=1,
+                                                                   eval_renders=1))
+    frozen = load_base(RELEASE / "base", get_preset(cfg.encoder_preset), cfg.world.image_size, cfg.world.image_size)
+    model, _ = checkpoint.load(RELEASE / "customcontrast.safetensors")
+    scorers = load_scorers(RELEASE / "scorers" / "scorers.safetensors")
+    return cfg, cases, frozen, model, scorers
+
+
+def appearance(world, name: str) -> float:
+    """Mean appearance similarity to the reference (R- and E- prompts) of one of the report's generators."""
+    cfg, cases, frozen, model, scorers = world
+    gen = next(g for g in GENERATORS if g.name == name)
+    torch.manual_seed(0)
+    scores = score_column(scorers, cases, generate_column(gen, model, frozen, cases, cfg))
+    return (scores["R-appearance"] + scores["E-appearance"]) / 2
+
+
+@pytest.fixture(scope="module")
+def lower(world) -> float:
+    return appearance(world, "lower bound (base, class word)")
+
+
+def test_the_committed_weights_are_the_released_numbers():
+    numbers = json.loads((RELEASE / "numbers.json").read_text())
+    rows = numbers["rows"]
+    full, lower = rows["CustomContrast"], rows["lower bound (base, class word)"]
+    assert full["E-appearance"] > lower["E-appearance"]
+    assert (RELEASE / "customcontrast.safetensors").stat().st_size + sum(
+        p.stat().st_size for p in (RELEASE / "base").glob("*.safetensors")) < 30 * 2**20
+
+
+def test_full_model_carries_the_held_out_subject(world, lower):
+    assert appearance(world, "CustomContrast") > lower + MARGIN
+
+
+def test_splus_alone_carries_the_held_out_subject(world, lower):
+    """Visual branch off (gamma = 0): only the S+ tokens in the text encoder carry the reference."""
+    assert appearance(world, "S+ only (visual off)") > lower + MARGIN
+
+
+def test_visual_branch_alone_carries_the_held_out_subject(world, lower):
+    """The class word instead of the placeholder (no S+): only the visual branch carries the reference."""
+    assert appearance(world, "visual only (no S+)") > lower + MARGIN
