@@ -56,7 +56,7 @@ def test_one_batched_encode_equals_one_encode_per_layer_group(env, clips, family
     assert batched.shape == (3, 77 * sections, 768 if family == "sd15" else 2048)
     for group in range(3):
         alone, _ = text_encode.encode_splus(clip, tokens, [s[group:group + 1] for s in splus])
-        torch.testing.assert_close(batched[group], alone[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(batched[group], alone[0], rtol=1e-4, atol=1e-4)   # fp32 batch round-off
     assert (batched[0] - batched[1]).abs().max() > 1e-3                # the groups really differ
 
 
