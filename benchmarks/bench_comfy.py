@@ -12,8 +12,7 @@ CustomContrast checkpoint, one subject; whole sampling runs (euler, normal, CFG)
 round-robin: plain, patched in the default mode (paper-exact S+ per timestep, encoded a window of
 the schedule at a time, reused by the next run: a new seed), the same with the encodings dropped
 before every run (``default_cold``: a new subject or prompt), patched with S+ timestep buckets,
-patched without the mask propagation, and on CUDA the default and bucketed modes with each layer
-replayed as a CUDA graph.
+and patched without the mask propagation.
 Prints the ratios and writes JSON.
 """
 from __future__ import annotations
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .common import CountOps, CudaAttentionRoute, busy_fractions, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
+from .common import CountOps, busy_fractions, flop_counter, interleaved, machine, peak_memory_gb, reset_peak, sync, write_json
 
 
 def encoding_time(run, device: str) -> dict:
@@ -77,23 +76,12 @@ def count_flops(variants: dict) -> dict:
 def count_kernels(variants: dict, steps: int) -> dict:
     """ATen operators that launch a kernel (views and allocations aside) in one warm run of each variant, and per
     model evaluation (CFG: one batched evaluation per step with euler): on a GPU whose steps are bound by launching
-    kernels from Python, the time ratio follows this ratio. A variant whose CUDA graphs are emulated on the CPU
-    counts each replay as what it launches on a GPU (its input copies and one launch); the capture layers' text
-    attention counts as on CUDA (``CudaAttentionRoute``: without the CPU's zero-padding of queries and keys)."""
-    import customcontrast_core.propagation as propagation
-
-    from .bench_layer_overhead import _Counted
-
+    kernels from Python, the time ratio follows this ratio."""
     kernels = {}
     for name, fn in variants.items():
-        counter = CountOps()
-        counter.paused = True
-        with _Counted(counter), _Counted(counter, propagation), CudaAttentionRoute(counter):
-            fn()   # the warm run (graphs are captured here, as their Replay class)
-            counter.count = counter.kernels = 0
-            counter.paused = False
-            with counter:
-                fn()
+        fn()   # the warm run
+        with CountOps() as counter:
+            fn()
         kernels[name] = counter.kernels
         print(f"[comfy] {name}: {kernels[name]} kernels per run ({kernels[name] / steps:.0f} per step)", flush=True)
     return {"kernels_per_run": kernels, "kernels_per_step": {k: v / steps for k, v in kernels.items()},
@@ -133,21 +121,9 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
         f"buckets_{buckets}": lambda: run(bucketed, positive_b, negative),
         "default_no_mask": lambda: run(unmasked, positive_u, negative),
     }
-    if device.startswith("cuda"):
-        graphed, positive_g = patched(cuda_graphs=True)
-        graphed_b, positive_gb = patched(cuda_graphs=True, splus_buckets=buckets)
-        variants["cuda_graphs"] = lambda: run(graphed, positive_g, negative)
-        variants[f"cuda_graphs_buckets_{buckets}"] = lambda: run(graphed_b, positive_gb, negative)
     arithmetic = count_flops(variants) if flops else {}
     if ops:
-        counted = dict(variants)
-        if not device.startswith("cuda"):   # the graph mode's launches, its graphs emulated on the CPU
-            emulated, positive_e = patched(cuda_graphs=True)
-            emulated_patch = emulated.model_options["transformer_options"]["customcontrast"][-1]
-            emulated_patch.graphs = rt.extension("nodes.graphed").LayerGraphs(emulate=True)
-            emulated_patch.tracker.graphs = "emulate"
-            counted["cuda_graphs_emulated"] = lambda: run(emulated, positive_e, negative)
-        arithmetic.update(count_kernels(counted, steps))
+        arithmetic.update(count_kernels(variants, steps))
     if repeats <= 0:
         return {"family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype), "narrow": narrow,
                 **arithmetic}
@@ -161,16 +137,11 @@ def bench_family(family: str, device: str, dtype: torch.dtype, size: int, steps:
     encoding = encoding_time(cold, device)
     # is the GPU or the host setting the pace? kernel time vs wall time per run
     busy = busy_fractions(variants, ("plain", "default"), times, device) if device.startswith("cuda") else {}
-    agreement = {}
-    if "cuda_graphs" in variants:   # same seed: the graph replays must give the eager run's latent
-        eager, replayed = run(default, positive, negative).float(), run(graphed, positive_g, negative).float()
-        agreement = {"cuda_graphs_vs_default_max_abs": float((replayed - eager).abs().max()),
-                     "cuda_graphs_vs_default_rel_l2": float((replayed - eager).norm() / eager.norm().clamp_min(1e-12))}
     return {
         "family": family, "size": size, "steps": steps, "cfg": cfg, "dtype": str(dtype), "narrow": narrow,
         "seconds": times, "ratio": {name: t["median"] / plain for name, t in times.items()},
         "text_encoder_calls_per_run": calls, "splus_encoding_cold_run": encoding,
-        "peak_memory_gb": peak_memory_gb(device), **agreement, **arithmetic,
+        "peak_memory_gb": peak_memory_gb(device), **arithmetic,
         **({"device_busy": busy} if busy else {}),
     }
 

@@ -6,15 +6,11 @@
 On a fast GPU a 512 px SD1.5 step is bound by launching kernels from Python (the H100 numbers in the
 docs/performance.md: 52 ms per plain CFG step), so what the patch costs there is mostly host time per layer:
 Python, einops parsing and one dispatcher call per operator. This benchmark isolates exactly that on
-the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = every layer's ``swap_context`` +
-``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of
+the CPU with tiny tensors (arithmetic ≈ 0): one model evaluation = ``model_call`` and every layer's
+``swap_context`` + ``attention`` of ``nodes.patch.SubjectPatch`` with cond + uncond chunks, against the same number of
 ``plain_attention`` calls; once with mask capture and masks (default), once without. It also counts
 the ATen operators dispatched per layer (each one is at least one kernel launch on a GPU, views aside).
-On the CPU the graph mode (``ApplySettings.cuda_graphs``) is emulated: its rows count the host
-operators with each replay as the one launch it is on a GPU (their µs are not meaningful: the
-emulation re-runs the kernels). With ``--device cuda`` the same evaluations run on the GPU (tiny
-tensors: launch-bound), with and without real CUDA graphs, and the graph outputs are compared with
-the eager ones.
+With ``--device cuda`` the same evaluations run on the GPU (tiny tensors: launch-bound).
 """
 from __future__ import annotations
 
@@ -26,41 +22,31 @@ from pathlib import Path
 import torch
 
 from customcontrast_core import CustomContrastModel, get_preset, plain_attention
-from customcontrast_core.graphs import copy_into
 
-from .common import CountOps, CudaAttentionRoute, machine, write_json
+from .common import CountOps, machine, write_json
 
 
-def _patch(family: str, use_mask: bool, device: str = "cpu", graphs: str = "off", subjects: int = 1,
-           dtype: torch.dtype = torch.float32, stacked: bool = True):
-    """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; graphs: "off", "cuda" or "emulate";
-    ``subjects`` placeholders at token positions 4, 7, 10, ...; the UNet side (and the CustomContrast model, as
-    ComfyUI loads it) in ``dtype``, the S+ contexts in fp32 as ComfyUI's CLIP returns them; the visual K/V
-    stacked as the Loader node stacks them (``stacked=False``: the checkpoint's per-layer projections)."""
+def _patch(family: str, use_mask: bool, device: str = "cpu", subjects: int = 1,
+           dtype: torch.dtype = torch.float32):
+    """A SubjectPatch of the tiny preset with encodings for sigmas 1..199; ``subjects`` placeholders at token
+    positions 4, 7, 10, ...; the UNet side (and the CustomContrast model, as ComfyUI loads it) in ``dtype``, the
+    S+ contexts in fp32 as ComfyUI's CLIP returns them."""
     from .comfy_runtime import extension
 
-    patch_module = extension("nodes.patch")
-    ApplySettings, SubjectPatch = patch_module.ApplySettings, patch_module.SubjectPatch
-    Encodings, PlaceholderPrompt = patch_module.Encodings, patch_module.PlaceholderPrompt
-
+    patch_module, encodings = extension("nodes.patch"), extension("nodes.encodings")
     config = get_preset("tiny" if family == "sd15" else "tiny_sdxl")
     model = CustomContrastModel(config).eval().to(device, dtype)
-    if stacked:
-        extension("nodes.stacked_kv").stack_for_sampling(model)
-    prompt = PlaceholderPrompt(tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4 + 3 * i)] for i in range(subjects)],
-                               base=config.base, widths=config.token_widths)
+    prompt = extension("nodes.text_encode").PlaceholderPrompt(
+        tokens={"l": [[(0, 1.0)] * 77]}, slots=[[(0, 4 + 3 * i)] for i in range(subjects)], base=config.base,
+        widths=config.token_widths)
     base = torch.randn(1, 77, config.context_dim, device=device, dtype=dtype)
-    patch = SubjectPatch(model=model, clip=None, subjects=[torch.zeros(1)] * subjects, blank=torch.zeros(1),
-                         prompt=prompt,
-                         base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
-                         settings=ApplySettings(use_mask=use_mask, cuda_graphs=graphs == "cuda"),
-                         timestep_of=lambda s: s * 100)
-    if graphs == "emulate":   # the layers and the mask step, as replays would run them
-        patch.graphs = patch_module.LayerGraphs(emulate=True)
-        patch.tracker.graphs = "emulate"
+    patch = patch_module.SubjectPatch(
+        model=model, clip=None, subjects=[torch.zeros(1)] * subjects, blank=torch.zeros(1), prompt=prompt,
+        base_context=base, layers={layer.comfy_key: layer for layer in config.layers},
+        settings=patch_module.ApplySettings(use_mask=use_mask), timestep_of=lambda s: s * 100)
     for sigma in range(1, 200):
         shape = (1, config.num_visual_tokens, config.context_dim)
-        patch.cache[float(sigma)] = Encodings(
+        patch.cache[float(sigma)] = encodings.Encodings(
             contexts=torch.randn(config.num_groups, 77, config.context_dim, device=device),
             visual=[torch.randn(shape, device=device, dtype=dtype) for _ in range(subjects)],
             blank_visual=[torch.zeros(shape, device=device, dtype=dtype)] * subjects)
@@ -74,36 +60,33 @@ def _layers(config, grid: int):
 
 
 def _evaluation(patch, config, base, sigma: float, grid: int = 8, heads: int = 4, outputs: list | None = None):
-    """One model evaluation (cond + uncond, batch 1 each) through every patched layer; appends each layer's
-    output to ``outputs`` when given."""
+    """One model evaluation (cond + uncond, batch 1 each) through every patched layer, as ComfyUI's hooks call
+    them (``nodes/comfy_glue.py``); appends each layer's output to ``outputs`` when given."""
     context = torch.cat([base, torch.randn_like(base)])
-    sigmas = torch.tensor([sigma, sigma], device=base.device)
     device, dtype = base.device, base.dtype
     with torch.no_grad():
+        call = patch.model_call((2, 4, grid, grid), sigma, context, (0, 1))
         for layer, side, inner in _layers(config, grid):
-            options = {"block": layer.comfy_key[:2], "block_index": layer.comfy_key[2], "cond_or_uncond": [0, 1],
-                       "sigmas": sigmas, "n_heads": heads, "activations_shape": [2, inner, side, side]}
-            patch.swap_context(torch.randn(2, side * side, inner, device=device, dtype=dtype), context, context,
-                               options)
+            key = layer.comfy_key
+            swapped, _ = patch.swap_context(call, key, context, context)
             q = torch.randn(2, side * side, inner, device=device, dtype=dtype)
             k = torch.randn(2, 77, inner, device=device, dtype=dtype)
-            out = patch.attention(q, k, k, options)
+            out = patch.attention(call, key, q, k, k, heads, lambda *qkv: plain_attention(*qkv, heads=heads))
             if outputs is not None:
-                outputs.append(out.clone())   # a graph's output tensor is rewritten by the next evaluation
+                outputs.append(out)
 
 
-def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", graphs: str = "off", subjects: int = 1,
+def layer_outputs(family: str, use_mask: bool, sigmas, device: str = "cpu", subjects: int = 1,
                   dtype: torch.dtype = torch.float32):
-    """Every patched layer's output over one evaluation per sigma (fixed seeds): returns the patch, the config,
-    the outputs and the number of graphs captured after each evaluation."""
+    """Every patched layer's output over one evaluation per sigma (fixed seeds): returns the patch, the config
+    and the outputs."""
     torch.manual_seed(0)
-    patch, config, base = _patch(family, use_mask, device, graphs, subjects, dtype)
-    outputs, captures = [], []
+    patch, config, base = _patch(family, use_mask, device, subjects, dtype)
+    outputs = []
     for sigma in sigmas:
         torch.manual_seed(int(sigma))
         _evaluation(patch, config, base, sigma, outputs=outputs)
-        captures.append(patch.graphs.captures if patch.graphs is not None else 0)
-    return patch, config, outputs, captures
+    return patch, config, outputs
 
 
 def _plain(config, grid: int = 8, heads: int = 4, device: str = "cpu", dtype: torch.dtype = torch.float32):
@@ -123,43 +106,11 @@ def _timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-class _Counted:
-    """While active, emulated graph replays count as what they are on a GPU: the input copies (one launch when
-    they share dtype and layout) and one launch (the emulation re-runs the layer's kernels on the host, which a
-    replay does not)."""
-
-    def __init__(self, counter: CountOps, module=None) -> None:
-        from .comfy_runtime import extension
-
-        self.module, self.counter = module or extension("nodes.graphed"), counter
-
-    def __enter__(self):
-        counter, base = self.counter, self.module.StaticCall
-        self.base = base
-
-        class Replay(base):
-            def __call__(self, *values):
-                copy_into(self.inputs, values)   # counted: one _foreach_copy_ (one launch on CUDA) or one copy each
-                paused, counter.paused = counter.paused, True
-                try:
-                    return super().__call__(*values)
-                finally:
-                    counter.paused = paused
-                    counter.count += not paused
-                    counter.kernels += not paused
-
-        self.module.StaticCall = Replay
-        return self
-
-    def __exit__(self, *exc):
-        self.module.StaticCall = self.base
-
-
-def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", graphs: str = "off",
+def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu",
             dtype: torch.dtype = torch.float32) -> dict:
     """Median time of one evaluation through every patched layer vs plain attention, and operators per layer
-    (counted once more on the host; with graphs the counted operators include the emulated replays)."""
-    patch, config, base = _patch(family, use_mask, device, graphs, dtype=dtype)
+    (counted once more on the host)."""
+    patch, config, base = _patch(family, use_mask, device, dtype=dtype)
     sigmas = [float(s) for s in range(evaluations + 20, 0, -1)]
     for s in sigmas[:5]:
         _evaluation(patch, config, base, s)
@@ -167,30 +118,13 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
     for s in sigmas[5:5 + evaluations]:
         patched.append(_timed(lambda: _evaluation(patch, config, base, s), device))
         plain.append(_timed(lambda: _plain(config, device=device, dtype=dtype), device))
-    with CountOps() as ops_patched, CudaAttentionRoute(ops_patched):   # the capture layers' attention as on CUDA
-        if graphs == "emulate":   # graphs captured while counting, so the Replay class is theirs
-            import customcontrast_core.propagation as propagation
-
-            with _Counted(ops_patched), _Counted(ops_patched, propagation):
-                ops_patched.paused = True
-                patch, config, base = _patch(family, use_mask, device, graphs, dtype=dtype)
-                for s in sigmas[:4]:
-                    _evaluation(patch, config, base, s)
-                ops_patched.paused = False
-                _evaluation(patch, config, base, sigmas[-1])
-        else:
-            _evaluation(patch, config, base, sigmas[-1])
+    with CountOps() as ops_patched:
+        _evaluation(patch, config, base, sigmas[-1])
     with CountOps() as ops_plain:
         _plain(config, device=device, dtype=dtype)
     layers = len(config.layers)
     per_layer = (statistics.median(patched) - statistics.median(plain)) / layers
-    agreement = {}
-    if graphs != "off":   # the graph replays must give the eager layers
-        sigmas = (9.0, 8.0, 7.0, 6.0)
-        eager = layer_outputs(family, use_mask, sigmas, device, dtype=dtype)[2]
-        replayed = layer_outputs(family, use_mask, sigmas, device, graphs, dtype=dtype)[2]
-        agreement = {"max_abs_diff_vs_eager": max(float((a - b).abs().max()) for a, b in zip(replayed, eager))}
-    return {"layers": layers, "use_mask": use_mask, "graphs": graphs, **agreement,
+    return {"layers": layers, "use_mask": use_mask,
             "patched_eval_ms": 1000 * statistics.median(patched), "plain_eval_ms": 1000 * statistics.median(plain),
             "extra_us_per_layer": 1e6 * per_layer,
             "ops_per_layer_patched": ops_patched.count / layers, "ops_per_layer_plain": ops_plain.count / layers,
@@ -201,7 +135,7 @@ def measure(family: str, use_mask: bool, evaluations: int, device: str = "cpu", 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--evaluations", type=int, default=40)
-    p.add_argument("--device", default="cpu", help="cpu (host cost alone) or cuda (host + launches, graphs on/off)")
+    p.add_argument("--device", default="cpu", help="cpu (host cost alone) or cuda (host + launches)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="the UNet's dtype (default float16 as ComfyUI on a GPU; on the CPU the casts are counted too)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/layer_overhead.json"))
@@ -211,16 +145,12 @@ def main() -> None:
     result = {"machine": machine(args.device), "dtype": args.dtype, "results": []}
     for family in ("sd15", "sdxl"):
         for use_mask in (True, False):
-            for graphs in ("off", "cuda") if args.device.startswith("cuda") else ("off", "emulate"):
-                r = dict(family=family, **measure(family, use_mask, args.evaluations, args.device, graphs, dtype))
-                result["results"].append(r)
-                timing = "" if graphs == "emulate" else f"+{r['extra_us_per_layer']:.0f} us/layer, "
-                print(f"[overhead] {family} mask={use_mask} graphs={graphs}: {timing}"
-                      f"{r['ops_per_layer_patched']:.1f} ops/layer, {r['kernels_per_layer_patched']:.1f} kernels "
-                      f"(plain attention layer: {r['ops_per_layer_plain']:.0f}, {r['kernels_per_layer_plain']:.0f}); "
-                      f"evaluation {r['patched_eval_ms']:.2f} ms vs plain {r['plain_eval_ms']:.2f} ms"
-                      + (f"; max |graphs - eager| {r['max_abs_diff_vs_eager']:.2e}"
-                         if "max_abs_diff_vs_eager" in r else ""), flush=True)
+            r = dict(family=family, **measure(family, use_mask, args.evaluations, args.device, dtype))
+            result["results"].append(r)
+            print(f"[overhead] {family} mask={use_mask}: +{r['extra_us_per_layer']:.0f} us/layer, "
+                  f"{r['ops_per_layer_patched']:.1f} ops/layer, {r['kernels_per_layer_patched']:.1f} kernels "
+                  f"(plain attention layer: {r['ops_per_layer_plain']:.0f}, {r['kernels_per_layer_plain']:.0f}); "
+                  f"evaluation {r['patched_eval_ms']:.2f} ms vs plain {r['plain_eval_ms']:.2f} ms", flush=True)
     write_json(args.out, result)
     print(f"-> {args.out}")
 

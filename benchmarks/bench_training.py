@@ -3,7 +3,6 @@
     python -m benchmarks.bench_training --device cuda                     # SD1.5, 512 px, batch 4, bf16
     python -m benchmarks.bench_training --device cpu --size 64 --batch 2 --repeats 1   # CPU smoke
     python -m benchmarks.bench_training --device cpu --repeats 1 --count-flops         # arithmetic at the target size
-    python -m benchmarks.bench_training --device cuda --cuda-graphs      # also with frozen encoders as CUDA graphs
 
 Random full-size SD1.5 models (diffusers UNet and VAE, CLIP-L text encoder, ViT-H/14-size CLIP
 vision, a ViT-B/32-size appearance encoder) and the full-size ``sd15`` MFI-Encoder. The CustomContrast
@@ -80,10 +79,6 @@ def make_batch(batch: int, size: int, device: str) -> dict:
 def main() -> None:
     from training.config import TrainConfig
     from training.loop import make_optimizer
-    import training.graphed
-    from training.graphed import FrozenGraphs
-
-    from .bench_layer_overhead import _Counted
     from training.models import clip_hidden_states, vae_latent_moments
     from training.processors import project_visual_kv
     from training.step import TrainingModule
@@ -97,8 +92,6 @@ def main() -> None:
                    help="also count the ATen operators of one step each (the fused AdamW of a GPU run, also on CPU)")
     p.add_argument("--count-flops", action="store_true",
                    help="also count the floating-point operations of one step each (forward + backward)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="also time both steps with the frozen encoders' forward passes as CUDA graphs (CUDA only)")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/training.json"))
     args = p.parse_args()
     device = args.device
@@ -115,14 +108,9 @@ def main() -> None:
     autocast = torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16,
                               enabled=device.startswith("cuda"))
 
-    # on the CPU the graphs are emulated: their kernel counts are what a replay launches (not timed)
-    emulated = args.cuda_graphs and not device.startswith("cuda")
-    graphs = FrozenGraphs(emulate=emulated) if args.cuda_graphs else None
     counter = CountOps()
-    replays = _Counted(counter, training.graphed).__enter__() if emulated else None   # before any graph exists
 
-    def customcontrast_step(graphed: bool = False):
-        module.graphs = graphs if graphed else None
+    def customcontrast_step():
         with autocast:
             loss, _ = module(batch, generator)
         loss.backward()
@@ -132,14 +120,12 @@ def main() -> None:
     encoder, state = model.encoder, module.state
     tokens = frozen.text.tokenize([c.replace("<subject>", "dog") for c in batch["caption"]], "<subject>")
 
-    def adapter_step(graphed: bool = False):
-        frozen_graphs = graphs if graphed else None
+    def adapter_step():
         with autocast:
             with torch.no_grad():
-                hidden = clip_hidden_states(frozen.clip_vision, batch["reference"], model.config.clip_layers,
-                                            frozen_graphs)
+                hidden = clip_hidden_states(frozen.clip_vision, batch["reference"], model.config.clip_layers)
                 context, _ = frozen.text(tokens)
-                mean, std = vae_latent_moments(frozen.vae, batch["target"].to(dtype), frozen_graphs)
+                mean, std = vae_latent_moments(frozen.vae, batch["target"].to(dtype))
                 latents = (mean + std * torch.randn(mean.shape, generator=generator).to(mean)) * 0.18215
             visual = encoder.visual_out(encoder.encode_image(hidden).visual)          # (B, m, C)
             t = torch.randint(0, 1000, (args.batch,), generator=generator).to(device)
@@ -157,8 +143,6 @@ def main() -> None:
 
     memory, ops, flops = {}, {}, {}
     steps = {"customcontrast": customcontrast_step, "adapter": adapter_step}
-    if graphs is not None:
-        steps.update(customcontrast_graphs=lambda: customcontrast_step(True), adapter_graphs=lambda: adapter_step(True))
     for name, step in steps.items():
         reset_peak(device)
         step()
@@ -176,22 +160,14 @@ def main() -> None:
             flops[name] = counter.get_total_flops()
             print(f"[training] {name}: {flops[name] / 1e12:.3f} TFLOP per step", flush=True)
     variants = {"adapter": adapter_step, "customcontrast": customcontrast_step}
-    if graphs is not None and not emulated:   # the frozen encoders' forward passes as CUDA graphs, in both steps
-        variants.update(adapter_graphs=steps["adapter_graphs"], customcontrast_graphs=steps["customcontrast_graphs"])
     times = interleaved(variants, args.repeats, device)
-    if replays is not None:
-        replays.__exit__(None, None, None)
     # is the GPU or the host setting the pace? kernel time vs wall time per step
     busy = busy_fractions(variants, ("adapter", "customcontrast"), times, device) if device.startswith("cuda") else {}
     for name in busy:
         print(f"[training] {name}: GPU kernels busy {busy[name]['busy_seconds']:.3f}s of "
               f"{times[name]['median']:.3f}s per step ({100 * busy[name]['busy_fraction']:.0f} %)", flush=True)
-    graph_ratios = {} if graphs is None or emulated else {
-        "ratio_graphs": times["customcontrast_graphs"]["median"] / times["adapter_graphs"]["median"],
-        "customcontrast_graphs_vs_eager": times["customcontrast_graphs"]["median"] / times["customcontrast"]["median"],
-        "graphs_captured": sum(call is not None for call in graphs.calls.values())}
     result = {"machine": machine(device), "size": args.size, "batch": args.batch, "dtype": str(dtype),
-              "seconds": times, "ratio": times["customcontrast"]["median"] / times["adapter"]["median"], **graph_ratios,
+              "seconds": times, "ratio": times["customcontrast"]["median"] / times["adapter"]["median"],
               "peak_memory_gb": memory, **({"operators_per_step": ops} if ops else {}),
               **({"device_busy": busy} if busy else {}),
               **({"flops_per_step": flops, "flops_ratio": flops["customcontrast"] / flops["adapter"]} if flops else {})}
@@ -199,10 +175,6 @@ def main() -> None:
     print(f"[training] sd15 {args.size}px batch {args.batch} {dtype}: adapter {times['adapter']['median']:.3f}s  "
           f"customcontrast {times['customcontrast']['median']:.3f}s  ratio {result['ratio']:.3f}x  "
           f"peak GB {memory}  -> {args.out}", flush=True)
-    if graph_ratios:
-        print(f"[training] with CUDA graphs of the frozen encoders: adapter {times['adapter_graphs']['median']:.3f}s  "
-              f"customcontrast {times['customcontrast_graphs']['median']:.3f}s  ratio {graph_ratios['ratio_graphs']:.3f}x  "
-              f"({graph_ratios['graphs_captured']} graphs)", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """ComfyUI in process for the benchmarks: random full-size SD1.5/SDXL models and the CustomContrast patch.
 
-Only ``comfy.*`` is imported (not ComfyUI's server, node registry or front end), and this extension is
-imported under its own package name, as ComfyUI's custom-node loader does. Weights are random:
-speed and memory do not depend on them.
+Only ``comfy.*`` is imported (not ComfyUI's server, node registry or front end), and this repository is
+imported as the package ComfyUI loads from custom_nodes/ (its modules import one another relatively).
+Weights are random: speed and memory do not depend on them.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -22,7 +23,7 @@ from customcontrast_core import CustomContrastModel, get_preset
 from .common import randomize_
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE = "customcontrast_ext"
+PACKAGE = "comfyui_customcontrast"
 PROMPT = "a photo of <subject> on the beach"
 PLAIN_PROMPT = "a photo of dog on the beach"
 # ComfyUI's attention backend: None leaves ComfyUI's choice (fused SDPA on an NVIDIA GPU, split or
@@ -47,15 +48,13 @@ def load_comfy(device: str) -> ModuleType:
     return comfy
 
 
-def extension(module: str = "nodes.install") -> ModuleType:
-    """This repository imported as a custom-node package (never as the top-level ``nodes``, which is
-    ComfyUI's own module); returns one of its modules, ``nodes.install`` by default."""
-    if PACKAGE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACKAGE, REPO / "__init__.py",
-                                                      submodule_search_locations=[str(REPO)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACKAGE] = package
-        spec.loader.exec_module(package)
+def extension(module: str = "nodes.apply") -> ModuleType:
+    """One module of this repository imported as a package, as ComfyUI imports a custom node (a folder holding a
+    link to the repository goes on the path); ``nodes.apply`` by default."""
+    if importlib.util.find_spec(PACKAGE) is None:
+        folder = Path(tempfile.mkdtemp(prefix="cc_package_"))
+        (folder / PACKAGE).symlink_to(REPO, target_is_directory=True)
+        sys.path.insert(0, str(folder))
     return importlib.import_module(f"{PACKAGE}.{module}")
 
 
@@ -128,7 +127,6 @@ def customcontrast(family: str, device: str, dtype: torch.dtype, seed: int = 0, 
         mult = (1, 2, 4, 4) if family == "sd15" else (1, 2, 4)
         config = dataclasses.replace(config, block_out_channels=tuple(_narrowed(320, narrow) * m for m in mult))
     model = CustomContrastModel(config).to(dtype).eval()
-    extension("nodes.stacked_kv").stack_for_sampling(model)   # as the Loader node does
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     config = model.config

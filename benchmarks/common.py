@@ -35,36 +35,6 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-class CudaAttentionRoute:
-    """While active, ``counter`` counts the capture layers' text attention as CUDA runs it. The CPU's fused
-    attention needs equal key and value widths, so on the CPU the queries and keys are zero-padded to the width
-    of the values with their probe channels (``capture.widened``); CUDA's memory-efficient kernel takes
-    the wider values as they are. The pads still run here, uncounted. (Forward only: a backward pass would
-    count their gradients.)"""
-
-    def __init__(self, counter: CountOps) -> None:
-        self.counter = counter
-
-    def __enter__(self):
-        import customcontrast_core.capture as capture
-
-        self.module, self.original = capture, capture.widened
-        counter, original = self.counter, self.original
-
-        def widened(*args):
-            paused, counter.paused = counter.paused, True
-            try:
-                return original(*args)
-            finally:
-                counter.paused = paused
-
-        capture.widened = widened
-        return self
-
-    def __exit__(self, *exc):
-        self.module.widened = self.original
-
-
 def flop_counter():
     """``torch.utils.flop_counter.FlopCounterMode`` that also counts the CPU kernels of fused attention.
 

@@ -5,217 +5,158 @@ For one cross-attention layer with queries Q from the latent,
     out = softmax(Q K_t^T * scale + log max(M, eps) on the placeholder columns) V_t
         + sum_s gamma_s * M_s ⊙ softmax(Q K_s^T * scale) V_s
 
-where K_t, V_t come from the prompt encoded with this layer's S+ token and K_s, V_s are the subject's
-visual tokens projected by W_k^v, W_v^v. The log-bias is the same as multiplying the placeholder's
-probability by M and renormalising each row. Every branch is fused attention (SDPA) with the bias as
-a float attention mask. Layers whose maps are captured run in fp32 and read the placeholder's
-probability from extra value channels of the text attention (one per subject, 1 on its columns);
-the others run in the inputs' precision (capture layers: :mod:`customcontrast_core.capture`).
+where K_t, V_t come from the prompt encoded with this layer's S+ token and K_s, V_s are subject s's visual
+tokens projected by W_k^v, W_v^v. The log-bias is the same as multiplying the placeholder's probability by M
+and renormalising each row. Layers that capture the subject maps (Sec. 3.4) need the text attention's
+probabilities, so they compute it explicitly in fp32; the other layers use fused attention (SDPA) in the
+inputs' dtype. Both give the same output (tested).
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from einops import einsum, rearrange, reduce
 from torch import Tensor
 
-from .branches import SubjectBranch, SubjectMaps
-from .capture import captured_attention
-from .layout import batched, cast, merge_heads, over_heads, split_heads
-
-__all__ = ["SubjectBranch", "SubjectMaps", "customcontrast_attention", "placeholder_bias", "placeholder_probe",
+__all__ = ["SubjectBranch", "SubjectMaps", "customcontrast_attention", "placeholder_bias", "placeholder_columns",
            "plain_attention"]
 
 
-# Helpers
+@dataclass(frozen=True, eq=False)
+class SubjectBranch:
+    """One subject's inputs to a patched cross-attention layer (Eq. 3, Sec. 3.4)."""
 
-def _check_inputs(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[SubjectBranch]) -> None:
+    visual_k: Tensor                   # (B or 1, S, H*D) visual tokens projected by W_k^v
+    visual_v: Tensor                   # (B or 1, S, H*D) visual tokens projected by W_v^v
+    gamma: float = 1.0                 # weight of the visual branch, >= 0
+    mask: Tensor | None = None         # (B or 1, N) subject location in [0, 1] from the previous step; None: M = 1
+    placeholder: Tensor | None = None  # (B or 1, T) 1 on the subject's placeholder columns of each row whose text
+                                       # holds it, 0 elsewhere; None: no placeholder (no bias, no text map)
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.gamma) or self.gamma < 0:
+            raise ValueError(f"gamma must be a finite number >= 0, got {self.gamma}")
+        if self.visual_k.ndim != 3 or self.visual_k.shape != self.visual_v.shape:
+            raise ValueError("visual_k and visual_v must both be (B, S, H*D) with equal shapes, "
+                             f"got {tuple(self.visual_k.shape)} and {tuple(self.visual_v.shape)}")
+        for name in ("mask", "placeholder"):
+            value = getattr(self, name)
+            if value is not None and value.ndim != 2:
+                raise ValueError(f"{name} must be 2-D, (B, N) or (B, T), got shape {tuple(value.shape)}")
+
+
+@dataclass(frozen=True, eq=False)
+class SubjectMaps:
+    """Attention maps of one subject in one layer, fp32, mean over heads (Sec. 3.4 mask extraction)."""
+
+    text: Tensor            # (B, N) the placeholder's probability in the biased text softmax; 0 in rows without it
+    visual: Tensor | None   # (B, N) visual attention normalised over space, mean over visual tokens (sums to 1
+                            # over N); None when not asked for (training's text-only L_loc)
+
+
+def placeholder_columns(rows: Sequence[Sequence[int]], keys: int, device: torch.device | None = None) -> Tensor:
+    """A :attr:`SubjectBranch.placeholder` from each row's placeholder positions (empty: the row has none).
+    Shapes: -> (B, keys) fp32."""
+    columns = torch.zeros(len(rows), keys)
+    for row, positions in enumerate(rows):
+        if positions and max(positions) >= keys:
+            raise ValueError(f"row {row}: placeholder column {max(positions)} is outside a text context of {keys} "
+                             f"tokens")
+        columns[row, list(positions)] = 1.0
+    return columns.to(device)
+
+
+def placeholder_bias(subjects: Sequence[SubjectBranch], queries: int, eps: float) -> Tensor | None:
+    """The additive text bias of Eq. 3: log max(M, eps) on each subject's placeholder columns, summed over subjects
+    (subjects sharing a column multiply their masks). Shapes: -> (B or 1, N, T) fp32, or None when no subject has
+    both a mask and a placeholder."""
+    bias = None
+    for subject in subjects:
+        if subject.mask is None or subject.placeholder is None:
+            continue
+        log_mask = rearrange(subject.mask.float().clamp_min(eps).log(), "b n -> b n 1")
+        term = log_mask * rearrange(subject.placeholder.to(log_mask.device, torch.float32), "b t -> b 1 t")
+        bias = term if bias is None else bias + term
+    return bias
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, heads: int, subjects: Sequence[SubjectBranch], eps: float) -> None:
     """Raises ValueError on inconsistent shapes, naming what was expected and what was found."""
     if q.ndim != 3 or k.ndim != 3 or v.ndim != 3:
         raise ValueError(f"q, k, v must be (B, L, H*D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    batch, tokens, inner = q.shape
+    batch, queries, inner = q.shape
     if heads <= 0 or inner % heads:
         raise ValueError(f"inner dim {inner} must be divisible by heads={heads}")
     if k.shape != v.shape or k.shape[0] != batch or k.shape[2] != inner:
         raise ValueError(f"k and v must be ({batch}, T, {inner}), got {tuple(k.shape)} and {tuple(v.shape)}")
+    if eps <= 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
     for index, subject in enumerate(subjects):
-        sb, _, sd = subject.visual_k.shape
-        if sb not in (1, batch) or sd != inner:
-            raise ValueError(
-                f"subject {index}: visual_k/visual_v must be ({batch} or 1, S, {inner}), "
-                f"got {tuple(subject.visual_k.shape)}"
-            )
-        if subject.mask is not None and (subject.mask.shape[0] not in (1, batch) or subject.mask.shape[1] != tokens):
-            raise ValueError(
-                f"subject {index}: mask must be ({batch} or 1, {tokens}), got {tuple(subject.mask.shape)}"
-            )
-        if subject.text_rows is not None and subject.text_rows.shape[0] != batch:
-            raise ValueError(f"subject {index}: text_rows must have {batch} rows, got {subject.text_rows.shape[0]}")
-        weights = subject.column_weights
-        if weights is not None and (weights.shape[0] not in (1, batch) or weights.shape[1] != k.shape[1]):
-            raise ValueError(f"subject {index}: column_weights must be ({batch} or 1, {k.shape[1]}), "
-                             f"got {tuple(weights.shape)}")
-        if subject.columns and max(subject.columns) >= k.shape[1]:
-            raise ValueError(
-                f"subject {index}: placeholder column {max(subject.columns)} is outside a text context "
-                f"of {k.shape[1]} tokens"
-            )
+        rows, _, width = subject.visual_k.shape
+        if rows not in (1, batch) or width != inner:
+            raise ValueError(f"subject {index}: visual_k/visual_v must be ({batch} or 1, S, {inner}), "
+                             f"got {tuple(subject.visual_k.shape)}")
+        for name, length in (("mask", queries), ("placeholder", k.shape[1])):
+            value = getattr(subject, name)
+            if value is not None and (value.shape[0] not in (1, batch) or value.shape[1] != length):
+                raise ValueError(f"subject {index}: {name} must be ({batch} or 1, {length}), "
+                                 f"got {tuple(value.shape)}")
 
 
-def _row_weights(subject: SubjectBranch, batch: int, device: torch.device) -> Tensor:
-    """Returns 1 for rows whose context holds the placeholder and 0 elsewhere.  Shapes: -> (B, 1)."""
-    if subject.text_rows is None:
-        return torch.ones(batch, 1, device=device)
-    return subject.text_rows.to(device=device, dtype=torch.float32)[:, None]          # b -> b 1
+def customcontrast_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int, subjects: Sequence[SubjectBranch] = (),
+                             eps: float = 1e-6, capture: bool = False, visual_maps: bool = True,
+                             scale: float | None = None) -> tuple[Tensor, list[SubjectMaps] | None]:
+    """Masked text cross-attention plus each subject's masked visual branch (Eq. 3); with ``capture`` also each
+    subject's maps (Sec. 3.4), the visual ones unless ``visual_maps`` is off.
 
-
-BIAS_ALIGNMENT = 16   # the key axis of a bias is allocated in multiples of this: fused attention kernels that
-                      # need aligned rows of an additive mask (CUDA memory-efficient SDPA) read it without a padded copy
-PROBE_WIDTH = 8       # value channels added per 8 subjects in capture layers (fused kernels want widths in multiples of 8)
-
-
-def placeholder_bias(
-    subjects: Sequence[SubjectBranch], batch: int, queries: int, keys: int, eps: float, device: torch.device,
-    dtype: torch.dtype = torch.float32, columns: Tensor | None = None,
-) -> Tensor | None:
-    """Builds the additive log max(M, eps) bias on every subject's placeholder columns (Eq. 3).
-
-    Per subject the bias is the outer product of its log-mask over the queries and its columns over the keys
-    (1 on its placeholder columns in its text rows: :func:`placeholder_probe`'s channel, which ``columns``
-    may pass in, (B, T, >= S), when the caller keeps it). Shapes: -> (B, N, T) in ``dtype`` (its rows padded
-    to a multiple of BIAS_ALIGNMENT in memory: a view), or None when no subject has both a mask and columns.
-    The result depends only on the masks, columns and text rows, so a caller may compute it once for several
-    layers of the same grid and pass it to :func:`customcontrast_attention` as ``bias``.
+    Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D) in q's dtype, and with capture one SubjectMaps
+    (text (B, N), visual (B, N), fp32) per subject, in the order of ``subjects``. ``scale`` defaults to D ** -0.5.
     """
-    masked = [index for index, subject in enumerate(subjects) if subject.mask is not None and subject.has_columns]
-    if not masked:
-        return None
-    if columns is None:
-        columns = placeholder_probe(subjects, batch, keys, device)[:, 0]                   # (B, T, P)
-    padded = -(-keys // BIAS_ALIGNMENT) * BIAS_ALIGNMENT
-    bias = torch.empty(batch, queries, padded, device=device, dtype=dtype)[..., :keys]
-    for order, index in enumerate(masked):
-        log_mask = torch.log(cast(subjects[index].mask, device, torch.float32).clamp_min(eps))   # (B or 1, N)
-        outer = (log_mask[:, :, None], columns[:, None, :, index])                          # b n 1, b 1 t
-        if order == 0:
-            torch.mul(*outer, out=bias)
-        else:   # subjects sharing a column multiply their masks
-            bias.addcmul_(*outer)
-    return bias
-
-
-def placeholder_probe(subjects: Sequence[SubjectBranch], batch: int, keys: int, device: torch.device) -> Tensor:
-    """Value channels that make the text attention of a capture layer return each subject's map (Sec. 3.4).
-
-    Channel s is 1 on subject s's placeholder columns (its per-row ``column_weights`` as given) in its
-    text rows and 0 elsewhere: appended to V_t, the attention output's channel D + s is the placeholder's
-    probability (summed over its columns) at every query, from the same biased softmax as the output.
-    Like the bias it depends only on the columns and rows: compute it once for many layers.
-    Shapes: -> (B, 1, T, P) fp32 with P = PROBE_WIDTH * ceil(S / PROBE_WIDTH).
-    """
-    width = PROBE_WIDTH * max(1, -(-len(subjects) // PROBE_WIDTH))
-    probe = torch.zeros(batch, keys, width, device=device)
-    for index, subject in enumerate(subjects):
-        rows = None if subject.text_rows is None else _row_weights(subject, batch, device)      # (B, 1)
-        if subject.column_weights is not None:
-            weights = subject.column_weights.to(device, torch.float32).expand(batch, keys)
-            probe[:, :, index] = weights if rows is None else weights * rows
-        for column in subject.columns:
-            probe[:, column, index] = 1.0 if rows is None else rows[:, 0]
-    return probe[:, None]
-
-
-def _text_branch(qh: Tensor, kh: Tensor, vh: Tensor, bias: Tensor | None, scale: float) -> Tensor:
-    """Text cross-attention with the additive placeholder bias, fused SDPA in the inputs' dtype.
-
-    Shapes: qh (B, H, N, D), kh/vh (B, H, T, D), bias (B, N, T) or (B, 1, N, T), or None -> (B, N, H*D).
-    """
-    mask = None if bias is None else cast(over_heads(bias), qh.device, qh.dtype)     # b i j -> b 1 i j
-    return merge_heads(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale))
-
-
-def _visual_branch(qh: Tensor, subject: SubjectBranch, heads: int, scale: float) -> Tensor:
-    """One subject's visual attention (Eq. 3, second term), fused SDPA. Shapes: qh (B, H, N, D) -> (B, N, H*D)."""
-    batch = qh.shape[0]
-    vk = batched(split_heads(cast(subject.visual_k, qh.device, qh.dtype), heads), batch)
-    vv = batched(split_heads(cast(subject.visual_v, qh.device, qh.dtype), heads), batch)
-    return merge_heads(F.scaled_dot_product_attention(qh, vk, vv, scale=scale))
-
-
-# Public API
-
-def customcontrast_attention(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    *,
-    heads: int,
-    subjects: Sequence[SubjectBranch] = (),
-    eps: float = 1e-6,
-    capture: bool = False,
-    scale: float | None = None,
-    bias: Tensor | None = None,
-    probe: Tensor | None = None,
-    visual_maps: bool = True,
-    validate: bool = True,
-) -> tuple[Tensor, list[SubjectMaps] | None]:
-    """Computes masked text cross-attention plus each subject's masked visual branch (Eq. 3, Sec. 3.4).
-
-    Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D) in q's dtype, and with capture one
-    SubjectMaps (text (B, N), visual (B, N), fp32) per subject, in the order of `subjects`.
-
-    The text softmax gets log max(M, eps) added on each subject's placeholder columns (only in its
-    text_rows); a subject's visual output is weighted by gamma * M (M broadcast over heads and
-    channels). Subjects sharing a column multiply their masks. A branch with gamma = 0 is skipped
-    unless maps are captured; ``visual_maps=False`` leaves the visual maps out (None). `scale` defaults
-    to D ** -0.5. `bias` (B, N, T), or its (B, 1, N, T) view, is :func:`placeholder_bias` of the same
-    subjects and `probe` :func:`placeholder_probe` (or its expansion over heads), when the caller already
-    has them (one per grid and evaluation). ``validate=False`` skips the shape checks, for a caller that
-    checked these shapes before (every layer of every sampling step calls this).
-
-    Every branch is fused attention with the bias as a float mask. Layers that capture maps run in fp32
-    and read the text map from probe channels of the text attention (:func:`~customcontrast_core.capture.captured_attention`); the others
-    stay in q's dtype (the visual output added with one fused multiply-add).
-    """
+    _check_inputs(q, k, v, heads, subjects, eps)
     batch, queries, inner = q.shape
-    if validate:
-        _check_inputs(q, k, v, heads, subjects)
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if bias is not None and tuple(bias.shape) not in ((batch, queries, k.shape[1]), (batch, 1, queries, k.shape[1])):
-            raise ValueError(f"bias must be ({batch}, {queries}, {k.shape[1]}) or ({batch}, 1, {queries}, "
-                             f"{k.shape[1]}), got {tuple(bias.shape)}")
-        if capture and probe is not None and (
-                probe.ndim != 4 or probe.shape[0] not in (1, batch) or probe.shape[1] not in (1, heads)
-                or probe.shape[2] != k.shape[1] or probe.shape[3] < len(subjects)):
-            raise ValueError(f"probe must be ({batch} or 1, 1 or {heads}, {k.shape[1]}, >= {len(subjects)}), "
-                             f"got {tuple(probe.shape)}")
     scale = (inner // heads) ** -0.5 if scale is None else scale
-    if bias is None:
-        bias = placeholder_bias(subjects, batch, queries, k.shape[1], eps, q.device,
-                                torch.float32 if capture else q.dtype)
+    dtype = torch.float32 if capture else q.dtype
+    qh, kh, vh = (rearrange(x.to(dtype), "b l (h d) -> b h l d", h=heads) for x in (q, k, v))
+    bias = placeholder_bias(subjects, queries, eps)
+    bias = None if bias is None else rearrange(bias.to(q.device, dtype), "b n t -> b 1 n t")
+
+    # text attention: explicit where its probabilities are read, fused elsewhere
     if capture:
-        if probe is None:
-            probe = placeholder_probe(subjects, batch, k.shape[1], q.device)
-        return captured_attention(q, k, v, heads, subjects, bias, probe, scale, visual_maps)
-    qh = split_heads(q, heads)
-    out = _text_branch(qh, split_heads(k, heads), split_heads(v, heads), bias, scale)
+        logits = einsum(qh, kh, "b h n d, b h t d -> b h n t") * scale
+        probs = (logits if bias is None else logits + bias).softmax(dim=-1)
+        out = einsum(probs, vh, "b h n t, b h t d -> b h n d")
+    else:
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=bias, scale=scale)
+
+    maps = [] if capture else None
     for subject in subjects:
-        if subject.gamma == 0:
-            continue
-        visual = _visual_branch(qh, subject, heads, scale)
-        if subject.mask is None:
-            out = torch.add(out, visual, alpha=subject.gamma)
-        else:
-            weight = cast(subject.mask, q.device, out.dtype)[..., None]                 # b n -> b n 1
-            out = torch.addcmul(out, weight, visual, value=subject.gamma)
-    return out, None
+        visual_k, visual_v = (rearrange(x.to(q.device, dtype), "b s (h d) -> b h s d", h=heads).expand(batch, -1, -1, -1)
+                              for x in (subject.visual_k, subject.visual_v))
+        if capture:
+            placeholder = torch.zeros(1, k.shape[1], device=q.device) if subject.placeholder is None \
+                else subject.placeholder.to(q.device, torch.float32)
+            text = reduce(einsum(probs, placeholder.expand(batch, -1), "b h n t, b t -> b h n"), "b h n -> b n", "mean")
+            visual = None
+            if visual_maps:   # the visual logits normalised over space (not over the visual tokens)
+                spatial = (einsum(qh, visual_k, "b h n d, b h s d -> b h n s") * scale).softmax(dim=2)
+                visual = reduce(spatial, "b h n s -> b n", "mean")
+            maps.append(SubjectMaps(text=text, visual=visual))
+        if subject.gamma != 0:
+            branch = F.scaled_dot_product_attention(qh, visual_k, visual_v, scale=scale)      # (B, H, N, D)
+            if subject.mask is not None:
+                branch = branch * rearrange(subject.mask.to(q.device, dtype), "b n -> b 1 n 1")
+            out = out + subject.gamma * branch
+    return rearrange(out, "b h n d -> b n (h d)").to(q.dtype), maps
 
 
 def plain_attention(q: Tensor, k: Tensor, v: Tensor, *, heads: int, scale: float | None = None) -> Tensor:
-    """Computes unmodified multi-head cross-attention with SDPA, the reference for the patched layer.
+    """Unmodified multi-head cross-attention, the reference for the patched layer.
 
     Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D).
     """
-    return merge_heads(F.scaled_dot_product_attention(split_heads(q, heads), split_heads(k, heads), split_heads(v, heads), scale=scale))
+    qh, kh, vh = (rearrange(x, "b l (h d) -> b h l d", h=heads) for x in (q, k, v))
+    return rearrange(F.scaled_dot_product_attention(qh, kh, vh, scale=scale), "b h n d -> b n (h d)")

@@ -8,6 +8,7 @@ so layers are always addressed by name, never by dict position.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -116,3 +117,11 @@ def by_comfy_key(layers: tuple[CrossAttentionLayer, ...]) -> dict[tuple[str, int
 def by_diffusers_name(layers: tuple[CrossAttentionLayer, ...]) -> dict[str, CrossAttentionLayer]:
     """Indexes layers by their diffusers attn2 module path."""
     return {layer.diffusers_name: layer for layer in layers}
+
+
+def layer_grid(latent_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
+    """Token grid of a layer: the latent grid divided by ``downsample`` (stride-2 convs round up)."""
+    h, w = latent_hw
+    for _ in range(int(math.log2(downsample))):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from einops import rearrange, reduce
 from torch import Tensor
 
-__all__ = ["MASK_MODES", "MaskConfig", "combine_maps", "intersect_user_mask", "make_mask", "minmax_normalize",
-           "resize_grid", "resize_mask"]
+__all__ = ["MASK_MODES", "MaskConfig", "combine_maps", "intersect_user_mask", "layer_mask", "make_mask",
+           "minmax_normalize", "resize_grid", "resize_mask"]
 
 MASK_MODES = ("soft", "topk")
 
@@ -140,3 +140,13 @@ def intersect_user_mask(mask: Tensor, user: Tensor) -> Tensor:
     if tuple(user.shape[1:]) != tuple(mask.shape[1:]):
         image = F.interpolate(image, size=tuple(mask.shape[1:]), mode="bilinear", align_corners=False, antialias=True)
     return mask.float() * rearrange(image, "b 1 h w -> b h w").clamp(0.0, 1.0)
+
+
+def layer_mask(mask: Tensor | None, user: Tensor | None, grid: tuple[int, int]) -> Tensor | None:
+    """The mask a layer applies (Eq. 3): the previous step's ``mask`` (None: M = 1) times the ``user`` mask, on the
+    layer's token grid. Shapes: mask (b, H, W), user (1 or b, H', W') -> (b or 1, h*w), or None without either."""
+    if mask is None and user is None:
+        return None
+    if mask is None:
+        mask = torch.ones(user.shape[0], *grid, device=user.device)
+    return resize_mask(mask if user is None else intersect_user_mask(mask, user.to(mask.device)), grid)

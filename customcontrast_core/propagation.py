@@ -7,14 +7,12 @@ earlier (noisier) evaluation. The first evaluation uses M = 1 (no mask).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from .attention import SubjectMaps
-from .graphs import StaticCall, replay
 from .masks import MaskConfig, make_mask, minmax_normalize, resize_grid
 
 
@@ -49,12 +47,6 @@ class MaskTracker:
     num_subjects: int = 1
     masks: dict[float, list[Tensor]] = field(default_factory=dict)   # sigma -> per subject (B, H, W)
     pending: _Pending | None = None
-    graphs: str = "off"   # "cuda": CUDA tensors are finalised by a graph replay per map layout; "emulate": CPU tests
-    _finalisers: dict = field(default_factory=dict)   # layout -> StaticCall, or None where capture failed
-
-    def __post_init__(self) -> None:
-        if self.graphs not in ("off", "cuda", "emulate"):
-            raise ValueError(f"graphs must be 'off', 'cuda' or 'emulate', got {self.graphs!r}")
 
     def reset(self) -> None:
         """Forgets everything: called at the start of each sampling run."""
@@ -85,7 +77,7 @@ class MaskTracker:
 
     def _finalise(self) -> None:
         """Mean over layers of each map type, then the location map and the mask (:meth:`_mask_of`), per subject:
-        each grid's maps in one stack, the rest one graph replay when ``graphs`` applies."""
+        each grid's maps in one stack."""
         pending, self.pending = self.pending, None
         if pending is None or not any(pending.maps):
             return
@@ -94,8 +86,7 @@ class MaskTracker:
             if not per_grid:
                 return
             grids, maps = tuple(per_grid), [text + visual for text, visual, _ in per_grid.values()]
-            mask = self._replayed(grids, maps)
-            result.append(mask if mask is not None else self._mask_of(grids, [torch.stack(m) for m in maps]))
+            result.append(self._mask_of(grids, [torch.stack(m) for m in maps]))
         self.masks[pending.sigma] = result
 
     def _mask_of(self, grids: tuple[tuple[int, int], ...], stacks: list[Tensor]) -> Tensor:
@@ -113,26 +104,6 @@ class MaskTracker:
             total = image if total is None else total + image
         return make_mask(_location(total.squeeze(1)), self.config, normalized=True)
 
-    def _replayed(self, grids: tuple[tuple[int, int], ...], maps: list[list[Tensor]]) -> Tensor | None:
-        """:meth:`_mask_of` as one graph replay (its inputs stacked straight into the graph's static buffers),
-        or None where graphs do not apply or the capture failed (then it runs eagerly from then on)."""
-        first = maps[0][0]
-        if self.graphs == "off" or (self.graphs == "cuda" and not first.is_cuda):
-            return None
-        layout = (grids, tuple((len(m), *m[0].shape) for m in maps), first.dtype, first.device)
-
-        def fill(statics: Sequence[Tensor]) -> Sequence[Tensor]:   # each grid's maps stacked into the static inputs
-            for static, m in zip(statics, maps):
-                torch.stack(m, out=static)
-            return statics
-
-        def make() -> StaticCall:
-            statics = fill([torch.empty((len(m), *m[0].shape), dtype=first.dtype, device=first.device) for m in maps])
-            return StaticCall(lambda: (self._mask_of(grids, statics),), statics, emulate=self.graphs == "emulate")
-
-        outputs = replay(self._finalisers, layout, make, lambda call: fill(call.inputs), "the mask step")
-        return None if outputs is None else outputs[0].clone()   # the next replay rewrites the graph's output
-
     def mask_for(self, sigma: float) -> list[Tensor] | None:
         """The masks of the closest earlier evaluation (smallest recorded sigma greater than ``sigma``)."""
         earlier = [s for s in self.masks if s > float(sigma)]
@@ -143,8 +114,3 @@ class MaskTracker:
         if self.pending is not None:
             self._finalise()
         return sorted(self.masks.items(), key=lambda item: -item[0])
-
-
-def empty_like_batch(batch: int, grid: tuple[int, int], device: torch.device | None = None) -> Tensor:
-    """A mask of ones (M = 1). Shapes: -> (B, H, W)."""
-    return torch.ones(batch, *grid, device=device)

@@ -1,5 +1,1 @@
-"""ComfyUI nodes of CustomContrast (V3 API).
-
-``extension`` registers the nodes (imported by ComfyUI through ``comfy_entrypoint``); ``install``
-and ``patch`` hold the patching logic and import no ComfyUI module at import time.
-"""
+"""ComfyUI nodes of CustomContrast (V3 API); ``docs/sampling-patch.md`` follows one sampler call through them."""

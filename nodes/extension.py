@@ -1,7 +1,7 @@
 """The ComfyUI extension: registers every CustomContrast node (V3 API)."""
 from comfy_api.latest import ComfyExtension, io
 
-from .apply import CustomContrastApply
+from .apply_node import CustomContrastApply
 from .loader import CustomContrastLoader
 from .preview import CustomContrastMaskPreview
 from .subject import CustomContrastEncodeSubject

@@ -7,11 +7,9 @@ from dataclasses import dataclass
 import folder_paths
 from comfy_api.latest import io
 
-from customcontrast_core import checkpoint as checkpoint_format
-from customcontrast_core.checkpoint import CheckpointInfo
-from customcontrast_core.visual_kv import CustomContrastModel
-
-from .stacked_kv import stack_for_sampling
+from ..customcontrast_core import checkpoint as checkpoint_format
+from ..customcontrast_core.checkpoint import CheckpointInfo
+from ..customcontrast_core.visual_kv import CustomContrastModel
 
 FOLDER = "customcontrast"
 CUSTOMCONTRAST = io.Custom("CUSTOMCONTRAST")
@@ -47,7 +45,6 @@ def load_customcontrast(path: str) -> LoadedCustomContrast:
     import comfy.model_patcher
 
     model, info = checkpoint_format.load(path)
-    stack_for_sampling(model)   # one visual K/V matrix: one projection per model evaluation, moved as one tensor
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return LoadedCustomContrast(model=model, info=info, patcher=patcher)

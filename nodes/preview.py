@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
 
-from .install import STATE_KEY
+from .comfy_glue import STATE_KEY
 
 
 def last_run_masks(model, subject: int, size: tuple[int, int]) -> torch.Tensor:

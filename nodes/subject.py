@@ -6,14 +6,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from comfy_api.latest import io
+from einops import rearrange
 from torch import Tensor
 
+from ..customcontrast_core.reference import reference_crop
 from .checks import ENCODE, check_batch, check_finite
+from .comfy_glue import clip_hidden
 from .loader import CUSTOMCONTRAST, LoadedCustomContrast
 
 SUBJECT = io.Custom("CUSTOMCONTRAST_SUBJECT")
 MIN_SIDE = 16
-BACKGROUND = 0.5   # segmented references are composited on gray, as in training
 
 
 @dataclass(frozen=True, eq=False)
@@ -27,17 +29,12 @@ class Subject:
 
 
 def to_rgb(image: Tensor) -> tuple[Tensor, Tensor | None]:
-    """IMAGE (B, H, W, C) -> RGB (B, H, W, 3) and the alpha channel when there is one."""
-    if image.ndim != 4:
-        raise ValueError(f"expected an IMAGE of shape (B, H, W, C), found {tuple(image.shape)}")
-    channels = image.shape[-1]
-    if channels == 1:
-        return image.expand(-1, -1, -1, 3), None
-    if channels == 3:
-        return image, None
-    if channels == 4:
-        return image[..., :3], image[..., 3]
-    raise ValueError(f"expected 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, found {channels}")
+    """IMAGE (B, H, W, C) with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels -> RGB (B, H, W, 3) and the alpha
+    channel when there is one."""
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an IMAGE (B, H, W, C) with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, found "
+                         f"shape {tuple(image.shape)}")
+    return image[..., :3].expand(-1, -1, -1, 3), (image[..., 3] if image.shape[-1] == 4 else None)
 
 
 def prepare_mask(mask: Tensor, size: tuple[int, int], images: int = 1) -> Tensor:
@@ -65,52 +62,14 @@ def prepare_mask(mask: Tensor, size: tuple[int, int], images: int = 1) -> Tensor
 
 
 def segment(image: Tensor, mask: Tensor) -> Tensor:
-    """Composites the subject on gray and crops a square around it (10 % margin). Shapes: (B, H, W, 3)."""
+    """Each image's subject on gray in a square crop 1.2x its box, as in training (``reference_crop``), at the
+    image's height. Shapes: image (B, H, W, 3), mask (1 or B, H, W) -> (B, H, H, 3)."""
     out = []
     for i in range(image.shape[0]):
-        m = mask[min(i, mask.shape[0] - 1)]
-        img = image[i] * m[..., None] + BACKGROUND * (1 - m[..., None])
-        ys, xs = torch.nonzero(m > 0.5, as_tuple=True)
-        if len(ys) == 0:
-            ys, xs = torch.nonzero(m > 0, as_tuple=True)
-        cy, cx = (ys.min() + ys.max()) / 2, (xs.min() + xs.max()) / 2
-        half = max(ys.max() - ys.min(), xs.max() - xs.min()).item() * 0.55 + 1
-        y0, x0 = int(max(0, cy - half)), int(max(0, cx - half))
-        y1, x1 = int(min(img.shape[0], cy + half)), int(min(img.shape[1], cx + half))
-        crop = img[y0:y1, x0:x1]
-        side = max(crop.shape[0], crop.shape[1])
-        canvas = torch.full((side, side, 3), BACKGROUND, dtype=img.dtype, device=img.device)
-        oy, ox = (side - crop.shape[0]) // 2, (side - crop.shape[1]) // 2
-        canvas[oy:oy + crop.shape[0], ox:ox + crop.shape[1]] = crop
-        out.append(F.interpolate(canvas.permute(2, 0, 1)[None], size=(image.shape[1], image.shape[1]),
-                                 mode="bilinear", align_corners=False)[0].permute(1, 2, 0))
-    return torch.stack(out)
-
-
-def clip_hidden(clip_vision, image: Tensor, layers: tuple[int, ...], crop: bool, width: int) -> Tensor:
-    """Hugging Face ``hidden_states[j]`` for each j in ``layers`` from ComfyUI's CLIP-vision model.
-
-    ComfyUI's ``intermediate_output="all"`` returns block outputs: its index j-1 is HF index j;
-    HF index 0 (patch embeddings) is not available. Shapes: (B, H, W, 3) -> (B, K, T, D).
-    """
-    import comfy.model_management as mm
-    from comfy.clip_vision import clip_preprocess
-
-    if min(layers) < 1:
-        raise ValueError(f"this checkpoint uses CLIP hidden state {min(layers)} (patch embeddings), "
-                         "which ComfyUI's CLIP-vision model does not expose")
-    mm.load_model_gpu(clip_vision.patcher)
-    pixels = clip_preprocess(image.to(clip_vision.load_device), size=clip_vision.image_size,
-                             mean=clip_vision.image_mean, std=clip_vision.image_std, crop=crop).float()
-    with torch.no_grad():
-        out = clip_vision.model(pixel_values=pixels, intermediate_output="all")
-    hidden = out[1]                                                    # (B, L, T, D)
-    if hidden.shape[-1] != width:
-        raise ValueError(f"the CLIP-vision model has width {hidden.shape[-1]}, the CustomContrast checkpoint "
-                         f"expects {width}: load the CLIP-vision model it was trained with")
-    if max(layers) > hidden.shape[1]:
-        raise ValueError(f"the checkpoint reads CLIP-vision layer {max(layers)}, this model has {hidden.shape[1]}")
-    return torch.stack([hidden[:, j - 1] for j in layers], dim=1).float().to(mm.intermediate_device())
+        crop, _ = reference_crop(rearrange(image[i], "h w c -> c h w"), mask[min(i, mask.shape[0] - 1)][None])
+        out.append(F.interpolate(crop[None], size=(image.shape[1], image.shape[1]), mode="bilinear",
+                                 align_corners=False)[0])
+    return rearrange(torch.stack(out), "b c h w -> b h w c")
 
 
 def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Tensor, mask: Tensor | None,
@@ -157,7 +116,8 @@ class CustomContrastEncodeSubject(io.ComfyNode):
                 io.ClipVision.Input("clip_vision", tooltip="The CLIP-vision model the checkpoint was trained with."),
                 io.Image.Input("image", tooltip="One or more photos of the same subject (RGBA alpha is used as mask)."),
                 io.Mask.Input("mask", optional=True, tooltip="Subject mask (1 on the subject): the background is "
-                              "replaced by gray and the subject cropped, as in training. One mask, or one per image."),
+                              "replaced by gray and the subject cropped 1.2x its box, as in training. One mask, or "
+                              "one per image."),
                 io.Boolean.Input("average", default=True, tooltip="Average the features of several images of the "
                                  "subject; off uses the first image only."),
                 io.Boolean.Input("center_crop", default=True, tooltip="Center-crop non-square images (off squashes)."),

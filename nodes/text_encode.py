@@ -13,17 +13,11 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders, pooled_prompt_ids
-
-from .fast_tokens import stamped_rows
+from ..customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders, pooled_prompt_ids
+from .comfy_glue import tokenizer_of, word_ids
 
 # ComfyUI token dict key -> index of that encoder's slice in the concatenated S+ vector
 ENCODER_KEYS = {"sd15": ("l",), "sdxl": ("l", "g")}
-
-
-def _word_ids(clip, key: str, word: str) -> list[int]:
-    tokenizer = getattr(clip.tokenizer, f"clip_{key}").tokenizer
-    return list(tokenizer(word)["input_ids"][1:-1])
 
 
 def _ids(section: list[tuple]) -> list[int | None]:
@@ -108,12 +102,12 @@ def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: 
     collapsed: dict[str, list[list[tuple]]] = {}
     slots: list[list[tuple[int, int]]] | None = None
     for key in tokens:
-        patterns = [_word_ids(clip, key, w) for w in words] if key in keys else None
+        patterns = [word_ids(clip, key, w) for w in words] if key in keys else None
         if patterns is None:
             collapsed[key] = tokens[key]
             continue
         sections, found = [], [[] for _ in words]
-        mended = _start_cut_placeholders(tokens[key], patterns, getattr(clip.tokenizer, f"clip_{key}"))
+        mended = _start_cut_placeholders(tokens[key], patterns, tokenizer_of(clip, key))
         for s, (section, original) in enumerate(zip(mended, tokens[key])):
             new, where = _collapse_section(section, patterns, len(original))
             sections.append(new)
@@ -135,35 +129,23 @@ def _with_vectors(prompt: PlaceholderPrompt, key: str, vectors: Sequence[Tensor]
     sections = [list(section) for section in prompt.tokens[key]]
     for subject, vector in enumerate(vectors):
         for s, pos in prompt.slots[subject]:
-            entry = sections[s][pos]
-            sections[s][pos] = (vector, *entry[1:])
+            sections[s][pos] = (vector, *sections[s][pos][1:])
     return sections
 
 
 def encode_splus(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-    """Encodes the prompt once per layer group in one text-encoder call (token processing of the copies
-    in a few kernels: ``fast_tokens.py``).
+    """Encodes the prompt once per layer group in one text-encoder call.
 
     Shapes: splus[i] (G, sum(widths)) for subject i -> contexts (G, 77*S, C), pooled (G, P) or None.
     """
-    groups = splus[0].shape[0]
-    keys = ENCODER_KEYS[prompt.base]
-    batched: dict[str, list[list[tuple]]] = {}
-    vectors: dict[str, list[Tensor]] = {}
-    for key in prompt.tokens:
-        if key not in keys:
-            batched[key] = [s for _ in range(groups) for s in prompt.tokens[key]]
-            continue
-        index = keys.index(key)
+    groups, keys = splus[0].shape[0], ENCODER_KEYS[prompt.base]
+    batched = {key: sections * groups for key, sections in prompt.tokens.items() if key not in keys}
+    for index, key in enumerate(keys):   # each encoder reads its slice of the S+ vectors
         start = sum(prompt.widths[:index])
-        vectors[key] = per_subject = [v[:, start:start + prompt.widths[index]].float().cpu() for v in splus]
-        batched[key] = [section for g in range(groups)
-                        for section in _with_vectors(prompt, key, [v[g] for v in per_subject])]
-    sections = {key: len(prompt.tokens[key]) for key in vectors}
-    with stamped_rows(clip, groups, sections, prompt.slots, vectors):
-        cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
-    contexts = cond.reshape(groups, prompt.length, cond.shape[-1])
-    return contexts, pooled
+        vectors = [v[:, start:start + prompt.widths[index]].float().cpu() for v in splus]
+        batched[key] = [section for g in range(groups) for section in _with_vectors(prompt, key, [v[g] for v in vectors])]
+    cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
+    return cond.reshape(groups, prompt.length, cond.shape[-1]), pooled
 
 
 def encode_base(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
@@ -183,7 +165,7 @@ def encode_pooled(clip, prompt: PlaceholderPrompt, words: Sequence[str]) -> Tens
             ids = [entry[0] for entry in section]
             for subject, word in enumerate(words):
                 ids = pooled_prompt_ids(ids, [pos for s, pos in prompt.slots[subject] if s == 0],
-                                        _word_ids(clip, key, word))
+                                        word_ids(clip, key, word))
             section = [(token, 1.0, *entry[2:]) for token, entry in zip(ids, section)]
         tokens[key] = [section]
     _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
@@ -194,8 +176,6 @@ def reorder_for(contexts: Tensor, length: int) -> Tensor:
     """Repeats a context to an LCM-padded batch length, as ComfyUI's CONDCrossAttn.concat does."""
     if length % contexts.shape[-2]:
         raise ValueError(f"batch context length {length} is not a multiple of the prompt's {contexts.shape[-2]}")
-    if length == contexts.shape[-2]:
-        return contexts
     return contexts.repeat(*([1] * (contexts.ndim - 2)), length // contexts.shape[-2], 1)
 
 

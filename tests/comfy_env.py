@@ -178,3 +178,35 @@ def model_files() -> dict[str, str]:
             link.symlink_to(CACHE / name)
     env.folder_paths.filename_list_cache.clear() if hasattr(env.folder_paths, "filename_list_cache") else None
     return {"checkpoint": SD15_FILE, "clip_vision": CLIP_VISION_FILE, "customcontrast": CUSTOMCONTRAST_FILE}
+
+
+# Random full-size SD1.5 / SDXL CLIPs (the UNet configs ComfyUI detects them from)
+
+def unet_config(family: str, dtype: torch.dtype) -> dict:
+    common = dict(use_checkpoint=False, image_size=32, out_channels=4, use_spatial_transformer=True, legacy=False,
+                  dtype=dtype, in_channels=4, model_channels=320, use_temporal_attention=False,
+                  use_temporal_resblock=False)
+    if family == "sd15":
+        return dict(common, adm_in_channels=None, num_res_blocks=[2, 2, 2, 2], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                    channel_mult=[1, 2, 4, 4], transformer_depth_middle=1, use_linear_in_transformer=False,
+                    context_dim=768, num_heads=8, transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0])
+    return dict(common, num_classes="sequential", adm_in_channels=2816, num_res_blocks=[2, 2, 2],
+                transformer_depth=[0, 0, 2, 2, 10, 10], channel_mult=[1, 2, 4], transformer_depth_middle=10,
+                use_linear_in_transformer=True, context_dim=2048, num_head_channels=64,
+                transformer_depth_output=[0, 0, 0, 2, 2, 2, 10, 10, 10])
+
+
+def randomize_(module: "torch.nn.Module", seed: int = 0, std: float = 0.02) -> "torch.nn.Module":
+    """Random weights for a model built without initialisation: normal(0, std) matrices, unit scales, zero biases."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0.0, std)
+            elif name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+    return module

@@ -179,8 +179,8 @@ def test_non_finite_subject_features_s_plus_and_prompt_embeddings_are_refused_by
     finally:
         with torch.no_grad():
             weight.copy_(saved)
-    install = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply",
-                                                                                                ".install")]
+    install = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply_node",
+                                                                                                ".apply")]
     original = install.encode_base
     monkeypatch.setattr(install, "encode_base", lambda *a: (original(*a)[0] * math.nan, None))
     with pytest.raises(ValueError, match=r"^Apply CustomContrast: clip must encode the prompt to finite embeddings, "
@@ -248,7 +248,7 @@ def test_a_placeholder_at_the_77_token_boundary_is_found_and_its_s_plus_lands_on
     clip = loaded["clip"]
     text = "a " * before + "<subject> wearing a red hat"
     raw = clip.tokenize(text)["l"]
-    lt, subject_id, _ = text_encode._word_ids(clip, "l", "<subject>")
+    lt, subject_id, _ = text_encode.word_ids(clip, "l", "<subject>")
     if before > 72:
         assert [t for t, _ in raw[0][before + 1:76]] == [lt, subject_id][:76 - before - 1]   # cut by ComfyUI
     prompt = text_encode.tokenize_prompt(clip, text, ["<subject>"], "sd15", (768,))

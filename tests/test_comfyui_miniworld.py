@@ -29,14 +29,8 @@ if not (RELEASE / "customcontrast.safetensors").is_file():
 
 @pytest.fixture(scope="module")
 def env():
-    import sys
-
     from comfy_env import comfyui
-    env = comfyui()
-    package = next(name for name in sys.modules if name.endswith("comfyui-customcontrast.nodes.patch"))
-    sys.modules["nodes_under_test"] = sys.modules[package]
-    sys.modules["nodes_under_test"].PlaceholderPrompt = sys.modules[package.replace(".patch", ".text_encode")].PlaceholderPrompt
-    return env
+    return comfyui()
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +48,9 @@ def world(tmp_path_factory):
 def comfy_sample(env, frozen, model, config, reference, prompt, settings: SampleSettings, seed: int):
     """SubjectSampler's DDIM loop with ComfyUI's UNetModel and a SubjectPatch in place of the training processors."""
     from diffusers import DDIMScheduler
-    from nodes_under_test import ApplySettings, Encodings, PlaceholderPrompt, SubjectPatch
+    from comfyui_customcontrast.nodes.encodings import Encodings
+    from comfyui_customcontrast.nodes.patch import ApplySettings, SubjectPatch
+    from comfyui_customcontrast.nodes.text_encode import PlaceholderPrompt
     from test_comfyui_patch import comfy_forward
 
     unet = comfy_twin(frozen.unet, config)
@@ -83,14 +79,14 @@ def comfy_sample(env, frozen, model, config, reference, prompt, settings: Sample
         patch.cache[float(t)] = Encodings(contexts=rearrange(contexts, "g 1 t c -> g t c") if contexts.dim() == 4
                                           else contexts, visual=[enc.visual_tokens],
                                           blank_visual=[blank_enc.visual_tokens])
-    patch.reset()
+    patch.start_run([])
     context = torch.cat([negative, positive])
     for t in scheduler.timesteps:
         pred, _ = comfy_forward(unet, patch, torch.cat([latents] * 2), t.float().reshape(1).expand(2), context,
                                 float(t), chunks=(1, 0))
         uncond, cond = pred.chunk(2)
         latents = scheduler.step(uncond + settings.guidance * (cond - uncond), t, latents).prev_sample
-    patch.finish()
+    patch.end_run()
     decoded = frozen.vae.decode(latents / frozen.vae.config.scaling_factor).sample
     return ((decoded[0] + 1) / 2).clamp(0, 1), patch
 

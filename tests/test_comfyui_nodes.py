@@ -217,7 +217,7 @@ def test_sd15_checkpoint_refused_on_sdxl_model(env, loaded):
     import sys
     from types import SimpleNamespace
 
-    apply_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply", ".install")]
+    apply_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply_node", ".apply")]
     fake = SimpleNamespace(model=SimpleNamespace(model_config=SimpleNamespace(unet_config={"context_dim": 2048})))
     with pytest.raises(ValueError, match="checkpoint is for SD15, the MODEL is SDXL"):
         apply_module.check_model(fake, loaded["customcontrast"])
@@ -264,7 +264,8 @@ class FakeIPAdapterReplace:
 def test_ipadapter_callbacks_are_adopted_and_can_chain_after(env, loaded, photo):
     import sys
 
-    patch_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply", ".patch")]
+    patch_module = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply_node",
+                                                                                                     ".comfy_glue")]
     offset = lambda out, q, k, v, extra_options, **kw: torch.full_like(out, kw["weight"])  # noqa: E731
     before = loaded["model"].clone()
     before.set_model_attn2_replace(FakeIPAdapterReplace(offset, weight=0.25, sigma_start=1e9, sigma_end=0.0),
@@ -301,13 +302,13 @@ def test_splus_buckets_encode_once_per_bucket(env, loaded, photo):
 def test_schedule_batched_encoding_equals_one_timestep_per_call(env, loaded, photo, monkeypatch):
     """The paper-exact mode encodes the run's timesteps in batches: same samples as one call per timestep."""
     import sys
-    patch_module = sys.modules[next(n for n in sys.modules if n.endswith("comfyui-customcontrast.nodes.patch"))]
+    encodings = sys.modules[next(n for n in sys.modules if n.endswith("comfyui-customcontrast.nodes.encodings"))]
     subject = encode(env, loaded, photo)
     negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
     # masks off: the soft mask's threshold would turn round-off of the batched CLIP into a flipped mask pixel
     batched, positive = apply(env, loaded, subject, use_mask=False)
     a = sample(env, batched, positive, negative, steps=4)
-    monkeypatch.setattr(patch_module, "PROMPTS_PER_CALL", 1)
+    monkeypatch.setattr(encodings, "PROMPTS_PER_CALL", 1)
     single, positive_single = apply(env, loaded, subject, use_mask=False)
     b = sample(env, single, positive_single, negative, steps=4)
     calls = [m.model_options["transformer_options"]["customcontrast"][-1].encode_calls for m in (batched, single)]
@@ -338,63 +339,3 @@ def test_the_next_run_reuses_the_splus_encodings_and_equals_a_fresh_apply(env, l
     assert warm_patch.encode_calls == 1
     sample(env, warm, positive, negative, steps=3, seed=2)       # two samplers alternating: both stay cached
     assert warm_patch.encode_calls == 0
-    warm_patch.reset()
-    warm_patch.reset()                                           # the 4-step schedule was last used 3 runs ago
-    assert len(warm_patch.cache) == 3
-
-
-def counted(env, loaded, photo, method: str, record):
-    """A patched MODEL whose patch's ``method`` appends ``record(argument)`` to the returned list at each call."""
-    subject = encode(env, loaded, photo)
-    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
-    patched, positive = apply(env, loaded, subject)
-    patch = patched.model_options["transformer_options"]["customcontrast"][-1]
-    seen, original = [], getattr(patch, method)
-
-    def counting(argument):
-        seen.append(record(argument))
-        return original(argument)
-    setattr(patch, method, counting)
-    return lambda: sample(env, patched, positive, negative, steps=3), seen
-
-
-def test_timestep_lookups_once_per_sigma_not_per_layer(env, loaded, photo):
-    """model_sampling.timestep reads the device: it must run once per sigma, never once per layer call."""
-    run, seen = counted(env, loaded, photo, "timestep_of", lambda sigma: float(sigma.reshape(-1)[0]))
-    run()
-    assert len(seen) == 3 and len(set(seen)) == 3   # 3 sigmas, each looked up once (not 16 layers x 2 x 3 steps)
-
-
-def test_graph_mode_through_comfyuis_sampler_equals_eager(env, loaded, photo):
-    """A whole run through ComfyUI's sampler (reset and finish by the OUTER_SAMPLE wrapper, masks carried
-    between steps, cond + uncond) with every layer replayed from static buffers (CUDA graphs emulated on
-    the CPU): the same latent and the same masks as the eager patch."""
-    import sys
-    graphed_module = sys.modules[next(n for n in sys.modules if n.endswith("comfyui-customcontrast.nodes.graphed"))]
-    subject = encode(env, loaded, photo)
-    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
-    eager, positive = apply(env, loaded, subject)
-    graphed, positive_g = apply(env, loaded, subject)
-    patch = graphed.model_options["transformer_options"]["customcontrast"][-1]
-    patch.graphs = graphed_module.LayerGraphs(emulate=True)
-    a = sample(env, eager, positive, negative, steps=3)
-    b = sample(env, graphed, positive_g, negative, steps=3)
-    b_again = sample(env, graphed, positive_g, negative, steps=3)       # a second run replays the same graphs
-    assert patch.graphs.captures == 2 * 16
-    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(b_again, a, atol=1e-4, rtol=1e-4)
-    masks_eager = eager.model_options["transformer_options"]["customcontrast"][-1].last_masks
-    assert [s for s, _ in patch.last_masks] == [s for s, _ in masks_eager] and len(masks_eager) == 3
-    for (_, m_graph), (_, m_eager) in zip(patch.last_masks, masks_eager):
-        torch.testing.assert_close(m_graph[0], m_eager[0], atol=1e-4, rtol=1e-4)
-
-
-def test_cond_rows_are_compared_once_per_run_when_comfyui_names_the_conds(env, loaded, photo):
-    """ComfyUI gives each conditioning a uuid per run: the comparison with the positive conditioning (a device
-    read) happens once per run, not once per step; a second run compares again."""
-    run, compared = counted(env, loaded, photo, "_base_for", lambda context: context.shape)
-    a = run()
-    assert len(compared) == 1
-    b = run()
-    assert len(compared) == 2
-    torch.testing.assert_close(a, b)

@@ -1,10 +1,13 @@
 """The ComfyUI patch on tiny random UNets: exact firing counts, and parity with the training processors."""
+import dataclasses
+
 import pytest
 import torch
 
 from comfy_env import comfyui
 from customcontrast_core import CustomContrastModel, get_preset
-from training.processors import ProcessorState, install_processors, layer_grid
+from customcontrast_core.layers import layer_grid
+from training.processors import ProcessorState, install_processors
 from training.tiny_models import tiny_unet
 
 COMFY_DEPTHS = {
@@ -40,7 +43,9 @@ def comfy_twin(diffusers_unet, config):
 
 def make_patch(model, config, context, sigma, *, gamma=1.0, slot=3, use_mask=False, more_sigmas=()):
     """A SubjectPatch whose per-sigma encodings are given (the same for ``more_sigmas``), so no CLIP is needed."""
-    from nodes_under_test import ApplySettings, Encodings, PlaceholderPrompt, SubjectPatch
+    from comfyui_customcontrast.nodes.encodings import Encodings
+    from comfyui_customcontrast.nodes.patch import ApplySettings, SubjectPatch
+    from comfyui_customcontrast.nodes.text_encode import PlaceholderPrompt
 
     torch.manual_seed(3)
     contexts = torch.randn(config.num_groups, 77, config.context_dim)
@@ -59,27 +64,25 @@ def make_patch(model, config, context, sigma, *, gamma=1.0, slot=3, use_mask=Fal
 
 @pytest.fixture(scope="module")
 def env():
-    env = comfyui()
-    import sys
-    package = next(name for name in sys.modules if name.endswith("comfyui-customcontrast.nodes.patch"))
-    sys.modules["nodes_under_test"] = sys.modules[package]
-    sys.modules["nodes_under_test"].PlaceholderPrompt = sys.modules[package.replace(".patch", ".text_encode")].PlaceholderPrompt
-    return env
+    return comfyui()
 
 
 def comfy_forward(unet, patch, x, t, context, sigma, chunks=(0,)):
-    from nodes_under_test import Attn2Replace
+    """One UNet call as ComfyUI makes it with the patch installed: the APPLY_MODEL wrapper's ModelCall in
+    transformer_options, the context swap as attn2_patch, the replace on every patched block key."""
+    from comfyui_customcontrast.nodes import comfy_glue
 
-    replace = Attn2Replace([patch])
+    replace = comfy_glue.Attn2Replace([patch])
     calls = []
 
     def counting(q, k, v, extra_options):
         calls.append(((*extra_options["block"], extra_options["block_index"]),
                       tuple(extra_options["activations_shape"][-2:])))
         return replace(q, k, v, extra_options)
-    options = {"patches": {"attn2_patch": [patch.swap_context]},
+    options = {"patches": {"attn2_patch": [comfy_glue.swap_context(patch)]},
                "patches_replace": {"attn2": {key: counting for key in patch.layers}},
-               "cond_or_uncond": list(chunks), "sigmas": torch.tensor([sigma])}
+               "cond_or_uncond": list(chunks), "sigmas": torch.tensor([sigma]),
+               comfy_glue.call_key(patch): patch.model_call(tuple(x.shape), sigma, context, tuple(chunks))}
     with torch.no_grad():
         out = unet(x, timesteps=t, context=context, transformer_options=options)
     return out, calls
@@ -140,6 +143,11 @@ def test_uncond_rows_use_blank_visual_tokens_and_base_text(env):
     cond, _ = comfy_forward(unet, patch, x, torch.tensor([500.0]), context, 5.0)
     torch.testing.assert_close(both[1:], cond, atol=1e-5, rtol=1e-5)   # batching with uncond changes nothing
     assert (both[0] - cond[0]).abs().max() > 1e-3
+    # the uncond row keeps its text and gets the blank reference's tokens (zeros here: a visual branch of 0),
+    # so it is the plain UNet's row on the negative
+    with torch.no_grad():
+        plain = unet(x, timesteps=torch.tensor([500.0]), context=negative)
+    torch.testing.assert_close(both[:1], plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -153,39 +161,37 @@ def test_half_precision_unet_matches_fp32(env, dtype):
     patch, _ = make_patch(model, config, context, 5.0)
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500.0])
     full, _ = comfy_forward(unet, patch, x, t, context, 5.0)
-    patch.cache[5.0].contexts = patch.cache[5.0].contexts.to(dtype)
+    patch.cache[5.0] = dataclasses.replace(patch.cache[5.0], contexts=patch.cache[5.0].contexts.to(dtype))
     half, calls = comfy_forward(unet.to(dtype), patch, x.to(dtype), t, context.to(dtype), 5.0)
     assert half.dtype == dtype and len(calls) == 16
     assert (half.float() - full).abs().max() < 0.1 * full.abs().max()
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny_sdxl"])
-def test_graph_mode_through_comfyui_unet_equals_eager(env, preset):
-    """Each layer replayed from static buffers (CUDA graphs, emulated on the CPU) gives the eager patch's
-    predictions over several steps with masks carried between them, cond + uncond in one batch."""
-    from nodes_under_test import LayerGraphs
-
+def test_the_mask_made_at_one_step_acts_at_the_next_as_in_training(env, preset):
+    """Masks are carried from step t to t-1: the maps captured at sigma 9 make the mask that the next call (sigma
+    5) applies, and that call equals the training processors given the same mask (SD1.5 and SDXL structure)."""
     config = get_preset(preset)
     torch.manual_seed(0)
-    unet = comfy_twin(tiny_unet(config), config)
+    d_unet = tiny_unet(config).eval()
+    c_unet = comfy_twin(d_unet, config)
+    torch.manual_seed(1)
     model = CustomContrastModel(config).eval()
-    context, negative = torch.randn(1, 77, config.context_dim), torch.randn(1, 77, config.context_dim)
-    sigmas = (9.0, 7.0, 5.0, 3.0)
-    outputs = {}
-    for mode in ("eager", "graphs"):
-        patch, _ = make_patch(model, config, context, sigmas[0], use_mask=True, more_sigmas=sigmas[1:])
-        if mode == "graphs":
-            patch.graphs = LayerGraphs(emulate=True)
-        torch.manual_seed(5)
-        outputs[mode] = []
-        for sigma in sigmas:
-            x = torch.randn(2, 4, 16, 16)
-            out, _ = comfy_forward(unet, patch, x, torch.tensor([sigma * 100] * 2), torch.cat([negative, context]),
-                                   sigma, chunks=(1, 0))
-            outputs[mode].append(out)
-        if mode == "graphs":
-            assert patch.graphs.captures == 2 * len(config.layers)   # first step (M = 1) and masked steps
-        patch.finish()   # the end of the run (ComfyUI: the OUTER_SAMPLE wrapper)
-        assert [s for s, _ in patch.last_masks] == list(sigmas)   # a mask from every step
-    for eager, graphed in zip(outputs["eager"], outputs["graphs"]):
-        torch.testing.assert_close(graphed, eager, rtol=1e-4, atol=1e-4)
+    context = torch.randn(1, 77, config.context_dim)
+    patch, enc = make_patch(model, config, context, 9.0, use_mask=True, more_sigmas=(5.0,))
+    first, second = torch.randn(1, 4, 16, 16), torch.randn(1, 4, 16, 16)
+    comfy_forward(c_unet, patch, first, torch.tensor([900.0]), context, 9.0)
+    masked, _ = comfy_forward(c_unet, patch, second, torch.tensor([500.0]), context, 5.0)
+    mask = patch.tracker.mask_for(5.0)[0]                               # made from the step at sigma 9
+    assert 0 < float(mask.mean()) < 1
+
+    state = ProcessorState()
+    install_processors(d_unet, model, state, capture_downsample=())
+    state.contexts, state.visual_tokens, state.slots = enc.contexts[:, None], enc.visual[0], ((3,),)
+    state.mask, state.latent_hw = mask, (16, 16)
+    with torch.no_grad():
+        trained = d_unet(second, torch.tensor([500.0]), encoder_hidden_states=context).sample
+    assert (trained - masked).abs().max().item() < 1e-4
+    unmasked, _ = comfy_forward(c_unet, make_patch(model, config, context, 5.0)[0], second, torch.tensor([500.0]),
+                                context, 5.0)
+    assert (unmasked - masked).abs().max().item() > 1e-3

@@ -32,3 +32,27 @@ def test_requirements_never_install_torch():
              for line in (ROOT / "requirements.txt").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert not {"torch", "torchvision", "torchaudio"} & set(names)
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    imported = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add(node.module.split(".")[0])
+    return imported
+
+
+def test_the_package_changes_no_import_path_and_reaches_the_core_relatively():
+    """Loaded by ComfyUI, the extension adds nothing to sys.path (no top-level ``training``, ``tests`` ...) and
+    never imports a top-level ``nodes`` or ``customcontrast_core``: ComfyUI's own ``nodes`` module stays
+    ComfyUI's."""
+    assert "sys.path" not in (ROOT / "__init__.py").read_text()
+    for path in (ROOT / "nodes").glob("*.py"):
+        assert not _absolute_imports(path) & {"nodes", "customcontrast_core", "training"}, path.name
+
+
+def test_tests_never_import_the_benchmarks():
+    for path in (ROOT / "tests").glob("*.py"):
+        assert "benchmarks" not in _absolute_imports(path), path.name

@@ -8,13 +8,10 @@ import re
 import pytest
 import torch
 
-from benchmarks.comfy_runtime import extension
+from comfyui_customcontrast.nodes import apply as apply_module
+from comfyui_customcontrast.nodes import checks, encodings, text_encode
+from comfyui_customcontrast.nodes import patch as patch_module
 from customcontrast_core import CustomContrastModel, get_preset
-
-checks = extension("nodes.checks")
-install = extension("nodes.install")
-text_encode = extension("nodes.text_encode")
-patch_module = extension("nodes.patch")
 
 START, END = 49406, 49407
 LT, GT, SUBJECT = 27, 29, 1000   # '<', '>', 'subject' ('subject1' is 'subject', '1')
@@ -127,12 +124,15 @@ def test_a_batch_whose_context_length_is_no_multiple_of_the_prompts_is_not_compa
         base_context=torch.randn(1, 385, config.context_dim),
         layers={layer.comfy_key: layer for layer in config.layers},
         settings=patch_module.ApplySettings(), timestep_of=lambda sigma: sigma * 100)
-    ev = patch._evaluation({"sigmas": torch.tensor([5.0])})
-    negative = patch._check_rows(ev, torch.randn(2, 77, config.context_dim), (1,))
-    assert negative.swapped_chunks == () and negative.kinds.tolist() == [1, 1] and negative.patched == 1
-    positive = patch.base_context.expand(2, -1, -1)
-    ours = patch._check_rows(negative, positive, (0,))
-    assert ours.swapped_chunks == (0,) and ours.kinds.tolist() == [0, 0]
+    visual = torch.randn(1, config.num_visual_tokens, config.context_dim)
+    patch.cache[5.0] = encodings.Encodings(contexts=torch.randn(config.num_groups, 385, config.context_dim),
+                                           visual=[visual], blank_visual=[visual * 0])
+    negative = patch.model_call((2, 4, 8, 8), 5.0, torch.randn(2, 77, config.context_dim), (1,))
+    assert negative.swapped == () and negative.chunks == 1 and not negative.swap_rows.any()
+    assert negative.visual_tokens[0].abs().max() == 0                  # the blank reference's tokens
+    ours = patch.model_call((2, 4, 8, 8), 5.0, patch.base_context.expand(2, -1, -1), (0,))
+    assert ours.swapped == (0,) and ours.swap_rows.all()
+    torch.testing.assert_close(ours.visual_tokens[0], visual.expand(2, -1, -1))
 
 
 # Numbers and masks at the Apply node
@@ -141,7 +141,7 @@ def apply(**overrides):
     """apply_customcontrast with good values; the checks run before the (absent) MODEL is read."""
     args = {"model": None, "clip": None, "customcontrast": None, "subjects": [], "prompt": "<subject>", "weight": 1.0,
             "start_percent": 0.0, "end_percent": 1.0, "use_mask": True, "mask_mode": "soft", "mask_threshold": 0.2}
-    return install.apply_customcontrast(**{**args, **overrides})
+    return apply_module.apply_customcontrast(**{**args, **overrides})
 
 
 @pytest.mark.parametrize("name, value, found", [
@@ -176,8 +176,8 @@ def test_splus_buckets_must_be_a_whole_number_and_start_must_not_be_after_end():
 def test_attn_mask_must_be_finite(mask, found):
     with pytest.raises(ValueError, match=rf"^Apply CustomContrast: attn_mask must hold finite values from 0 to 1, "
                                          rf"found {found}$"):
-        install.user_mask_of(mask)
-    assert install.user_mask_of(torch.nan_to_num(mask, nan=0.5, posinf=1.0)).isfinite().all()
+        apply_module.user_mask_of(mask)
+    assert apply_module.user_mask_of(torch.nan_to_num(mask, nan=0.5, posinf=1.0)).isfinite().all()
 
 
 def test_check_finite_counts_nan_and_infinite_values_and_names_the_first():

@@ -27,18 +27,17 @@ def tiny(env):
     return config, unet, model, ours, foreign, negative
 
 
-def run(tiny, contexts, chunks, *, graphs=False, user_mask=None, latents=1, patch=None):
+def run(tiny, contexts, chunks, *, user_mask=None, latents=1, patch=None):
     """One step per sigma of SIGMAS through the patched UNet (the same latents in every chunk); returns the
     outputs per step (B, 4, 16, 16) and the patch."""
     config, unet, model, ours, _, _ = tiny
     if patch is None:
         patch, encodings = make_patch(model, config, ours, SIGMAS[0], use_mask=True, more_sigmas=SIGMAS[1:])
         torch.manual_seed(4)
-        encodings.blank_visual = [torch.randn_like(encodings.visual[0])]   # the uncond rows' branch acts too
+        blank = [torch.randn_like(encodings.visual[0])]                     # the uncond rows' branch acts too
+        for sigma in SIGMAS:
+            patch.cache[sigma] = dataclasses.replace(encodings, blank_visual=blank)
         patch.settings = dataclasses.replace(patch.settings, user_mask=user_mask)
-        if graphs:
-            from nodes_under_test import LayerGraphs
-            patch.graphs = LayerGraphs(emulate=True)
     context = torch.cat([c.expand(latents, -1, -1) for c in contexts])
     outputs = []
     torch.manual_seed(5)
@@ -62,21 +61,20 @@ def plain(tiny, contexts, latents=1):
     return outputs
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_another_prompts_rows_are_the_unpatched_unets_and_ours_do_not_change(tiny, graphs):
+def test_another_prompts_rows_are_the_unpatched_unets_and_ours_do_not_change(tiny):
     """A batch of this node's prompt, another prompt (ConditioningCombine, another Apply node) and the negative:
     the other prompt's row is the plain UNet's to the last bit; this node's and the negative's rows are those of
-    a batch without the other prompt, masks included (eager and graph mode)."""
+    a batch without the other prompt, masks included."""
     _, _, _, ours, foreign, negative = tiny
-    mixed, patch = run(tiny, [negative, ours, foreign], (1, 0, 0), graphs=graphs)
-    alone, patch_alone = run(tiny, [negative, ours], (1, 0), graphs=graphs)
+    mixed, patch = run(tiny, [negative, ours, foreign], (1, 0, 0))
+    alone, patch_alone = run(tiny, [negative, ours], (1, 0))
     reference = plain(tiny, [negative, ours, foreign])
     for got, want, unpatched in zip(mixed, alone, reference):
         torch.testing.assert_close(got[2], unpatched[2], rtol=0, atol=0)
         torch.testing.assert_close(got[:2], want, rtol=1e-5, atol=1e-5)
         assert (got[1] - unpatched[1]).abs().max() > 1e-3 and (got[0] - unpatched[0]).abs().max() > 1e-3
-    patch.finish()
-    patch_alone.finish()
+    patch.end_run()
+    patch_alone.end_run()
     assert [s for s, _ in patch.last_masks] == list(SIGMAS)
     for (_, masks), (_, masks_alone) in zip(patch.last_masks, patch_alone.last_masks):
         torch.testing.assert_close(masks[0], masks_alone[0], rtol=1e-5, atol=1e-5)
@@ -93,11 +91,11 @@ def test_a_run_without_the_nodes_prompt_is_the_unpatched_unet_and_warns_once(tin
         split, _ = run(tiny, [negative], (1,), patch=patch)
         for got, want in zip(split, plain(tiny, [negative])):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
-        patch.finish()
+        patch.end_run()
     assert patch.last_masks == []
     warnings = [r for r in caplog.records if "its subject was not drawn" in r.getMessage()]
     assert len(warnings) == 1
-    patch.reset()   # a new run: an uncond batch before any cond batch gets the blank reference's visual branch
+    patch.start_run([])   # a new run: an uncond batch before any cond batch gets the blank reference's visual branch
     first, _ = run(tiny, [negative], (1,), patch=patch)
     assert (first[0] - plain(tiny, [negative])[0]).abs().max() > 1e-3
 

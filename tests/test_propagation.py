@@ -96,28 +96,3 @@ def test_summed_layers_equal_per_layer_adds_and_the_mean_of_resized_maps():
     for tracker in (per_layer, summed):
         tracker.begin(1.0)
         torch.testing.assert_close(tracker.mask_for(1.0)[0], expected, rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("mode", ["soft", "topk"])
-def test_mask_step_as_a_replay_equals_the_eager_one(mode):
-    """With graphs (emulated on the CPU) the mask step is one replay per map layout, its inputs stacked into the
-    graph's buffers: the same masks as the eager step, for new maps too; earlier masks are not rewritten."""
-    g = torch.Generator().manual_seed(0)
-    eager, replayed = (MaskTracker(MaskConfig(mode=mode), num_subjects=2, graphs=graphs) for graphs in ("off", "emulate"))
-    for sigma in (5.0, 4.0, 3.0):
-        maps = [SubjectMaps(text=torch.rand(2, n, generator=g), visual=torch.rand(2, n, generator=g))
-                for n in (64, 64, 16, 64)]
-        for tracker in (eager, replayed):
-            tracker.begin(sigma)
-            for subject in range(2):
-                for m in maps:
-                    grid = (8, 8) if m.text.shape[1] == 64 else (4, 4)
-                    tracker.add(subject, SubjectMaps(text=m.text * (subject + 1), visual=m.visual), grid)
-    for (s1, want), (s2, got) in zip(eager.history(), replayed.history()):
-        assert s1 == s2
-        for a, b in zip(want, got):
-            torch.testing.assert_close(b, a, rtol=0, atol=0)
-    assert len(replayed._finalisers) == 1 and None not in replayed._finalisers.values()
-    assert (replayed.masks[5.0][0] - replayed.masks[4.0][0]).abs().max() > 0
-    with pytest.raises(ValueError, match="graphs must be 'off', 'cuda' or 'emulate'"):
-        MaskTracker(MaskConfig(), graphs="on")

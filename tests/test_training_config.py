@@ -72,9 +72,9 @@ def test_dropout_sum_model_paths_and_conversions():
 
 
 def test_set_accepts_json_and_python_booleans(capsys):
-    cfg, _ = parse_config(["--set", "augment=False", "--set", "cuda_graphs=True", "--set", "tiny_models=true",
+    cfg, _ = parse_config(["--set", "augment=False", "--set", "gradient_checkpointing=True", "--set", "tiny_models=true",
                            "--set", "lr=1e-4", "--set", "mixed_precision=bf16", "--set", "capture_downsample=[4]"])
-    assert (cfg.augment, cfg.cuda_graphs, cfg.tiny_models) == (False, True, True)
+    assert (cfg.augment, cfg.gradient_checkpointing, cfg.tiny_models) == (False, True, True)
     assert (cfg.lr, cfg.mixed_precision, cfg.capture_downsample) == (1e-4, "bf16", (4,))
     with pytest.raises(SystemExit) as err:
         parse_config(["--set", "augment=yes"])
@@ -109,3 +109,15 @@ def test_a_run_saved_before_loc_maps_existed_resumes_only_with_its_text_only_l_l
     assert resume_mismatch(saved, TrainConfig(loc_maps="text")) == []
     saved["loc_maps"] = "combined"
     assert resume_mismatch(saved, TrainConfig()) == []
+
+
+def test_a_removed_field_is_dropped_with_a_logged_note(tmp_path, caplog):
+    """Config files and saved runs written before ``cuda_graphs`` was removed still load, to the same config."""
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({"lr": 1e-4, "cuda_graphs": True}))
+    with caplog.at_level("WARNING", logger="training.config"):
+        cfg = TrainConfig.from_file(path)
+    assert cfg == TrainConfig(lr=1e-4)
+    assert "'cuda_graphs' (True) is ignored" in caplog.text
+    with pytest.raises(ValueError, match=r"unknown training config fields \['cuda_graph'\]"):
+        TrainConfig.from_dict({"cuda_graph": True})   # a misspelt field is still refused

@@ -51,7 +51,7 @@ def test_resume_refuses_a_config_that_changes_the_run(tmp_path):
         train(tmp_path / "run", 2, "--batch-size", "2", "--seed", "1", "--set", "grad_accum=2", "--resume", "latest")
     assert ("these fields differ from the run's " + str(tmp_path / "run" / "config.json") +
             " (batch_size: 4 -> 2; grad_accum: 1 -> 2; seed: 0 -> 1); only steps, save_every, log_every, "
-            "num_workers, output_dir, gradient_checkpointing, cuda_graphs, allow_unmasked, allow_single_view, "
+            "num_workers, output_dir, gradient_checkpointing, allow_unmasked, allow_single_view, "
             "keep_checkpoints, sample_every, sample_prompts, sample_seeds, sample_steps, sample_guidance may change "
             "on resume") in str(err.value)
     assert (tmp_path / "run" / "config.json").read_text() == before   # not replaced by the refused config

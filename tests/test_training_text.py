@@ -236,12 +236,12 @@ def test_the_apply_node_conditions_sdxl_on_trainings_pooled_vector(tokenizer, mo
     from comfy_env import comfyui
     from customcontrast_core import CustomContrastModel, get_preset
     comfyui()
-    install = sys.modules[next(m for m in sys.modules if m.endswith("comfyui-customcontrast.nodes.install"))]
+    install = sys.modules[next(m for m in sys.modules if m.endswith("comfyui-customcontrast.nodes.apply"))]
     subject_cls = sys.modules[next(m for m in sys.modules if m.endswith("comfyui-customcontrast.nodes.subject"))].Subject
     text = stack("sdxl", tokenizer, widths=(32, 48), layers=3)
     clip = tiny_comfy_sdxl_clip(text)
     config = get_preset("tiny_sdxl")                        # S+ widths (32, 48): the tiny CLIP-L and CLIP-G
-    customcontrast = SimpleNamespace(model=CustomContrastModel(config).eval())
+    customcontrast = SimpleNamespace(model=CustomContrastModel(config).eval(), patcher=None)
     sampling = SimpleNamespace(percent_to_sigma=lambda p: 14.6 * (1 - p), sigma_max=torch.tensor(14.6),
                                timestep=lambda sigma: sigma * 60)
     model = SimpleNamespace(get_model_object=lambda name: sampling)

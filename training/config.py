@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import typing
 from dataclasses import dataclass
@@ -11,6 +12,12 @@ from typing import Any
 
 from customcontrast_core.config import PRESETS as ENCODER_PRESETS
 from customcontrast_core.config import dataclass_from_dict
+
+log = logging.getLogger(__name__)
+
+# fields of earlier versions that no longer exist, and why a file that names them still trains the same
+REMOVED_FIELDS = {"cuda_graphs": "the frozen encoders always run eagerly now (a CUDA-graph replay gave the same "
+                                 "values and was never measured on a GPU)"}
 
 
 @dataclass(frozen=True)
@@ -139,7 +146,6 @@ class TrainConfig:
     capture_downsample: tuple[int, ...] = (2, 4)   # layers whose maps feed L_loc (16x16 and 32x32 at 512 px)
     mixed_precision: str = "no"           # "no", "bf16" or "fp16" (accelerate)
     gradient_checkpointing: bool = False
-    cuda_graphs: bool = False             # frozen encoders' forward passes as CUDA graphs (training/graphed.py)
     save_every: int = 30
     log_every: int = 5                    # progress bar and TensorBoard: mean of the steps since the last log
     keep_checkpoints: int = 2             # newest training checkpoints kept under output_dir/checkpoints
@@ -203,6 +209,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """The config of a dict of fields; a field that no longer exists (``REMOVED_FIELDS``) is dropped with a
+        logged note, so the config files and saved runs that name it still load."""
+        if isinstance(data, dict) and set(data) & set(REMOVED_FIELDS):
+            for name in sorted(set(data) & set(REMOVED_FIELDS)):
+                log.warning("training config: field %r (%r) is ignored: %s", name, data[name], REMOVED_FIELDS[name])
+            data = {k: v for k, v in data.items() if k not in REMOVED_FIELDS}
         return dataclass_from_dict(cls, data, "training config")
 
     @classmethod
@@ -240,11 +252,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
 
 
 # fields that may differ between a run and its resumption: none changes the model, the data order or the
-# arithmetic of a step (gradient checkpointing and CUDA graphs give the same values; allow_unmasked and
+# arithmetic of a step (gradient checkpointing gives the same values; allow_unmasked and
 # allow_single_view are permissions, not data; the sample_* fields only read the weights; warmup_steps and
 # max_grad_norm do change the steps, so they are not here)
 RESUMABLE_FIELDS = ("steps", "save_every", "log_every", "num_workers", "output_dir", "gradient_checkpointing",
-                    "cuda_graphs", "allow_unmasked", "allow_single_view", "keep_checkpoints", "sample_every",
+                    "allow_unmasked", "allow_single_view", "keep_checkpoints", "sample_every",
                     "sample_prompts", "sample_seeds", "sample_steps", "sample_guidance")
 
 

@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from customcontrast_core.config import EncoderConfig
 
 from .config import ModelPaths
-from .graphed import FrozenGraphs, run_frozen
 from .text import HFTokenizer, OpenClipTokenizer, TextEncoderStack
 from .tiny_models import tiny_unet
 
@@ -64,39 +63,27 @@ class FrozenModels:
         return self
 
 
-def clip_hidden_states(encoder: ImageEncoder, images: Tensor, layers: tuple[int, ...],
-                       graphs: FrozenGraphs | None = None) -> Tensor:
-    """Stacks the requested Hugging Face ``hidden_states`` of the CLIP-vision model (the model's forward
-    through ``graphs`` when given).
+def clip_hidden_states(encoder: ImageEncoder, images: Tensor, layers: tuple[int, ...]) -> Tensor:
+    """Stacks the requested Hugging Face ``hidden_states`` of the CLIP-vision model.
 
     Shapes: images (B, 3, H, W) in [0, 1] -> (B, K, T, D).
     """
     pixels = encoder.preprocess(images).to(next(encoder.model.parameters()).dtype)
-
-    def forward(x: Tensor) -> tuple[Tensor]:
-        out = encoder.model(pixel_values=x, output_hidden_states=True)
-        return (torch.stack([out.hidden_states[i] for i in layers], dim=1),)
-    return run_frozen(graphs, (id(encoder.model), "hidden_states", tuple(layers)), forward, pixels)[0]
+    out = encoder.model(pixel_values=pixels, output_hidden_states=True)
+    return torch.stack([out.hidden_states[i] for i in layers], dim=1)
 
 
-def appearance_features(encoder: ImageEncoder, images: Tensor, graphs: FrozenGraphs | None = None) -> Tensor:
-    """ψ_C of MACL: open_clip image features of segmented subjects (the model's forward through ``graphs``
-    when given). Shapes: (B, 3, H, W) -> (B, E)."""
-    pixels = encoder.preprocess(images).to(next(encoder.model.parameters()).dtype)
-
-    def forward(x: Tensor) -> tuple[Tensor]:
-        out = encoder.model(x)
-        return (out[0] if isinstance(out, tuple) else out,)
-    return run_frozen(graphs, (id(encoder.model), "features"), forward, pixels)[0]
+def appearance_features(encoder: ImageEncoder, images: Tensor) -> Tensor:
+    """ψ_C of MACL: open_clip image features of segmented subjects. Shapes: (B, 3, H, W) -> (B, E)."""
+    out = encoder.model(encoder.preprocess(images).to(next(encoder.model.parameters()).dtype))
+    return out[0] if isinstance(out, tuple) else out
 
 
-def vae_latent_moments(vae: nn.Module, images: Tensor, graphs: FrozenGraphs | None = None) -> tuple[Tensor, Tensor]:
-    """Mean and standard deviation of the VAE encoder's latent distribution (through ``graphs`` when given).
+def vae_latent_moments(vae: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of the VAE encoder's latent distribution.
     Shapes: images (B, 3, H, W) in the VAE's dtype -> (B, 4, H/8, W/8) twice."""
-    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        dist = vae.encode(x).latent_dist
-        return dist.mean, dist.std
-    return run_frozen(graphs, (id(vae), "latent_moments"), forward, images)
+    dist = vae.encode(images).latent_dist
+    return dist.mean, dist.std
 
 
 def build_tiny(config: EncoderConfig, *, image_size: int = 64, reference_size: int = 32, seed: int = 0) -> FrozenModels:

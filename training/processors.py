@@ -6,15 +6,14 @@ placeholder slots) live in one ``ProcessorState`` shared by all processors of a 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention, placeholder_probe
-from customcontrast_core.layers import CrossAttentionLayer
+from customcontrast_core.attention import SubjectBranch, SubjectMaps, customcontrast_attention, placeholder_columns
+from customcontrast_core.layers import CrossAttentionLayer, layer_grid
 from customcontrast_core.masks import resize_mask
 from customcontrast_core.visual_kv import CustomContrastModel, KVProjection, VisualKV
 
@@ -44,38 +43,13 @@ class ProcessorState:
         self.grids.clear()
         self._rows.clear()
 
-    def rows_with_slot(self, slots: tuple, device: torch.device) -> Tensor:
-        """(B,) bool: the rows whose prompt has a placeholder (built once per forward)."""
-        key = (slots, "rows", device)
+    def placeholder(self, slots: tuple, keys: int, device: torch.device) -> Tensor:
+        """(B, keys) fp32: 1 at each row's placeholder positions (``placeholder_columns``, built once per
+        forward)."""
+        key = (slots, keys, device)
         if key not in self._rows:
-            self._rows[key] = torch.tensor([bool(where) for where in slots], device=device)
+            self._rows[key] = placeholder_columns(slots, keys, device)
         return self._rows[key]
-
-    def column_weights(self, slots: tuple, keys: int, device: torch.device) -> Tensor:
-        """(B, keys) fp32: 1 at each row's placeholder positions (built once per forward)."""
-        key = (slots, "columns", keys, device)
-        if key not in self._rows:
-            weights = torch.zeros(len(slots), keys)
-            for row, where in enumerate(slots):
-                weights[row, list(where)] = 1.0
-            self._rows[key] = weights.to(device)
-        return self._rows[key]
-
-    def probe(self, slots: tuple, branch: SubjectBranch, keys: int, device: torch.device) -> Tensor:
-        """The capture layers' probe channels (``placeholder_probe``) of a branch built from ``slots``, once per
-        forward. Shapes: -> (B, 1, keys, P)."""
-        key = (slots, "probe", keys, device)
-        if key not in self._rows:
-            self._rows[key] = placeholder_probe([branch], len(slots), keys, device)
-        return self._rows[key]
-
-
-def layer_grid(latent_hw: tuple[int, int], downsample: int) -> tuple[int, int]:
-    """Token grid of a layer: the latent grid divided by ``downsample`` (stride-2 convs round up)."""
-    h, w = latent_hw
-    for _ in range(int(math.log2(downsample))):
-        h, w = (h + 1) // 2, (w + 1) // 2
-    return h, w
 
 
 class CustomContrastProcessor:
@@ -110,19 +84,11 @@ class CustomContrastProcessor:
             visual_k, visual_v = self.kv(st.visual_tokens.to(q.dtype))
         slots = st.slots or ((),) * q.shape[0]
         mask = None if st.mask is None else resize_mask(st.mask.to(q.device), layer_grid(st.latent_hw, self.layer.downsample))
-        positions = set(slots) - {()}
-        if len(positions) <= 1:   # the usual case: one placeholder position for every prompt that has one
-            columns, weights = next(iter(positions), ()), None
-        else:                     # captions with the placeholder at different positions: per-row columns
-            columns, weights = (), st.column_weights(slots, k.shape[1], q.device)
         # rows without a placeholder (text dropout, the uncond row when evaluating): no bias, zero text map
-        # (per-row weights are already 0 there; shared columns need text_rows)
-        text_rows = None if all(slots) or not columns else st.rows_with_slot(slots, q.device)
-        branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, columns=columns,
-                               text_rows=text_rows, column_weights=weights)
-        probe = st.probe(slots, branch, k.shape[1], q.device) if capture else None
+        placeholder = st.placeholder(slots, k.shape[1], q.device) if any(slots) else None
+        branch = SubjectBranch(visual_k, visual_v, gamma=st.gamma, mask=mask, placeholder=placeholder)
         out, maps = customcontrast_attention(q, k, v, heads=heads, subjects=[branch], capture=capture,
-                                             probe=probe, visual_maps=st.visual_maps)
+                                             visual_maps=st.visual_maps)
         return out, (maps[0] if maps else None)
 
 

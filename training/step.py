@@ -20,7 +20,6 @@ from customcontrast_core.visual_kv import CustomContrastModel
 from .config import TrainConfig
 from .losses import (cscl_loss, gather_with_grad, localization_loss, location_map, macl_loss, sample_condition_dropout,
                      total_loss)
-from .graphed import FrozenGraphs
 from .models import FrozenModels, appearance_features, clip_hidden_states, vae_latent_moments
 from .processors import ProcessorState, install_processors, project_visual_kv
 
@@ -44,7 +43,6 @@ class TrainingModule(nn.Module):
         self.__dict__["frozen"] = frozen          # not a submodule: never trained, never synced
         self.state = ProcessorState()
         self._blank_hidden: dict[tuple, Tensor] = {}   # (device, dtype, size) -> CLIP features of a blank image
-        self.graphs = FrozenGraphs() if cfg.cuda_graphs else None   # frozen forward passes as CUDA graphs
         install_processors(frozen.unet, model, self.state, cfg.capture_downsample)
         if "cscl" not in cfg.contrastive_terms:
             # only L_CSCL reaches the CLS projection heads: left out of the loss, they are frozen for the run, so
@@ -76,8 +74,8 @@ class TrainingModule(nn.Module):
         # models: the same values as separate calls); a blank image's CLIP features are computed once
         with torch.no_grad():
             views = torch.cat([reference, positive])                                   # (2B, 3, H, W)
-            clip_both = clip_hidden_states(frozen.clip_vision, views, layers, self.graphs)
-            app_ref, app_pos = appearance_features(frozen.appearance, views, self.graphs).float().chunk(2)
+            clip_both = clip_hidden_states(frozen.clip_vision, views, layers)
+            app_ref, app_pos = appearance_features(frozen.appearance, views).float().chunk(2)
         dropped = int(drop_image.sum())                  # drop_image lives on the CPU: no device read
         hidden, steps = clip_both, timesteps.float().repeat(2)
         if dropped:
@@ -103,7 +101,7 @@ class TrainingModule(nn.Module):
         # diffusion reconstruction of the target view (another frame of the subject)
         with torch.no_grad():
             target = batch["target"].to(device, dtype=next(frozen.vae.parameters()).dtype)
-            mean, std = vae_latent_moments(frozen.vae, target, self.graphs)
+            mean, std = vae_latent_moments(frozen.vae, target)
             shape = (b * world, *mean.shape[1:])
             eps = torch.randn(shape, generator=generator)[mine].to(mean)
             latents = (mean + std * eps) * frozen.vae.config.scaling_factor

@@ -22,6 +22,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from customcontrast_core.reference import REFERENCE_MARGIN, reference_crop, subject_box
+
 from .manifest import SubjectRecord
 
 log = logging.getLogger(__name__)
@@ -93,13 +95,6 @@ def load_view(image_path: str, mask_path: str | None) -> tuple[Tensor, Tensor]:
 def _resize(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
     kwargs = {"align_corners": False, "antialias": True} if mode == "bilinear" else {}
     return F.interpolate(x[None], size=(size, size), mode=mode, **kwargs)[0]
-
-
-def _bbox(mask: Tensor) -> tuple[int, int, int, int]:
-    ys, xs = torch.nonzero(mask[0] > 0.5, as_tuple=True)
-    if len(ys) == 0:
-        return 0, 0, mask.shape[1], mask.shape[2]
-    return int(ys.min()), int(xs.min()), int(ys.max()) + 1, int(xs.max()) + 1
 
 
 class SubjectDataset(Dataset):
@@ -176,36 +171,20 @@ class SubjectDataset(Dataset):
         return xs
 
     def _reference(self, image: Tensor, mask: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Segmented subject, square crop around it with a random margin and shift, flipped, resized."""
-        seg = image * mask + self._background(image.shape, g) * (1 - mask)
-        y0, x0, y1, x1 = _bbox(mask)
-        side = max(y1 - y0, x1 - x0)
-        margin = 1.1 + 0.4 * torch.rand(1, generator=g).item() if self.cfg.augment else 1.2
-        half = side * margin / 2
-        cy, cx = (y0 + y1) / 2, (x0 + x1) / 2
+        """Segmented subject, square crop around it (``reference_crop``: 1.2x its box, or with augmentation a
+        random margin and shift), flipped, resized."""
+        margin, shift = REFERENCE_MARGIN, (0.0, 0.0)
         if self.cfg.augment:
-            cy += (torch.rand(1, generator=g).item() - 0.5) * 0.2 * side
-            cx += (torch.rand(1, generator=g).item() - 0.5) * 0.2 * side
-        crop, crop_m = self._square(seg, mask, cy, cx, half, g)
+            margin = 1.1 + 0.4 * torch.rand(1, generator=g).item()
+            shift = tuple(float(t) for t in (torch.rand(2, generator=g) - 0.5) * 0.2)
+        crop, crop_m = reference_crop(image, mask, margin=margin, shift=shift,
+                                      background=lambda shape: self._background(shape, g))
         crop, crop_m = self._flip(g, crop, crop_m)
         size = self.cfg.reference_size
         if self.cfg.augment:   # light colour jitter: brightness and contrast
             b, c = 1 + (torch.rand(2, generator=g) - 0.5) * 0.2
             crop = ((crop - 0.5) * c + 0.5) * b
         return _resize(crop, size).clamp(0, 1), (_resize(crop_m, size, "nearest") > 0.5).float()
-
-    def _square(self, image: Tensor, mask: Tensor, cy: float, cx: float, half: float,
-                g: torch.Generator) -> tuple[Tensor, Tensor]:
-        side = max(2, int(round(2 * half)))
-        canvas = self._background((3, side, side), g)
-        canvas_m = torch.zeros(1, side, side)
-        top, left = int(round(cy - half)), int(round(cx - half))
-        sy0, sx0 = max(0, top), max(0, left)
-        sy1, sx1 = min(image.shape[1], top + side), min(image.shape[2], left + side)
-        if sy1 > sy0 and sx1 > sx0:
-            canvas[:, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = image[:, sy0:sy1, sx0:sx1]
-            canvas_m[:, sy0 - top:sy1 - top, sx0 - left:sx1 - left] = mask[:, sy0:sy1, sx0:sx1]
-        return canvas, canvas_m
 
     def _target(self, image: Tensor, mask: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """The full view, centre square crop, flipped, resized."""
@@ -220,7 +199,7 @@ class SubjectDataset(Dataset):
     def _positive(self, image: Tensor, mask: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """The segmented subject at a random scale and position on a background canvas."""
         size = self.cfg.reference_size
-        y0, x0, y1, x1 = _bbox(mask)
+        y0, x0, y1, x1 = subject_box(mask)
         subject, subject_m = image[:, y0:y1, x0:x1], mask[:, y0:y1, x0:x1]
         lo, hi = self.cfg.positive_scale
         scale = lo + (hi - lo) * torch.rand(1, generator=g).item() if self.cfg.augment else hi
