@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from .patch import SubjectPatch
 
 STATE_KEY = "customcontrast"   # transformer_options[STATE_KEY]: the patches on a MODEL, for the preview node
+SIGMA_KEY = "customcontrast_sigma"   # the UNet call's sigma as a float, for adopted IPAdapter callbacks
 
 
 def model_family(model) -> str:
@@ -121,8 +122,9 @@ class Attn2Replace:
         if len(outs) > 1:   # several Apply nodes on one MODEL: each adds what it changes
             out = out + sum(o - out for o in outs)
         out = out.to(q.dtype)
-        if self.callback:
-            sigma = float(extra_options["sigmas"].detach().flatten()[0])
+        if self.callback:   # the sigma as read once per UNet call by the APPLY_MODEL wrapper (no per-layer sync)
+            sigma = extra_options.get(SIGMA_KEY)
+            sigma = float(extra_options["sigmas"].detach().flatten()[0]) if sigma is None else sigma
             for callback, kwargs in zip(self.callback, self.kwargs):
                 if kwargs.get("sigma_end", 0.0) <= sigma <= kwargs.get("sigma_start", float("inf")):
                     out = out + callback(out, q, k, v, extra_options, **kwargs)
@@ -172,9 +174,10 @@ def install(model, patch: SubjectPatch, extra_models: Sequence):
     def apply_model(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kwargs):
         if c_crossattn is None:
             return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-        call = patch.model_call(tuple(x.shape), float(t.detach().flatten()[0]), c_crossattn.to(x.device),
+        sigma = float(t.detach().flatten()[0])
+        call = patch.model_call(tuple(x.shape), sigma, c_crossattn.to(x.device),
                                 tuple(transformer_options["cond_or_uncond"]))
-        options = {**transformer_options, tag: call}
+        options = {**transformer_options, tag: call, SIGMA_KEY: sigma}
         return executor(x, t, c_concat, c_crossattn, control, options, **kwargs)
 
     patched.add_wrapper_with_key(ext.WrappersMP.OUTER_SAMPLE, tag, outer_sample)
