@@ -86,14 +86,16 @@ def vae_latent_moments(vae: nn.Module, images: Tensor) -> tuple[Tensor, Tensor]:
     return dist.mean, dist.std
 
 
-def build_tiny(config: EncoderConfig, *, image_size: int = 64, reference_size: int = 32, seed: int = 0) -> FrozenModels:
-    """Random-initialised tiny models with the structure of ``config.base`` (no download)."""
+def build_tiny(config: EncoderConfig, *, image_size: int = 64, reference_size: int = 32, seed: int = 0,
+               vae_channels: tuple[int, int, int] = (16, 32, 32)) -> FrozenModels:
+    """Random-initialised tiny models with the structure of ``config.base`` (no download); ``vae_channels``
+    are the autoencoder's block widths (3 blocks: 4x down)."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from open_clip.transformer import VisionTransformer
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModel
 
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=tuple(vae_channels),
                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
                         layers_per_block=1, norm_num_groups=8, sample_size=image_size)
     latent = image_size // 4

@@ -36,7 +36,8 @@ class BaseConfig:
     """How the base model is trained."""
 
     image_size: int = 32
-    vae_steps: int = 600
+    vae_channels: tuple[int, int, int] = (32, 64, 64)   # build_tiny's (16, 32, 32) blurs a subject's texture away
+    vae_steps: int = 2000
     vae_lr: float = 2e-3
     vae_kl: float = 1e-6
     steps: int = 4000
@@ -48,9 +49,11 @@ class BaseConfig:
     seed: int = 0
 
 
-def build_base(config: EncoderConfig, image_size: int, reference_size: int, seed: int = 0) -> FrozenModels:
+def build_base(config: EncoderConfig, image_size: int, reference_size: int, seed: int = 0,
+               vae_channels: tuple[int, int, int] = BaseConfig.vae_channels) -> FrozenModels:
     """The base model's architectures: ``build_tiny``'s for ``config`` (random weights)."""
-    return build_tiny(config, image_size=image_size, reference_size=reference_size, seed=seed)
+    return build_tiny(config, image_size=image_size, reference_size=reference_size, seed=seed,
+                      vae_channels=vae_channels)
 
 
 def _modules(models: FrozenModels) -> dict[str, torch.nn.Module]:
@@ -59,7 +62,9 @@ def _modules(models: FrozenModels) -> dict[str, torch.nn.Module]:
 
 def load_base(folder: str | Path, config: EncoderConfig, image_size: int, reference_size: int) -> FrozenModels:
     """The trained base model of ``folder`` (every frozen part, the random towers included), frozen."""
-    models = build_base(config, image_size, reference_size)
+    vae_file = Path(folder) / "vae.safetensors"
+    trained = json.loads(load_file_metadata(vae_file).get("base_config", "{}")) if vae_file.is_file() else {}
+    models = build_base(config, image_size, reference_size, vae_channels=tuple(trained.get("vae_channels", (16, 32, 32))))
     for name, module in _modules(models).items():
         path = Path(folder) / f"{name}.safetensors"
         if not path.is_file():
@@ -70,7 +75,7 @@ def load_base(folder: str | Path, config: EncoderConfig, image_size: int, refere
             raise ValueError(f"{path}: expected the weights of the {config.base} tiny architecture, found "
                              f"{len(missing)} missing and {len(unexpected)} unexpected tensors (first: "
                              f"{(missing or unexpected)[0]})")
-    scale = json.loads(load_file_metadata(Path(folder) / "vae.safetensors").get("scaling_factor", "null"))
+    scale = json.loads(load_file_metadata(vae_file).get("scaling_factor", "null"))
     if scale is None:
         raise ValueError(f"{Path(folder) / 'vae.safetensors'}: no scaling_factor in its metadata")
     models.vae.register_to_config(scaling_factor=scale)
@@ -93,7 +98,7 @@ def _batches(images: np.ndarray, captions: list[str], batch: int, rng: np.random
 
 
 def train_vae(models: FrozenModels, images: np.ndarray, cfg: BaseConfig) -> list[float]:
-    """Trains the autoencoder on the scenes (MSE + small KL); returns the losses."""
+    """Trains the autoencoder on the scenes (MSE + L1 + small KL); returns the losses."""
     vae = models.vae.train().requires_grad_(True)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
     rng = np.random.default_rng([cfg.seed, 1])
@@ -104,7 +109,7 @@ def train_vae(models: FrozenModels, images: np.ndarray, cfg: BaseConfig) -> list
         dist = vae.encode(x).latent_dist
         z = dist.sample()
         rec = vae.decode(z).sample
-        loss = F.mse_loss(rec, x) + cfg.vae_kl * dist.kl().mean()
+        loss = F.mse_loss(rec, x) + F.l1_loss(rec, x) + cfg.vae_kl * dist.kl().mean()   # L1 keeps edges sharp
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -113,6 +118,17 @@ def train_vae(models: FrozenModels, images: np.ndarray, cfg: BaseConfig) -> list
             log.info("vae step %d: loss %.4f", step, loss.item())
     vae.eval().requires_grad_(False)
     return losses
+
+
+@torch.no_grad()
+def encode_latents(models: FrozenModels, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """The autoencoder's latent means of every scene, unscaled, encoded once (the autoencoder is frozen).
+    Shapes: images (N, H, W, 3) uint8 -> (N, 4, H/4, W/4)."""
+    chunks = []
+    for i in range(0, len(images), batch):
+        x = torch.from_numpy(images[i:i + batch]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        chunks.append(models.vae.encode(x).latent_dist.mean)
+    return torch.cat(chunks)
 
 
 @torch.no_grad()
@@ -137,19 +153,20 @@ def train_unet(models: FrozenModels, images: np.ndarray, captions: list[str], cf
     scale = models.vae.config.scaling_factor
     rng = np.random.default_rng([cfg.seed, 2])
     g = torch.Generator().manual_seed(cfg.seed)
+    all_latents = encode_latents(models, images)
     losses, start = [], time.time()
-    for step, (x, caps) in zip(range(cfg.steps), _batches(images, captions, cfg.batch_size, rng)):
+    for step in range(cfg.steps):
+        index = rng.integers(0, len(images), cfg.batch_size)
+        latents, caps = all_latents[index], [captions[i] for i in index]
         lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         caps = ["" if rng.uniform() < cfg.drop_caption else c for c in caps]
-        with torch.no_grad():
-            latents = models.vae.encode(x).latent_dist.mean * scale
         noise = torch.randn(latents.shape, generator=g)
         noise = noise + cfg.offset_noise * torch.randn(*latents.shape[:2], 1, 1, generator=g)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(x),), generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=g)
         context, _ = text(text.tokenize(caps, "<subject>"))
-        pred = unet(sched.add_noise(latents, noise, t), t, encoder_hidden_states=context).sample
+        pred = unet(sched.add_noise(latents * scale, noise, t), t, encoder_hidden_states=context).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -168,7 +185,7 @@ def train_base(folder: str | Path, images: np.ndarray, captions: list[str], cfg:
                config: EncoderConfig) -> FrozenModels:
     """Trains (or, when its parts are on disk, loads) the base model; writes one safetensors file per part."""
     folder = Path(folder)
-    models = build_base(config, cfg.image_size, cfg.image_size, cfg.seed)
+    models = build_base(config, cfg.image_size, cfg.image_size, cfg.seed, cfg.vae_channels)
     meta = {"base_config": asdict(cfg)}
     vae_file = folder / "vae.safetensors"
     if vae_file.is_file():

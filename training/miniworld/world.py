@@ -23,9 +23,10 @@ from PIL import Image, ImageDraw
 
 SHAPES = ("disc", "square", "triangle", "star", "ring", "cross", "diamond", "hexagon")
 TEXTURES = ("plain", "stripes", "dots", "checker")
-POSITIONS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
+POSITIONS = {"left": (0.3, 0.5), "right": (0.7, 0.5), "top": (0.5, 0.3), "bottom": (0.5, 0.7),
              "centre": (0.5, 0.5)}                                    # (x, y) as fractions of the side
-SIZES = {"small": 0.14, "large": 0.23}                                # outer radius / side
+# outer radius / side: even a small subject spans several 4 x 4 latent cells, so its texture survives the VAE
+SIZES = {"small": 0.17, "large": 0.26}
 BACKGROUNDS = {"red": 0.0, "yellow": 0.15, "green": 0.33, "blue": 0.62, "purple": 0.8, "gray": None}  # hues
 PATTERNS = ("plain", "checkered", "striped")
 COMPANIONS = ("ball", "block")                                        # the second, captioned object
@@ -130,13 +131,16 @@ def _outline(shape: str) -> np.ndarray:
 
 
 def _texture_select(texture: str, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    """Which of the two colours each pixel takes, in the subject's own (rotated) unit coordinates."""
-    if texture == "stripes":
-        return (np.floor(u * 2.5) % 2).astype(int)
-    if texture == "dots":
-        return (((u * 2.2) % 1 - 0.5) ** 2 + ((v * 2.2) % 1 - 0.5) ** 2 < 0.09).astype(int)
-    if texture == "checker":
-        return ((np.floor(u * 2.0) + np.floor(v * 2.0)) % 2).astype(int)
+    """Which of the two colours each pixel takes, in the subject's own (rotated) unit coordinates.
+
+    Coarse on purpose: every part is at least half a radius wide (4+ pixels of a large subject at 32 x 32),
+    larger than the autoencoder's 4 x 4 cell, so the latent space can hold it."""
+    if texture == "stripes":     # three bands: a middle one of the second colour
+        return (np.abs(u) < 0.5).astype(int)
+    if texture == "dots":        # two large spots (off-centre, so a ring shows them too)
+        return ((np.abs(u) - 0.55) ** 2 + v ** 2 < 0.35 ** 2).astype(int)
+    if texture == "checker":     # quadrants
+        return ((u > 0) ^ (v > 0)).astype(int)
     return np.zeros_like(u, dtype=int)
 
 
