@@ -41,7 +41,7 @@ class MiniworldConfig:
     encoder_preset: str = "tiny"        # CustomContrast's preset; the base model has its UNet and text widths
     world: WorldConfig = WorldConfig()
     base: BaseConfig = BaseConfig()
-    train_steps: int = 800
+    train_steps: int = 1000
     train_batch: int = 16
     train_lr: float = 2e-3
     seeds: tuple[int, ...] = (0, 1, 2)

@@ -40,6 +40,7 @@ class Generator:
     trained: str | None              # trained variant whose checkpoint is used (None: base model or real renders)
     reference: bool = True           # the reference reaches the model
     placeholder: bool = True         # the prompt names the subject by the placeholder (S+)
+    described: bool = False          # without the placeholder: the subject's coarse words, not only its class word
     gamma: float = 1.0               # visual branch weight
     use_mask: bool = True
     mask_mode: str = "soft"
@@ -48,6 +49,8 @@ class Generator:
 
 GENERATORS = (
     Generator("lower bound (base, class word)", None, reference=False, placeholder=False),
+    # what the frozen UNet draws from the subject's words (hue bins, texture): no reference, no training
+    Generator("base, described in words", None, reference=False, placeholder=False, described=True),
     Generator("CustomContrast", "full"),
     Generator("lambda1 = 0", "no_contrast"),
     Generator("CSCL only", "cscl_only"),
@@ -60,8 +63,10 @@ GENERATORS = (
 UPPER = "upper bound (real renders)"
 
 
-def _prompt(case: EvalCase, ctx: Context, placeholder: bool) -> str:
-    return subject_caption(case.subject, ctx) if placeholder else ctx.words(case.subject.shape)
+def _prompt(case: EvalCase, ctx: Context, gen: Generator) -> str:
+    if gen.placeholder:
+        return subject_caption(case.subject, ctx)
+    return ctx.words(case.subject.description() if gen.described else case.subject.shape)
 
 
 def _load(path: str) -> torch.Tensor:
@@ -80,7 +85,7 @@ def generate_column(gen: Generator, model, frozen, cases: list[EvalCase], cfg, s
         ref = reference_view(case.reference, case.reference_mask, size, case.subject.shape) if gen.reference \
             else None
         for p, ctx in enumerate((REFERENCE_CONTEXT, *case.contexts)):
-            prompt = _prompt(case, ctx, gen.placeholder)
+            prompt = _prompt(case, ctx, gen)
             out[case.name, p] = torch.stack([sampler(prompt, ref, settings, seed=s) for s in range(seeds)])
     return out
 
