@@ -113,12 +113,12 @@ def write_report(out: Path, cfg) -> Path:
     scorers = load_scorers(out / "scorers" / FILE)
     config = get_preset(cfg.encoder_preset)
     frozen = load_base(out / "base", config, cfg.world.image_size, cfg.world.image_size)
-    trained = {v.name for v in cfg.variants}
+    seeds = {v.name: cfg.seeds if v.all_seeds else cfg.seeds[:1] for v in cfg.variants}
     results: dict[str, list[dict]] = {}
     columns: dict[str, dict] = {UPPER: real_column(cases, report / "real", cfg.world.image_size)}
     results[UPPER] = [score_column(scorers, cases, columns[UPPER])]
     for gen in GENERATORS:
-        runs = [None] if gen.trained is None else [s for s in cfg.seeds if gen.trained in trained]
+        runs = [None] if gen.trained is None else list(seeds.get(gen.trained, ()))
         runs = runs if gen.all_seeds else runs[:1]
         for seed in runs:
             if gen.trained is None:
