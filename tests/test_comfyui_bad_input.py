@@ -181,8 +181,8 @@ def test_non_finite_subject_features_s_plus_and_prompt_embeddings_are_refused_by
             weight.copy_(saved)
     install = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply_node",
                                                                                                 ".apply")]
-    original = install.encode_base
-    monkeypatch.setattr(install, "encode_base", lambda *a: (original(*a)[0] * math.nan, None))
+    original = install.encode_splus
+    monkeypatch.setattr(install, "encode_splus", lambda *a: (original(*a)[0] * math.nan, None))
     with pytest.raises(ValueError, match=r"^Apply CustomContrast: clip must encode the prompt to finite embeddings, "
                                          r"found 59136 NaN value\(s\) \(the first at prompt 0, token 0, channel 0\)$"):
         apply(env, loaded, subject)

@@ -223,7 +223,7 @@ def test_training_and_the_comfyui_node_pool_the_same_vector(tokenizer, prompt, s
     # S+ never reaches it; the pooled vector of the S+ encoding (what the node used before) is another vector
     torch.manual_seed(0)
     splus = [torch.randn(1, 80) for _ in range(subjects)]
-    _, with_splus = text_encode.encode_base(clip, prompt_tokens, splus)
+    _, with_splus = text_encode.encode_splus(clip, prompt_tokens, splus)
     assert (with_splus - trained).abs().max() > 1e-3
 
 
