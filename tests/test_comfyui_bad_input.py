@@ -76,8 +76,8 @@ IMAGE_CASES = {
                    ("CustomContrast Encode Subject: image must hold finite pixel values (0 to 1), found 192 NaN "
                     "value(s) (the first at image 0, row 7, column 0, channel 0)")),
     "empty batch": (torch.zeros(0, 64, 64, 3), torch.ones(64, 64),
-                    ("CustomContrast Encode Subject: image must hold at least one image, found an empty batch of "
-                     "shape (0, 64, 64, 3)")),
+                    ("CustomContrast Encode Subject: image must be at least one IMAGE (B, H, W, C) with 1 "
+                     "(grayscale), 3 (RGB) or 4 (RGBA) channels, found shape (0, 64, 64, 3)")),
     "nan mask rows": (torch.rand(1, 64, 64, 3), torch.ones(1, 64, 64).index_fill_(1, torch.tensor([3, 9]), math.nan),
                       ("CustomContrast Encode Subject: mask must hold finite values from 0 to 1, found 128 NaN "
                        "value(s) (the first at mask 0, row 3, column 0)")),
