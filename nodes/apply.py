@@ -1,8 +1,7 @@
 """What the Apply CustomContrast node does: checks its inputs, encodes the positive prompt, installs the patch.
 
-Imports no ComfyUI module at import time (the glue imports ``comfy`` inside its functions), so scripts such as
-the benchmarks drive it with ComfyUI's sampler without loading the node API.
-"""
+Imports no ComfyUI module at import time (the glue imports ``comfy`` inside its functions), so the benchmarks
+drive it with ComfyUI's sampler without loading the node API."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
