@@ -8,7 +8,7 @@ embeddings are added (textual-inversion semantics).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
 import torch
@@ -93,19 +93,21 @@ def find_placeholders(ids: Sequence[int], pattern: Sequence[int]) -> list[int]:
 
 
 def collapse_placeholders(
-    ids: Sequence[int],
+    ids: Sequence[T],
     patterns: Sequence[Sequence[int]],
     *,
-    pad_id: int,
+    pad_id: T,
     slot_ids: Sequence[int | None] | None = None,
     length: int | None = None,
-) -> tuple[list[int], list[list[int]]]:
+    token: Callable[[T], int | None] | None = None,
+) -> tuple[list[T], list[list[int]]]:
     """Reduces every occurrence of each placeholder pattern to one slot token, keeping the sequence length.
 
     Returns the new ids (right-padded with pad_id to `length`, default len(ids)) and, per pattern, its
     slot positions. A slot keeps the pattern's first token, or slot_ids[i] when given. Tokens beyond
     `length` may be dropped only if they are padding and the sequence still ends with the same token
-    (so the end token survives); otherwise ValueError: the prompt does not fit.
+    (so the end token survives); otherwise ValueError: the prompt does not fit. With ``token``, ``ids``
+    holds entries (ComfyUI's (token, weight) tuples) whose id ``token(entry)`` gives; they are kept whole.
     """
     patterns = [list(pattern) for pattern in patterns]
     if not patterns or any(not pattern for pattern in patterns):
@@ -114,6 +116,7 @@ def collapse_placeholders(
     if len(slot_ids) != len(patterns):
         raise ValueError(f"need one slot id per pattern, got {len(slot_ids)} for {len(patterns)} patterns")
     ids = list(ids)
+    keys = ids if token is None else [token(entry) for entry in ids]
     length = len(ids) if length is None else length
 
     # longest pattern first, so a pattern that is a prefix of another cannot steal its match
@@ -122,13 +125,13 @@ def collapse_placeholders(
     slots: list[list[int]] = [[] for _ in patterns]
     index = 0
     while index < len(ids):
-        hit = next((i for i in order if ids[index:index + len(patterns[i])] == patterns[i]), None)
+        hit = next((i for i in order if keys[index:index + len(patterns[i])] == patterns[i]), None)
         if hit is None:
             out.append(ids[index])
             index += 1
             continue
         slots[hit].append(len(out))
-        out.append(patterns[hit][0] if slot_ids[hit] is None else slot_ids[hit])
+        out.append(ids[index] if slot_ids[hit] is None else slot_ids[hit])
         index += len(patterns[hit])
 
     if len(out) > length:

@@ -1,8 +1,7 @@
 """What the Apply CustomContrast node does: checks its inputs, encodes the positive prompt, installs the patch.
 
-Imports no ComfyUI module at import time (the glue imports ``comfy`` inside its functions), so scripts such as
-the benchmarks drive it with ComfyUI's sampler without loading the node API.
-"""
+Imports no ComfyUI module at import time (the glue imports ``comfy`` inside its functions), so the benchmarks
+drive it with ComfyUI's sampler without loading the node API."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -15,7 +14,7 @@ from ..customcontrast_core.prompt import placeholder_words
 from .checks import APPLY, check_finite, check_number
 from .comfy_glue import cross_attention_keys, install, model_family
 from .patch import ApplySettings, SubjectPatch
-from .text_encode import encode_base, encode_pooled, tokenize_prompt
+from .text_encode import encode_pooled, encode_splus, tokenize_prompt
 
 if TYPE_CHECKING:
     from .loader import LoadedCustomContrast
@@ -99,7 +98,7 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
         splus = [encoder(s.hidden.to(next(encoder.parameters())), first).splus[0] for s in subjects]
     check_finite(APPLY, "customcontrast", torch.stack(splus), "give finite S+ vectors (its encoder's weights hold "
                  "NaN or infinite values?)", ("subject", "layer group", "channel"))
-    base_context, pooled = encode_base(clip, tokens, splus)
+    base_context, pooled = encode_splus(clip, tokens, [v[:1] for v in splus])   # the first layer group's S+
     if config.base == "sdxl":   # SDXL's added condition as in training: the prompt without S+ (pooled_prompt_ids)
         pooled = encode_pooled(clip, tokens, words)
     check_finite(APPLY, "clip", base_context, "encode the prompt to finite embeddings",

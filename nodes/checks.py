@@ -1,8 +1,6 @@
 """Checks of the nodes' inputs where a node receives them: each refusal names the node, the input, what was
-expected and what was found, before any NaN or out-of-range value reaches the sampler.
-
-ComfyUI checks a widget's min/max only for a value typed in the widget (and a NaN passes its comparisons); a
-value arriving through a link is not checked at all. Imports no ComfyUI module.
+expected and what was found. ComfyUI checks a widget's min/max only for a value typed in the widget (a NaN passes
+its comparisons), never a value arriving through a link. Imports no ComfyUI module.
 """
 from __future__ import annotations
 
@@ -12,7 +10,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["APPLY", "ENCODE", "check_batch", "check_finite", "check_number"]
+__all__ = ["APPLY", "ENCODE", "check_finite", "check_number"]
 
 APPLY = "Apply CustomContrast"
 ENCODE = "CustomContrast Encode Subject"
@@ -39,10 +37,3 @@ def check_finite(node: str, name: str, values: Tensor, expected: str, axes: tupl
     found = " and ".join(f"{n} {kind}" for n, kind in ((nan, "NaN"), (inf, "infinite")) if n)
     first = ", ".join(f"{axis} {int(i)}" for axis, i in zip(axes, torch.nonzero(bad)[0]))
     raise ValueError(f"{node}: {name} must {expected}, found {found} value(s) (the first at {first})")
-
-
-def check_batch(node: str, name: str, values: Tensor, kind: str) -> None:
-    """Refuses an empty batch. Shapes: (B, ...)."""
-    if values.ndim == 0 or values.shape[0] == 0:
-        raise ValueError(f"{node}: {name} must hold at least one {kind}, found an empty batch of shape "
-                         f"{tuple(values.shape)}")

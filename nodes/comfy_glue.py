@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -112,10 +113,7 @@ class Attn2Replace:
         self.kwargs.append(kwargs)
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Tensor:
-        key = block_key(extra_options)
-
-        def plain(*qkv: Tensor) -> Tensor:
-            return plain_attention(*qkv, extra_options)
+        key, plain = block_key(extra_options), partial(plain_attention, extra_options=extra_options)
         outs = [p.attention(extra_options[call_key(p)], key, q, k, v, extra_options["n_heads"], plain)
                 for p in self.patches if key in p.layers and extra_options.get(call_key(p)) is not None]
         out = outs[0] if len(outs) == 1 else plain(q, k, v)
@@ -155,14 +153,11 @@ def install(model, patch: SubjectPatch, extra_models: Sequence):
     patched.set_model_attn2_patch(swap_context(patch))
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
     for key in patch.layers:
-        current = existing.get(key)
-        if isinstance(current, Attn2Replace):
-            replace = Attn2Replace([*current.patches, patch], current.callback, current.kwargs)
-        elif current is not None and hasattr(current, "callback") and hasattr(current, "kwargs"):
-            replace = Attn2Replace([patch], current.callback, current.kwargs)   # IPAdapter_plus chained before us
-        else:
-            replace = Attn2Replace([patch])
-        patched.set_model_attn2_replace(replace, *key)
+        current = existing.get(key)   # ours (chain this patch) or IPAdapter_plus' (adopt its callbacks), or None
+        chained = current.patches if isinstance(current, Attn2Replace) else []
+        has_callbacks = hasattr(current, "callback") and hasattr(current, "kwargs")
+        adopted = (current.callback, current.kwargs) if has_callbacks else ()
+        patched.set_model_attn2_replace(Attn2Replace([*chained, patch], *adopted), *key)
 
     def outer_sample(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
         patch.start_run([float(s) for s in sigmas.detach().flatten().cpu()])

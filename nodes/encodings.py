@@ -1,17 +1,10 @@
 """The S+ contexts and visual tokens of each timestep, encoded a window of the schedule at a time.
 
-The paper re-encodes the S+ prompts at every timestep: G prompts (16 for SD1.5, 11 for SDXL) through the text
-encoder(s) per model call. They depend only on the timestep, and the sampling run's schedule is known when it
-starts, so the first model call that misses the cache encodes its own timestep *and the next ones of the
-schedule* in one batched call of the MFI-Encoder and one of the text encoder: the paper-exact computation
-(same inputs and weights, only the batch differs). Sigmas outside the schedule (the intermediate calls of
-Heun or DPM++ 2S) are encoded on demand. With ``buckets = N`` the timesteps are rounded to the centres of N
-equal ranges instead (an approximation the model was not trained with).
-
-A sigma's encodings never change for one Apply node (same subject, prompt, CLIP and weights), so they are kept
-for the next runs of the patched MODEL: a new seed, CFG or sampler on the same schedule encodes nothing (the
-text encoder leaves the warm runs; README, Performance). They stay where the CLIP returned them (ComfyUI's
-intermediate device, normally the CPU), the least recently used dropped beyond ``MAX_CACHED``.
+The S+ prompts (G per timestep: 16 for SD1.5, 11 for SDXL) depend only on the timestep, so the first model call
+that misses ``SubjectPatch.cache`` encodes its own timestep and the next ones of the run's schedule in one call
+of the MFI-Encoder and one of the text encoder: the paper's computation, only the batch differs. Sigmas outside
+the schedule (Heun's intermediate calls) are encoded on demand. With ``buckets = N`` the timesteps are rounded to
+the centres of N equal ranges (an approximation). Why they are kept across runs: docs/sampling-patch.md.
 """
 from __future__ import annotations
 

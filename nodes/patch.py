@@ -39,10 +39,6 @@ class ApplySettings:
     user_mask: Tensor | None = None       # (1 or b, H, W) intersected with the propagated mask
     splus_buckets: int = 0                # 0: S+ encoded at every sigma (paper); N: once per N timestep buckets
 
-    def __post_init__(self) -> None:
-        if self.sigma_end > self.sigma_start:
-            raise ValueError(f"start must come before end: got start sigma {self.sigma_start} < end sigma {self.sigma_end}")
-
 
 @dataclass(eq=False)
 class SubjectPatch:
@@ -116,10 +112,8 @@ class SubjectPatch:
         repeats = context.shape[1] // self.prompt.length
         columns = [[c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s)]
                    for s in range(len(self.subjects))]
-        select = None
-        if len(patched) != len(chunks):
-            select = (row_indices(patched, b, device), row_indices([i for i in range(len(chunks)) if i not in patched],
-                                                                   b, device))
+        others = [i for i in range(len(chunks)) if i not in patched]
+        select = (row_indices(patched, b, device), row_indices(others, b, device)) if others else None
         return ModelCall(
             sigma=sigma, latent=tuple(latent[-2:]), per_chunk=b, chunks=len(patched),
             swapped=tuple(patched.index(i) for i in swapped),

@@ -21,8 +21,7 @@ def last_run_masks(model, subject: int, size: tuple[int, int]) -> torch.Tensor:
     history = patches[-1].last_masks
     if not history:
         raise ValueError("no masks recorded yet: run a sampler with this MODEL first (and keep use_mask on)")
-    masks = [masks[subject][0] for _, masks in history]
-    stacked = torch.stack([m.float().cpu() for m in masks])[:, None]
+    stacked = torch.stack([masks[subject][0].float().cpu() for _, masks in history])[:, None]
     return F.interpolate(stacked, size=size, mode="nearest")[:, 0]
 
 

@@ -10,7 +10,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..customcontrast_core.reference import reference_crop
-from .checks import ENCODE, check_batch, check_finite
+from .checks import ENCODE, check_finite
 from .comfy_glue import clip_hidden
 from .loader import CUSTOMCONTRAST, LoadedCustomContrast
 
@@ -31,9 +31,9 @@ class Subject:
 def to_rgb(image: Tensor) -> tuple[Tensor, Tensor | None]:
     """IMAGE (B, H, W, C) with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels -> RGB (B, H, W, 3) and the alpha
     channel when there is one."""
-    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an IMAGE (B, H, W, C) with 1 (grayscale), 3 (RGB) or 4 (RGBA) channels, found "
-                         f"shape {tuple(image.shape)}")
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4) or image.shape[0] == 0:
+        raise ValueError(f"{ENCODE}: image must be at least one IMAGE (B, H, W, C) with 1 (grayscale), 3 (RGB) or 4 "
+                         f"(RGBA) channels, found shape {tuple(image.shape)}")
     return image[..., :3].expand(-1, -1, -1, 3), (image[..., 3] if image.shape[-1] == 4 else None)
 
 
@@ -78,7 +78,6 @@ def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Ten
     LoadImage MASK, 1 where the image is transparent). Shapes: image (B, H, W, C), mask (H, W) or (1 or B, H, W)."""
     config = customcontrast.model.config
     rgb, alpha = to_rgb(image.float())
-    check_batch(ENCODE, "image", rgb, "image")
     h, w = rgb.shape[1:3]
     if min(h, w) < MIN_SIDE:
         raise ValueError(f"the reference image is {w}x{h} px; expected at least {MIN_SIDE}x{MIN_SIDE}")

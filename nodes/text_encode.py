@@ -1,10 +1,9 @@
 """S+ prompt encoding through ComfyUI's own CLIP object (one batched call per timestep).
 
-The prompt is tokenized once; each placeholder is collapsed to a single slot per 77-token section
-(sequence length unchanged); for every layer group the slot holds that group's S+ vector as a
-tensor token, which ComfyUI's ``SDClipModel.process_tokens`` inserts in place of the word
-embedding before position embeddings (textual-inversion semantics). Clip-skip set on the CLIP
-object is respected because ``encode_from_tokens`` applies it.
+The prompt is tokenized once, each placeholder collapsed to one slot (the core's ``collapse_placeholders``); per
+layer group the slot holds that group's S+ vector as a tensor token, which ComfyUI's ``process_tokens`` puts in
+place of the word embedding before position embeddings (textual-inversion semantics). ``encode_from_tokens``
+applies the CLIP object's clip-skip.
 """
 from __future__ import annotations
 
@@ -13,16 +12,17 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..customcontrast_core.prompt import PlaceholderError, check_prompt, isolate_placeholders, pooled_prompt_ids
+from ..customcontrast_core.prompt import (PlaceholderError, check_prompt, collapse_placeholders, isolate_placeholders,
+                                          pooled_prompt_ids, split_splus)
 from .comfy_glue import tokenizer_of, word_ids
 
-# ComfyUI token dict key -> index of that encoder's slice in the concatenated S+ vector
+# the ComfyUI token-dict keys of the text encoders, in the order of their slices of the S+ vector
 ENCODER_KEYS = {"sd15": ("l",), "sdxl": ("l", "g")}
 
 
-def _ids(section: list[tuple]) -> list[int | None]:
-    """The token ids of a section; None for an embedding (a tensor token of a textual-inversion embedding)."""
-    return [entry[0] if isinstance(entry[0], int) else None for entry in section]
+def _id(entry: tuple) -> int | None:
+    """The token id of a (token, weight, ...) entry; None for a tensor token (a textual-inversion embedding)."""
+    return entry[0] if isinstance(entry[0], int) else None
 
 
 def _start_cut_placeholders(sections: list[list[tuple]], patterns: Sequence[Sequence[int]],
@@ -34,8 +34,8 @@ def _start_cut_placeholders(sections: list[list[tuple]], patterns: Sequence[Sequ
     sections = [list(section) for section in sections]
     for s in range(len(sections) - 1):
         first, second = sections[s], sections[s + 1]
-        ids, head = _ids(first), _ids(second)[1:]
-        if end not in ids[1:] or not second or _ids(second)[0] != start:
+        ids, head = [_id(entry) for entry in first], [_id(entry) for entry in second[1:]]
+        if end not in ids[1:] or not second or _id(second[0]) != start:
             continue
         stop = ids.index(end, 1)                       # the end token that closes the section's text
         tail = ids[1:stop]
@@ -48,28 +48,6 @@ def _start_cut_placeholders(sections: list[list[tuple]], patterns: Sequence[Sequ
                 sections[s + 1] = [second[0]] + [(t, *second[1][1:]) for t in pattern[:cut]] + second[1:]
                 break
     return sections
-
-
-def _collapse_section(section: list[tuple], patterns: Sequence[Sequence[int]],
-                      length: int) -> tuple[list[tuple], list[list[int]]]:
-    """Collapses each placeholder pattern to one slot inside one section of (token, weight) pairs, ``length``
-    entries long afterwards (padded with its last entry)."""
-    ids = _ids(section)
-    out: list[tuple] = []
-    slots: list[list[int]] = [[] for _ in patterns]
-    order = sorted(range(len(patterns)), key=lambda i: len(patterns[i]), reverse=True)
-    index = 0
-    while index < len(section):
-        hit = next((i for i in order if ids[index:index + len(patterns[i])] == list(patterns[i])), None)
-        if hit is None:
-            out.append(section[index])
-            index += 1
-        else:
-            slots[hit].append(len(out))
-            out.append(section[index])
-            index += len(patterns[hit])
-    pad = section[-1]
-    return (out + [pad] * (length - len(out)))[:length], slots
 
 
 @dataclass
@@ -101,15 +79,12 @@ def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: 
                          f"need {sorted(keys)}: connect the CLIP of the same {base.upper()} model")
     collapsed: dict[str, list[list[tuple]]] = {}
     slots: list[list[tuple[int, int]]] | None = None
-    for key in tokens:
-        patterns = [word_ids(clip, key, w) for w in words] if key in keys else None
-        if patterns is None:
-            collapsed[key] = tokens[key]
-            continue
+    for key in tokens:   # the keys of ENCODER_KEYS[base] (checked above)
+        patterns = [word_ids(clip, key, w) for w in words]
         sections, found = [], [[] for _ in words]
         mended = _start_cut_placeholders(tokens[key], patterns, tokenizer_of(clip, key))
-        for s, (section, original) in enumerate(zip(mended, tokens[key])):
-            new, where = _collapse_section(section, patterns, len(original))
+        for s, (section, original) in enumerate(zip(mended, tokens[key])):   # each entry (token, weight, ...)
+            new, where = collapse_placeholders(section, patterns, pad_id=section[-1], length=len(original), token=_id)
             sections.append(new)
             for subject, positions in enumerate(where):
                 found[subject] += [(s, p) for p in positions]
@@ -117,11 +92,11 @@ def tokenize_prompt(clip, prompt: str, words: Sequence[str], base: str, widths: 
         if slots is not None and slots != found:
             raise ValueError("CLIP-L and CLIP-G tokenizers place the placeholder differently; cannot encode S+")
         slots = found
-    for word, where in zip(words, slots or []):
+    for word, where in zip(words, slots):
         if len(where) < counts[word]:
             raise PlaceholderError(f"placeholder {word!r} occurs {counts[word]} time(s) in the prompt, "
                                    f"{len(where)} of them were found among the prompt's tokens")
-    return PlaceholderPrompt(tokens=collapsed, slots=slots or [], base=base, widths=tuple(widths))
+    return PlaceholderPrompt(tokens=collapsed, slots=slots, base=base, widths=tuple(widths))
 
 
 def _with_vectors(prompt: PlaceholderPrompt, key: str, vectors: Sequence[Tensor]) -> list[list[tuple]]:
@@ -136,22 +111,15 @@ def _with_vectors(prompt: PlaceholderPrompt, key: str, vectors: Sequence[Tensor]
 def encode_splus(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
     """Encodes the prompt once per layer group in one text-encoder call.
 
-    Shapes: splus[i] (G, sum(widths)) for subject i -> contexts (G, 77*S, C), pooled (G, P) or None.
+    Shapes: splus[i] (G, sum(widths)) for subject i -> contexts (G, 77*S, C), pooled (1, P) (ComfyUI pools the
+    first section: the first group's) or None.
     """
-    groups, keys = splus[0].shape[0], ENCODER_KEYS[prompt.base]
-    batched = {key: sections * groups for key, sections in prompt.tokens.items() if key not in keys}
-    for index, key in enumerate(keys):   # each encoder reads its slice of the S+ vectors
-        start = sum(prompt.widths[:index])
-        vectors = [v[:, start:start + prompt.widths[index]].float().cpu() for v in splus]
+    groups, batched = splus[0].shape[0], {}
+    for index, key in enumerate(ENCODER_KEYS[prompt.base]):   # each encoder reads its slice of the S+ vectors
+        vectors = [split_splus(v.float().cpu(), prompt.widths)[index] for v in splus]
         batched[key] = [section for g in range(groups) for section in _with_vectors(prompt, key, [v[g] for v in vectors])]
     cond, pooled = clip.encode_from_tokens(batched, return_pooled=True)
     return cond.reshape(groups, prompt.length, cond.shape[-1]), pooled
-
-
-def encode_base(clip, prompt: PlaceholderPrompt, splus: Sequence[Tensor]) -> tuple[Tensor, Tensor | None]:
-    """The positive CONDITIONING: the prompt with the first group's S+ vectors. Shapes: -> (1, 77*S, C)."""
-    contexts, pooled = encode_splus(clip, prompt, [v[:1] for v in splus])
-    return contexts[:1], (pooled[:1] if pooled is not None else None)
 
 
 def encode_pooled(clip, prompt: PlaceholderPrompt, words: Sequence[str]) -> Tensor:
@@ -160,14 +128,11 @@ def encode_pooled(clip, prompt: PlaceholderPrompt, words: Sequence[str]) -> Tens
     77-token section, so only that section is encoded. Shapes: -> (1, P)."""
     tokens = {}
     for key, sections in prompt.tokens.items():
-        section = list(sections[0])
-        if key in ENCODER_KEYS[prompt.base]:
-            ids = [entry[0] for entry in section]
-            for subject, word in enumerate(words):
-                ids = pooled_prompt_ids(ids, [pos for s, pos in prompt.slots[subject] if s == 0],
-                                        word_ids(clip, key, word))
-            section = [(token, 1.0, *entry[2:]) for token, entry in zip(ids, section)]
-        tokens[key] = [section]
+        ids = [entry[0] for entry in sections[0]]
+        for subject, word in enumerate(words):
+            first_section = [pos for s, pos in prompt.slots[subject] if s == 0]
+            ids = pooled_prompt_ids(ids, first_section, word_ids(clip, key, word))
+        tokens[key] = [[(token, 1.0, *entry[2:]) for token, entry in zip(ids, sections[0])]]
     _, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
     return pooled
 

@@ -76,8 +76,8 @@ IMAGE_CASES = {
                    ("CustomContrast Encode Subject: image must hold finite pixel values (0 to 1), found 192 NaN "
                     "value(s) (the first at image 0, row 7, column 0, channel 0)")),
     "empty batch": (torch.zeros(0, 64, 64, 3), torch.ones(64, 64),
-                    ("CustomContrast Encode Subject: image must hold at least one image, found an empty batch of "
-                     "shape (0, 64, 64, 3)")),
+                    ("CustomContrast Encode Subject: image must be at least one IMAGE (B, H, W, C) with 1 "
+                     "(grayscale), 3 (RGB) or 4 (RGBA) channels, found shape (0, 64, 64, 3)")),
     "nan mask rows": (torch.rand(1, 64, 64, 3), torch.ones(1, 64, 64).index_fill_(1, torch.tensor([3, 9]), math.nan),
                       ("CustomContrast Encode Subject: mask must hold finite values from 0 to 1, found 128 NaN "
                        "value(s) (the first at mask 0, row 3, column 0)")),
@@ -181,8 +181,8 @@ def test_non_finite_subject_features_s_plus_and_prompt_embeddings_are_refused_by
             weight.copy_(saved)
     install = sys.modules[env.nodes.NODE_CLASS_MAPPINGS["CustomContrastApply"].__module__.replace(".apply_node",
                                                                                                 ".apply")]
-    original = install.encode_base
-    monkeypatch.setattr(install, "encode_base", lambda *a: (original(*a)[0] * math.nan, None))
+    original = install.encode_splus
+    monkeypatch.setattr(install, "encode_splus", lambda *a: (original(*a)[0] * math.nan, None))
     with pytest.raises(ValueError, match=r"^Apply CustomContrast: clip must encode the prompt to finite embeddings, "
                                          r"found 59136 NaN value\(s\) \(the first at prompt 0, token 0, channel 0\)$"):
         apply(env, loaded, subject)

@@ -43,7 +43,11 @@ def _module(name):
 @pytest.mark.parametrize("case", list(PROMPTS))
 def test_one_batched_encode_equals_one_encode_per_layer_group(env, clips, family, case):
     """The S+ prompts of G layer groups go through ComfyUI's CLIP in one call: each group's rows are what
-    encoding that group's prompt alone gives (long, weighted and two-subject prompts too)."""
+    encoding that group's prompt alone gives (long, weighted and two-subject prompts too).
+
+    Fails when the batch holds the first group's S+ in every group, holds the groups in reverse order, or
+    interleaves a long prompt's sections (section-major instead of group-major: the "long" cases), and when the
+    S+ vectors never reach the slots (the groups would not differ)."""
     text_encode = _module("text_encode")
     from customcontrast_core.prompt import placeholder_words
 
