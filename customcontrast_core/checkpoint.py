@@ -2,7 +2,8 @@
 
 Keys: ``encoder.*`` and ``visual_kv.<layer>.to_k.weight`` / ``visual_kv.<layer>.to_v.weight``.
 Metadata: format name and version, the encoder config JSON, base family, the ordered layer names,
-the CLIP-vision width and layer indices it expects, the training step, and free-form extras.
+the CLIP-vision width and layer indices it expects, the weights' dtype (``fp32``, ``fp16`` or ``bf16``),
+the training step, and free-form extras.
 Nothing here unpickles: a pickle or ``torch.save`` file is refused with an explanation. The config is
 checked against the header's tensor names and shapes before any module is built or any tensor read.
 """
@@ -23,8 +24,10 @@ from .visual_kv import CustomContrastModel
 FORMAT = "customcontrast"
 FORMAT_VERSION = 1
 WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")   # safetensors names of the dtypes a checkpoint may use
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # what save() may write
+_DTYPE_OF_ENTRY = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "CheckpointError", "CheckpointInfo", "check_matches", "expected_shapes",
+__all__ = ["DTYPES", "FORMAT", "FORMAT_VERSION", "CheckpointError", "CheckpointInfo", "check_matches", "expected_shapes",
            "load", "read_info", "save"]
 
 
@@ -35,7 +38,8 @@ class CheckpointInfo:
     config: EncoderConfig
     format_version: int
     step: int = 0
-    extra: Mapping[str, str] = field(default_factory=dict)   # e.g. the CLIP-vision model name
+    extra: Mapping[str, str] = field(default_factory=dict)   # e.g. the training config
+    dtype: str = "fp32"   # the stored weights' dtype: "fp32", "fp16", "bf16" (or "fp64")
 
     @property
     def base(self) -> str:
@@ -46,13 +50,39 @@ class CheckpointInfo:
         return tuple(layer.name for layer in self.config.layers)
 
 
+def dtype_named(name: str, what: str = "dtype") -> torch.dtype:
+    """``"fp32"``, ``"fp16"`` or ``"bf16"`` as a torch dtype; ValueError naming ``what`` otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"{what}: expected one of {sorted(DTYPES)}, found {name!r}")
+    return DTYPES[name]
+
+
 def save(path: str | Path, model: CustomContrastModel, *, step: int = 0,
-         extra: Mapping[str, str] | None = None) -> Path:
+         extra: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
     """Writes the model atomically (temporary file, fsync, rename): a crash or a full disk never leaves half
     a file under ``path`` (the previous file is kept). The file follows the umask (0o644 under 022).
-    Non-finite weights are refused (CheckpointError), as the loader would refuse them."""
+
+    ``dtype`` (fp32, fp16 or bf16; None: the model's own, one of them or fp64) is the stored weights'
+    dtype, recorded in the metadata: fp16 and bf16 files take half the bytes of fp32. Non-finite weights are
+    refused (CheckpointError), as the loader would refuse them, also those that overflow ``dtype``'s range."""
     path = Path(path)
     config = model.config
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    found = {t.dtype for t in tensors.values()}
+    dtype = dtype if dtype is not None else (found.pop() if len(found) == 1 else torch.float32)
+    names = {**{v: k for k, v in DTYPES.items()}, torch.float64: "fp64"}
+    if dtype not in names:
+        raise ValueError(f"checkpoint dtype: expected one of {list(DTYPES.values())}, found {dtype}")
+    for key, tensor in tensors.items():
+        if not torch.isfinite(tensor).all():   # the loader would refuse the file: never write one
+            raise CheckpointError(f"not writing {path}: {key} contains NaN or Inf values (a diverged training "
+                                  "run?); any previous file there is kept")
+        tensors[key] = tensor.to(dtype)
+        if not torch.isfinite(tensors[key]).all():
+            peak = tensor.abs().max().item()
+            raise CheckpointError(f"not writing {path} in {names[dtype]}: {key} holds values up to {peak:.4g}, beyond "
+                                  f"{names[dtype]}'s range ({torch.finfo(dtype).max:.4g}); write it as bf16 or fp32. "
+                                  "Any previous file there is kept")
     metadata = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
@@ -61,18 +91,15 @@ def save(path: str | Path, model: CustomContrastModel, *, step: int = 0,
         "layers": json.dumps([layer.name for layer in config.layers]),
         "clip_width": str(config.clip_width),
         "clip_layers": json.dumps(list(config.clip_layers)),
+        "dtype": names[dtype],
         "step": str(int(step)),
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    for key, tensor in tensors.items():
-        if not torch.isfinite(tensor).all():   # the loader would refuse the file: never write one
-            raise CheckpointError(f"not writing {path}: {key} contains NaN or Inf values (a diverged training "
-                                  "run?); any previous file there is kept")
     return write_atomically(path, tensors, metadata)
 
 
-def _info_from_metadata(path: Path, meta: Mapping[str, str]) -> CheckpointInfo:
+def _info_from_header(path: Path, header: Header) -> CheckpointInfo:
+    meta = header.metadata
     found = meta.get("format")
     if found != FORMAT:
         raise CheckpointError(
@@ -108,7 +135,12 @@ def _info_from_metadata(path: Path, meta: Mapping[str, str]) -> CheckpointInfo:
     extra = _parsed(path, "extra", meta.get("extra", "{}"))
     if not isinstance(extra, dict):
         raise CheckpointError(f"{path}: metadata extra must be a JSON object, found {type(extra).__name__}")
-    return CheckpointInfo(config=config, format_version=version, step=step, extra=extra)
+    stored = sorted({entry.dtype for entry in header.entries.values()})
+    dtype = _DTYPE_OF_ENTRY.get(stored[0], stored[0]) if len(stored) == 1 else "mixed"
+    declared_dtype = meta.get("dtype", dtype)   # files written before the field: the tensors' dtype
+    if declared_dtype != dtype and dtype in _DTYPE_OF_ENTRY.values():   # other dtypes: refused by _check_entries
+        raise CheckpointError(f"{path}: metadata dtype={declared_dtype!r} contradicts its tensors, stored as {stored}")
+    return CheckpointInfo(config=config, format_version=version, step=step, extra=extra, dtype=dtype)
 
 
 def _parsed(path: Path, key: str, text: str):
@@ -122,7 +154,7 @@ def _parsed(path: Path, key: str, text: str):
 def read_info(path: str | Path) -> CheckpointInfo:
     """Reads and validates a checkpoint's metadata without loading its tensors."""
     path = Path(path)
-    return _info_from_metadata(path, read_header(path).metadata)
+    return _info_from_header(path, read_header(path))
 
 
 def _block_shapes(prefix: str, c: EncoderConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
@@ -233,7 +265,7 @@ def load(path: str | Path, *, expected_base: str | None = None, expected_clip_wi
     """
     path = Path(path)
     header = read_header(path)
-    info = _info_from_metadata(path, header.metadata)
+    info = _info_from_header(path, header)
     config = info.config
     if expected_base is not None and config.base != expected_base:
         raise CheckpointError(

@@ -30,6 +30,13 @@ def rewrite(path, tensors=None, **meta_changes):
     save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
 
 
+def tensor_bytes(path):
+    """The bytes after a .safetensors file's header: its tensors' data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return path.stat().st_size - 8 - n
+
+
 def test_round_trip_is_exact(tiny_file):
     model, path = tiny_file
     loaded, info = checkpoint.load(path)
@@ -208,6 +215,46 @@ def test_a_checkpoint_in_one_half_dtype_loads(tmp_path):
     model = CustomContrastModel(get_preset("tiny")).to(torch.bfloat16)
     loaded, _ = checkpoint.load(checkpoint.save(tmp_path / "bf16.safetensors", model))
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_a_half_precision_save_loads_as_the_fp32_weights_cast_in_half_the_bytes(tiny_file, tmp_path, name, dtype):
+    """save(dtype=fp16/bf16) of an fp32 model: every loaded tensor is the fp32 weight cast to that dtype, bit for
+    bit and in that dtype; the metadata records it; the file takes half the bytes (header aside). Fails when save
+    ignores ``dtype`` (the fp32 tensors contradict the recorded dtype, and the size is not halved)."""
+    model, full = tiny_file
+    half = checkpoint.save(tmp_path / f"{name}.safetensors", model, step=42, dtype=dtype)
+    loaded, info = checkpoint.load(half)
+    assert info.dtype == name and checkpoint.read_info(full).dtype == "fp32"
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert got[key].dtype == dtype and torch.equal(got[key], ref[key].to(dtype)), key
+    values = sum(v.numel() for v in ref.values())
+    assert (tensor_bytes(full), tensor_bytes(half)) == (4 * values, 2 * values)
+    assert 0.49 < half.stat().st_size / full.stat().st_size < 0.52
+
+
+def test_fp16_overflow_and_a_dtype_contradicting_the_tensors_are_refused(tiny_file, tmp_path):
+    """A weight beyond fp16's range is refused before anything is written (fails without the check after the
+    cast: the file would hold inf); metadata dtype='fp16' on fp32 tensors is refused on reading (fails without
+    the comparison of the recorded dtype with the header)."""
+    model, path = tiny_file
+    with torch.no_grad():
+        model.encoder.proj_in.weight[0, 0] = 1e5
+    out = tmp_path / "over.safetensors"
+    with pytest.raises(CheckpointError, match=r"not writing .*over.safetensors in fp16: encoder.proj_in.weight holds "
+                                              r"values up to 1e\+05, beyond fp16's range \(6.55e\+04\); write it as bf16"):
+        checkpoint.save(out, model, dtype=torch.float16)
+    assert not out.exists()
+    checkpoint.load(checkpoint.save(out, model, dtype=torch.bfloat16))   # bf16 has fp32's range
+    with pytest.raises(ValueError, match=r"checkpoint dtype: expected one of .*found torch.int8"):
+        checkpoint.save(out, model, dtype=torch.int8)
+    rewrite(path, dtype="fp16")
+    with pytest.raises(CheckpointError, match=r"metadata dtype='fp16' contradicts its tensors, stored as \['F32'\]"):
+        checkpoint.read_info(path)
+    rewrite(path, dtype=None)   # a file written before the field: the tensors' dtype
+    assert checkpoint.read_info(path).dtype == "fp32"
 
 
 def test_short_and_foreign_files(tmp_path):

@@ -250,6 +250,30 @@ def test_export_writes_a_loadable_file_and_refuses_a_bad_out(tiny, tmp_path):
         export(run, out=run)
 
 
+@pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_export_dtype_writes_the_weights_in_that_dtype(tiny, tmp_path, name, dtype):
+    """``python -m training.export RUN --dtype fp16|bf16``: the file holds the training weights cast to that dtype
+    (bit for bit), records it, and has half the tensor bytes of the fp32 export. Fails when export drops its
+    ``dtype`` (an fp32 file) and when the CLI does not pass --dtype on."""
+    from training.export import main
+
+    run = _run_dir(tmp_path, tiny[0].state_dict())
+    full = export(run, out=tmp_path / "fp32.safetensors")
+    half = main([str(run), "--out", str(tmp_path / f"{name}.safetensors"), "--dtype", name])
+    info = checkpoint.read_info(half)
+    assert (checkpoint.read_info(full).dtype, info.dtype, info.step) == ("fp32", name, 2)
+    weights, written = tiny[0].state_dict(), load_file(str(half))
+    assert written.keys() == weights.keys()
+    assert all(written[k].dtype == dtype and torch.equal(written[k], weights[k].to(dtype)) for k in weights)
+    values = sum(v.numel() for v in weights.values())
+    assert [p.stat().st_size - 8 - struct.unpack("<Q", p.read_bytes()[:8])[0] for p in (full, half)] == \
+        [4 * values, 2 * values]
+    with pytest.raises(ValueError, match=r"--dtype: expected one of \['bf16', 'fp16', 'fp32'\], found 'fp8'"):
+        export(run, dtype="fp8")
+    with pytest.raises(SystemExit):
+        main([str(run), "--dtype", "int8"])
+
+
 # Writing: atomic, never non-finite, readable per the umask
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600), (0o002, 0o664)])

@@ -339,3 +339,45 @@ def test_the_next_run_reuses_the_splus_encodings_and_equals_a_fresh_apply(env, l
     assert warm_patch.encode_calls == 1
     sample(env, warm, positive, negative, steps=3, seed=2)       # two samplers alternating: both stay cached
     assert warm_patch.encode_calls == 0
+
+
+def test_an_fp16_checkpoint_is_cast_to_the_dtype_the_model_runs_in(env, loaded, photo):
+    """An fp16 export loads as fp16 (half the memory of fp32) and Apply casts it to the MODEL's compute dtype: an
+    fp32 MODEL samples exactly what the fp32 file of the same (fp16-rounded) weights samples; a MODEL computing in
+    bf16 (``manual_cast_dtype``) gets the weights in bf16, one copy shared by its Apply nodes, and samples.
+    Fails when Apply passes the checkpoint on in the file's dtype (the patch's weights stay fp16)."""
+    from customcontrast_core import checkpoint
+    from customcontrast_core.visual_kv import CustomContrastModel
+
+    folder = env.models / "customcontrast"
+    weights = loaded["customcontrast"].model
+    rounded = CustomContrastModel(weights.config)
+    rounded.load_state_dict({k: v.half().float() for k, v in weights.state_dict().items()})
+    checkpoint.save(folder / "cc_fp16.safetensors", weights, dtype=torch.float16)
+    checkpoint.save(folder / "cc_rounded.safetensors", rounded)
+    loader = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"]
+    half, full = (loader.execute(name).result[0] for name in ("cc_fp16.safetensors", "cc_rounded.safetensors"))
+    assert half.info.dtype == "fp16" and {p.dtype for p in half.model.parameters()} == {torch.float16}
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+
+    def patch_of(patched):
+        return patched.model_options["transformer_options"]["customcontrast"][-1]
+
+    from_half, positive_half = apply(env, dict(loaded, customcontrast=half), subject)
+    from_full, positive_full = apply(env, dict(loaded, customcontrast=full), subject)
+    assert {p.dtype for p in patch_of(from_half).model.parameters()} == {torch.float32}
+    torch.testing.assert_close(positive_half[0][0], positive_full[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(sample(env, from_half, positive_half, negative),
+                               sample(env, from_full, positive_full, negative), rtol=0, atol=0)
+
+    bf16 = loaded["model"].clone()
+    bf16.set_model_compute_dtype(torch.bfloat16)
+    first, positive = apply(env, dict(loaded, model=bf16, customcontrast=half), subject)
+    second, _ = apply(env, dict(loaded, model=bf16, customcontrast=half), subject, weight=0.5)
+    cast = patch_of(first).model
+    assert cast is patch_of(second).model and {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    for key, value in half.model.state_dict().items():
+        assert torch.equal(cast.state_dict()[key], value.to(torch.bfloat16)), key
+    out = sample(env, first, positive, negative)
+    assert torch.isfinite(out).all() and (out - sample(env, bf16, positive, negative)).abs().max() > 1e-3
