@@ -9,6 +9,7 @@ checked against the header's tensor names and shapes before any module is built 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import EncoderConfig
+from .config import REAL_PRESETS, EncoderConfig, dataclass_from_dict, toy_model
 from .safetensors_file import CheckpointError, Header, read_header, read_tensors, write_atomically
 from .visual_kv import CustomContrastModel
 
@@ -27,8 +28,67 @@ WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")   # safetensors names of the dtype
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}   # what save() may write
 _DTYPE_OF_ENTRY = {"F32": "fp32", "F16": "fp16", "BF16": "bf16", "F64": "fp64"}
 
-__all__ = ["DTYPES", "FORMAT", "FORMAT_VERSION", "CheckpointError", "CheckpointInfo", "check_matches", "expected_shapes",
-           "load", "read_info", "save"]
+__all__ = ["DTYPES", "FORMAT", "FORMAT_VERSION", "CheckpointError", "CheckpointInfo", "VisionTower", "check_matches",
+           "check_real", "expected_shapes", "load", "read_info", "save"]
+
+
+@dataclass(frozen=True)
+class VisionTower:
+    """The CLIP-vision model a checkpoint was trained with: its structure and, when known, its name.
+
+    ``image_size`` and ``patch_size`` are None where unknown (they set the token count T of the features);
+    checkpoints written before the record know only what their config holds (width and layer count).
+    """
+
+    hidden_size: int                # the transformer width (ViT-H/14: 1280, ViT-L/14: 1024)
+    num_layers: int                 # transformer layers (ViT-H/14: 32, ViT-L/14: 24)
+    image_size: int | None = None   # input resolution in pixels (224, 336)
+    patch_size: int | None = None   # patch side in pixels (14)
+    name: str = ""                  # e.g. the model folder's name in the training config
+
+    def __post_init__(self) -> None:
+        for key in ("hidden_size", "num_layers", "image_size", "patch_size"):
+            value = getattr(self, key)
+            optional = key in ("image_size", "patch_size")
+            if not (optional and value is None) and (isinstance(value, bool) or not isinstance(value, int)
+                                                      or not 1 <= value <= 2**16):
+                raise ValueError(f"CLIP-vision record {key}: expected an integer from 1 to 65536"
+                                 f"{' or null' if optional else ''}, found {value!r}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"CLIP-vision record name: expected a string, found {self.name!r}")
+
+    @classmethod
+    def of_config(cls, config: EncoderConfig) -> "VisionTower":
+        """What an encoder config knows of its CLIP-vision model (width and layer count)."""
+        return cls(hidden_size=config.clip_width, num_layers=config.clip_num_layers)
+
+    def structure(self) -> str:
+        """E.g. ``width 1280, 32 layers, 224 px, patch 14`` (the fields known)."""
+        parts = [f"width {self.hidden_size}", f"{self.num_layers} layers"]
+        parts += [f"{self.image_size} px"] if self.image_size else []
+        parts += [f"patch {self.patch_size}"] if self.patch_size else []
+        return ", ".join(parts)
+
+    def describe(self) -> str:
+        """E.g. ``'clip-vit-h' (width 1280, 32 layers, 224 px, patch 14)``."""
+        return (f"{self.name!r} " if self.name else "") + f"({self.structure()})"
+
+    def differences(self, other: "VisionTower") -> list[str]:
+        """The structural fields both records know and that differ, as 'width 1280 here, 1024 there'."""
+        out = []
+        for key, label in (("hidden_size", "width"), ("num_layers", "layers"), ("image_size", "image size"),
+                           ("patch_size", "patch size")):
+            mine, theirs = getattr(self, key), getattr(other, key)
+            if mine is not None and theirs is not None and mine != theirs:
+                out.append(f"{label} {mine} vs {theirs}")
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "VisionTower":
+        return dataclass_from_dict(cls, json.loads(text), "CLIP-vision record")
 
 
 @dataclass(frozen=True)
@@ -40,6 +100,7 @@ class CheckpointInfo:
     step: int = 0
     extra: Mapping[str, str] = field(default_factory=dict)   # e.g. the training config
     dtype: str = "fp32"   # the stored weights' dtype: "fp32", "fp16", "bf16" (or "fp64")
+    clip_vision: VisionTower | None = None   # the CLIP-vision model it was trained with (None: an older file)
 
     @property
     def base(self) -> str:
@@ -58,15 +119,21 @@ def dtype_named(name: str, what: str = "dtype") -> torch.dtype:
 
 
 def save(path: str | Path, model: CustomContrastModel, *, step: int = 0,
-         extra: Mapping[str, str] | None = None, dtype: torch.dtype | None = None) -> Path:
+         extra: Mapping[str, str] | None = None, dtype: torch.dtype | None = None,
+         clip_vision: VisionTower | None = None) -> Path:
     """Writes the model atomically (temporary file, fsync, rename): a crash or a full disk never leaves half
     a file under ``path`` (the previous file is kept). The file follows the umask (0o644 under 022).
 
     ``dtype`` (fp32, fp16 or bf16; None: the model's own, one of them or fp64) is the stored weights'
     dtype, recorded in the metadata: fp16 and bf16 files take half the bytes of fp32. Non-finite weights are
-    refused (CheckpointError), as the loader would refuse them, also those that overflow ``dtype``'s range."""
+    refused (CheckpointError), as the loader would refuse them, also those that overflow ``dtype``'s range.
+    ``clip_vision`` records the CLIP-vision model it was trained with (None: what the config knows of it)."""
     path = Path(path)
     config = model.config
+    clip_vision = clip_vision or VisionTower.of_config(config)
+    if (clip_vision.hidden_size, clip_vision.num_layers) != (config.clip_width, config.clip_num_layers):
+        raise ValueError(f"clip_vision: expected a CLIP-vision model of width {config.clip_width} with "
+                         f"{config.clip_num_layers} layers (the encoder config's), found {clip_vision.describe()}")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     found = {t.dtype for t in tensors.values()}
     dtype = dtype if dtype is not None else (found.pop() if len(found) == 1 else torch.float32)
@@ -92,6 +159,7 @@ def save(path: str | Path, model: CustomContrastModel, *, step: int = 0,
         "clip_width": str(config.clip_width),
         "clip_layers": json.dumps(list(config.clip_layers)),
         "dtype": names[dtype],
+        "clip_vision": clip_vision.to_json(),
         "step": str(int(step)),
         "extra": json.dumps(dict(extra or {}), sort_keys=True),
     }
@@ -140,7 +208,32 @@ def _info_from_header(path: Path, header: Header) -> CheckpointInfo:
     declared_dtype = meta.get("dtype", dtype)   # files written before the field: the tensors' dtype
     if declared_dtype != dtype and dtype in _DTYPE_OF_ENTRY.values():   # other dtypes: refused by _check_entries
         raise CheckpointError(f"{path}: metadata dtype={declared_dtype!r} contradicts its tensors, stored as {stored}")
-    return CheckpointInfo(config=config, format_version=version, step=step, extra=extra, dtype=dtype)
+    return CheckpointInfo(config=config, format_version=version, step=step, extra=extra, dtype=dtype,
+                          clip_vision=_clip_vision(path, meta, config))
+
+
+def _clip_vision(path: Path, meta: Mapping[str, str], config: EncoderConfig) -> VisionTower | None:
+    """The metadata's CLIP-vision record (None in files written before it), checked against the config."""
+    if "clip_vision" not in meta:
+        return None
+    try:
+        tower = VisionTower.from_json(meta["clip_vision"])
+    except (ValueError, TypeError) as err:   # JSONDecodeError is a ValueError
+        raise CheckpointError(f"{path}: metadata clip_vision is not a CLIP-vision record ({err})") from None
+    if (tower.hidden_size, tower.num_layers) != (config.clip_width, config.clip_num_layers):
+        raise CheckpointError(f"{path}: metadata clip_vision {tower.describe()} contradicts its config (CLIP-vision "
+                              f"width {config.clip_width}, {config.clip_num_layers} layers)")
+    return tower
+
+
+def check_real(path: str | Path, config: EncoderConfig) -> None:
+    """Refuses a checkpoint no real SD1.5 / SDXL model can use (a ``tiny`` preset's), saying what it is."""
+    toy = toy_model(config)
+    if toy is not None:
+        presets = " or ".join(REAL_PRESETS)
+        raise CheckpointError(f"{path} is a checkpoint of {toy}. Expected a "
+                              f"checkpoint of a real preset ({presets}), trained with `python -m training.run "
+                              f"--preset sd15` or `--preset sdxl` (docs/training.md)")
 
 
 def _parsed(path: Path, key: str, text: str):

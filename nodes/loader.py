@@ -4,6 +4,7 @@ The weights stay in the file's dtype; Apply casts them to the dtype the MODEL ru
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from ..customcontrast_core.visual_kv import CustomContrastModel
 
 FOLDER = "customcontrast"
 CUSTOMCONTRAST = io.Custom("CUSTOMCONTRAST")
+log = logging.getLogger("customcontrast")
 
 
 def register_model_folder() -> None:
@@ -83,8 +85,14 @@ def wrap(model: CustomContrastModel, info: CheckpointInfo) -> LoadedCustomContra
 
 
 def load_customcontrast(path: str) -> LoadedCustomContrast:
-    """Loads and validates a checkpoint (kept in the file's dtype), wrapped for ComfyUI's model management."""
+    """Loads and validates a checkpoint (kept in the file's dtype), wrapped for ComfyUI's model management;
+    refuses a toy checkpoint (the ``tiny`` presets) after the file itself checks out."""
     model, info = checkpoint_format.load(path)
+    checkpoint_format.check_real(path, info.config)
+    if info.clip_vision is None:
+        log.info("CustomContrast: %s does not record which CLIP-vision model it was trained with (written before "
+                 "the record); Encode Subject checks the CLIP-vision width (%d) and layer count (%d) only", path,
+                 info.config.clip_width, info.config.clip_num_layers)
     return wrap(model, info)
 
 

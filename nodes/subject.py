@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from einops import rearrange
 from torch import Tensor
 
+from ..customcontrast_core.checkpoint import VisionTower
 from ..customcontrast_core.reference import reference_crop
 from .checks import ENCODE, check_batch, check_finite
 from .comfy_glue import clip_hidden
@@ -72,11 +73,36 @@ def segment(image: Tensor, mask: Tensor) -> Tensor:
     return rearrange(torch.stack(out), "b c h w -> b h w c")
 
 
+def tower_of(clip_vision) -> VisionTower | None:
+    """The structure of a ComfyUI CLIP_VISION (a ``comfy.clip_vision.ClipVisionModel``) read from its modules:
+    patch embedding (width, patch size), transformer layers and input size; None for another kind of model."""
+    try:
+        vision = clip_vision.model.vision_model
+        patch = vision.embeddings.patch_embedding.weight.shape
+        return VisionTower(hidden_size=int(patch[0]), num_layers=len(vision.encoder.layers),
+                           image_size=int(clip_vision.image_size), patch_size=int(patch[-1]))
+    except (AttributeError, TypeError, ValueError, IndexError):
+        return None
+
+
+def check_clip_vision(customcontrast: LoadedCustomContrast, clip_vision) -> None:
+    """Refuses a CLIP-vision model whose structure differs from the one the checkpoint was trained with, naming
+    both (checkpoints without the record: the width and layer count of their config)."""
+    trained = customcontrast.info.clip_vision or VisionTower.of_config(customcontrast.model.config)
+    given = tower_of(clip_vision)
+    differences = trained.differences(given) if given is not None else []
+    if differences:
+        raise ValueError(f"{ENCODE}: clip_vision is a CLIP-vision model of {given.structure()}; this CustomContrast "
+                         f"checkpoint was trained with {trained.describe()} ({'; '.join(differences)}, trained vs "
+                         f"given): load the CLIP-vision model it was trained with")
+
+
 def encode_subject(customcontrast: LoadedCustomContrast, clip_vision, image: Tensor, mask: Tensor | None,
                    average: bool, crop: bool, invert_mask: bool = False) -> Subject:
     """Checks the inputs against the checkpoint and encodes one subject; ``invert_mask`` takes 1 - mask (a
     LoadImage MASK, 1 where the image is transparent). Shapes: image (B, H, W, C), mask (H, W) or (1 or B, H, W)."""
     config = customcontrast.model.config
+    check_clip_vision(customcontrast, clip_vision)
     rgb, alpha = to_rgb(image.float())
     check_batch(ENCODE, "image", rgb, "image")
     h, w = rgb.shape[1:3]

@@ -192,20 +192,76 @@ def test_image_variants_are_accepted(env, loaded, photo):
         assert subject.hidden.shape == (1, 3, 257, 1024) and torch.isfinite(subject.hidden).all()
 
 
-def test_clip_vision_width_mismatch(env, loaded, photo):
+def test_a_clip_vision_model_other_than_the_trained_one_is_refused_naming_both(env, loaded, photo, caplog):
+    """Encode Subject compares the CLIP_VISION given with the checkpoint's record: another width (ViT-H for a
+    ViT-L checkpoint) or another input size (ViT-L/14-336 recorded, the 224 px ViT-L given) is refused with both
+    described. A checkpoint written before the record loads (with a log line saying so) and encodes. Fails when
+    Encode Subject skips the comparison (the 336 px checkpoint would encode with the 224 px model)."""
     import dataclasses
+    import logging
 
     from comfy_env import customcontrast_test_config
     from customcontrast_core import checkpoint
+    from customcontrast_core.checkpoint import VisionTower
     from customcontrast_core.visual_kv import CustomContrastModel
 
+    loader = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"]
+    folder = env.models / "customcontrast"
     config = dataclasses.replace(customcontrast_test_config(), clip_width=1280, clip_num_layers=32,
                                  clip_layers=(11, 22, 32))
-    checkpoint.save(env.models / "customcontrast" / "vith.safetensors", CustomContrastModel(config))
-    vith = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute("vith.safetensors").result[0]
-    with pytest.raises(ValueError, match="the CLIP-vision model has width 1024, the CustomContrast checkpoint "
-                                         "expects 1280"):
+    checkpoint.save(folder / "vith.safetensors", CustomContrastModel(config),
+                    clip_vision=VisionTower(1280, 32, 224, 14, "clip-vit-h-14"))
+    vith = loader.execute("vith.safetensors").result[0]
+    given = "clip_vision is a CLIP-vision model of width 1024, 24 layers, 224 px, patch 14"
+    with pytest.raises(ValueError, match=rf"{given}; this CustomContrast checkpoint was trained with 'clip-vit-h-14' "
+                                         r"\(width 1280, 32 layers, 224 px, patch 14\) \(width 1280 vs 1024; layers 32 "
+                                         r"vs 24, trained vs given\): load the CLIP-vision model it was trained with"):
         encode(env, dict(loaded, customcontrast=vith), photo)
+    model = loaded["customcontrast"].model
+    checkpoint.save(folder / "vitl336.safetensors", model,
+                    clip_vision=VisionTower(1024, 24, 336, 14, "clip-vit-large-patch14-336"))
+    vitl336 = loader.execute("vitl336.safetensors").result[0]
+    with pytest.raises(ValueError, match=rf"{given}; this CustomContrast checkpoint was trained with "
+                                         r"'clip-vit-large-patch14-336' \(width 1024, 24 layers, 336 px, patch 14\) "
+                                         r"\(image size 336 vs 224, trained vs given\)"):
+        encode(env, dict(loaded, customcontrast=vitl336), photo)
+    # a file written before the record: no clip_vision metadata
+    header, data = _split(folder / "vitl336.safetensors")
+    del header["__metadata__"]["clip_vision"]
+    _write(folder / "old.safetensors", header, data)
+    env.folder_paths.filename_list_cache.clear() if hasattr(env.folder_paths, "filename_list_cache") else None
+    with caplog.at_level(logging.INFO, logger="customcontrast"):
+        old = loader.execute("old.safetensors").result[0]
+    assert old.info.clip_vision is None
+    assert "old.safetensors does not record which CLIP-vision model it was trained with (written before the " \
+           "record); Encode Subject checks the CLIP-vision width (1024) and layer count (24) only" in caplog.text
+    assert encode(env, dict(loaded, customcontrast=old), photo).hidden.shape == (1, 3, 257, 1024)
+
+
+def _split(path):
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write(path, header, data):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_the_loader_refuses_a_tiny_preset_checkpoint_saying_what_it_is(env):
+    """A checkpoint of the tiny preset (what the quick CPU training writes) is refused by the Loader, named as the
+    toy test model, with the real presets expected. Fails when the Loader does not call ``check_real`` (the toy
+    would load and fail later at Encode Subject with a width error)."""
+    from customcontrast_core import checkpoint, get_preset
+    from customcontrast_core.visual_kv import CustomContrastModel
+
+    checkpoint.save(env.models / "customcontrast" / "tiny_toy.safetensors", CustomContrastModel(get_preset("tiny")))
+    with pytest.raises(ValueError, match=r"tiny_toy.safetensors is a checkpoint of the `tiny` preset, the toy "
+                                              r"test model: it cannot draw on a real SD1.5 or SDXL model .* Expected a "
+                                              r"checkpoint of a real preset \(sd15 or sdxl\)"):
+        env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute("tiny_toy.safetensors")
 
 
 def test_missing_checkpoint_names_the_folders(env):

@@ -17,6 +17,7 @@ from customcontrast_core.safetensors_file import read_tensors
 from customcontrast_core.visual_kv import CustomContrastModel
 
 from .config import TrainConfig
+from .models import clip_vision_record
 from .state import find_checkpoint
 
 
@@ -71,7 +72,8 @@ def export(run_dir: Path, *, which: str = "latest", out: Path | None = None, dty
     model = CustomContrastModel(config)
     model.load_state_dict(read_tensors(weights))
     return checkpoint.save(out or run_dir / f"customcontrast_step{step}.safetensors", model, step=step,
-                           extra={"train_config": cfg.to_json()}, dtype=torch_dtype)
+                           extra={"train_config": cfg.to_json()}, dtype=torch_dtype,
+                           clip_vision=clip_vision_record(cfg, config))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
