@@ -10,7 +10,8 @@ from comfy_env import comfyui, model_files, run_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench"
-NODE_IDS = ["CustomContrastLoader", "CustomContrastEncodeSubject", "CustomContrastApply", "CustomContrastMaskPreview"]
+NODE_IDS = ["CustomContrastLoader", "CustomContrastEncodeSubject", "CustomContrastApply", "CustomContrastMaskPreview",
+            "CustomContrastSaveSubject", "CustomContrastLoadSubject"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def apply(env, loaded, subject, **overrides):
 def encode(env, loaded, image, mask=None, **kw):
     cls = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastEncodeSubject"]
     return cls.execute(loaded["customcontrast"], loaded["clip_vision"], image, kw.get("average", True),
-                       kw.get("center_crop", True), mask=mask).result[0]
+                       kw.get("center_crop", True), mask=mask, image_weights=kw.get("image_weights", "")).result[0]
 
 
 @pytest.fixture(scope="module")
