@@ -165,3 +165,23 @@ def get_preset(name: str) -> EncoderConfig:
         raise ValueError(f"unknown encoder preset {name!r}; expected one of {sorted(PRESETS)}") from None
 
 
+
+
+REAL_PRESETS = ("sd15", "sdxl")   # the presets whose UNet widths are a real SD1.5 / SDXL model's
+
+
+def preset_of(config: EncoderConfig) -> str | None:
+    """The name of the preset ``config`` equals, or None (a config of its own)."""
+    return next((name for name, preset in PRESETS.items() if preset == config), None)
+
+
+def toy_model(config: EncoderConfig) -> str | None:
+    """What makes ``config`` a toy that no real SD1.5 / SDXL model can use (None when it is not one): UNet widths
+    other than the base model's, as the ``tiny`` presets of the tests and the quick CPU training have."""
+    if config.block_out_channels == BASE_CHANNELS[config.base]:
+        return None
+    name = preset_of(config)
+    what = f"the `{name}` preset, the toy test model" if name else "a toy model"
+    base = {"sd15": "SD1.5", "sdxl": "SDXL"}[config.base]
+    return (f"{what}: it cannot draw on a real SD1.5 or SDXL model (its UNet widths are {config.block_out_channels}, "
+            f"{base}'s are {BASE_CHANNELS[config.base]}; its CLIP-vision width is {config.clip_width})")

@@ -5,7 +5,7 @@ from comfy_api.latest import io
 
 from ..customcontrast_core.masks import MASK_MODES
 from .apply import apply_customcontrast
-from .loader import CUSTOMCONTRAST
+from .loader import CUSTOMCONTRAST, for_model
 from .subject import SUBJECT
 
 
@@ -59,6 +59,7 @@ class CustomContrastApply(io.ComfyNode):
             raise ValueError("subject3 is connected but subject2 is not: placeholders are numbered by input "
                              "(<subject1>, <subject2>, <subject3>), so connect the second subject to subject2")
         subjects = [s for s in (subject, subject2, subject3) if s is not None]
+        customcontrast = for_model(customcontrast, model)   # the weights in the dtype the MODEL runs in
         patched, positive = apply_customcontrast(model, clip, customcontrast, subjects, prompt, weight,
                                                  start_percent, end_percent, use_mask, mask_mode,
                                                  mask_threshold, attn_mask, splus_buckets)

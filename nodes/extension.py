@@ -4,9 +4,11 @@ from comfy_api.latest import ComfyExtension, io
 from .apply_node import CustomContrastApply
 from .loader import CustomContrastLoader
 from .preview import CustomContrastMaskPreview
+from .saved_subject import CustomContrastLoadSubject, CustomContrastSaveSubject
 from .subject import CustomContrastEncodeSubject
 
-NODES = [CustomContrastLoader, CustomContrastEncodeSubject, CustomContrastApply, CustomContrastMaskPreview]
+NODES = [CustomContrastLoader, CustomContrastEncodeSubject, CustomContrastApply, CustomContrastMaskPreview,
+         CustomContrastSaveSubject, CustomContrastLoadSubject]
 
 
 class CustomContrastExtension(ComfyExtension):

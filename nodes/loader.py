@@ -1,10 +1,15 @@
-"""Loader node: picks a CustomContrast checkpoint from models/customcontrast and validates it."""
+"""Loader node: picks a CustomContrast checkpoint from models/customcontrast and validates it.
+
+The weights stay in the file's dtype; Apply casts them to the dtype the MODEL runs in (``for_model``).
+"""
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..customcontrast_core import checkpoint as checkpoint_format
@@ -13,6 +18,7 @@ from ..customcontrast_core.visual_kv import CustomContrastModel
 
 FOLDER = "customcontrast"
 CUSTOMCONTRAST = io.Custom("CUSTOMCONTRAST")
+log = logging.getLogger("customcontrast")
 
 
 def register_model_folder() -> None:
@@ -34,20 +40,60 @@ class LoadedCustomContrast:
     model: CustomContrastModel
     info: CheckpointInfo
     patcher: object
+    casts: dict = field(default_factory=dict, repr=False)   # dtype -> this checkpoint in that dtype
 
     def __deepcopy__(self, memo) -> "LoadedCustomContrast":
         return self   # immutable weights, shared by every clone of a patched MODEL
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
 
-def load_customcontrast(path: str) -> LoadedCustomContrast:
-    """Loads and validates a checkpoint, wrapped for ComfyUI's model management."""
+    def in_dtype(self, dtype: torch.dtype) -> "LoadedCustomContrast":
+        """These weights in ``dtype`` (self when they are already): a copy made once per dtype and kept, so
+        every Apply node on a MODEL of that dtype shares it."""
+        if dtype == self.dtype:
+            return self
+        if dtype not in self.casts:
+            model = CustomContrastModel(self.model.config, device=torch.device("meta"))
+            model.load_state_dict({k: v.to(dtype) for k, v in self.model.state_dict().items()}, assign=True)
+            self.casts[dtype] = wrap(model.eval().requires_grad_(False), self.info)
+        return self.casts[dtype]
+
+
+def compute_dtype(model) -> torch.dtype:
+    """The dtype a ComfyUI MODEL's UNet computes in: its ``manual_cast_dtype`` when its weights are cast per
+    layer (fp8 or bf16 storage, ``--force-fp32`` …), else its weights' dtype (``model_base.apply_model``)."""
+    cast = model.get_model_object("manual_cast_dtype")
+    dtype = cast if cast is not None else model.model.get_dtype()
+    return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
+
+def for_model(customcontrast: LoadedCustomContrast, model) -> LoadedCustomContrast:
+    """The checkpoint in the dtype ``model`` (a ComfyUI MODEL) runs in."""
+    return customcontrast.in_dtype(compute_dtype(model))
+
+
+def wrap(model: CustomContrastModel, info: CheckpointInfo) -> LoadedCustomContrast:
+    """A loaded model with the ModelPatcher that moves it to the sampling device with the UNet."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    model, info = checkpoint_format.load(path)
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                                offload_device=mm.unet_offload_device())
     return LoadedCustomContrast(model=model, info=info, patcher=patcher)
+
+
+def load_customcontrast(path: str) -> LoadedCustomContrast:
+    """Loads and validates a checkpoint (kept in the file's dtype), wrapped for ComfyUI's model management;
+    refuses a toy checkpoint (the ``tiny`` presets) after the file itself checks out."""
+    model, info = checkpoint_format.load(path)
+    checkpoint_format.check_real(path, info.config)
+    if info.clip_vision is None:
+        log.info("CustomContrast: %s does not record which CLIP-vision model it was trained with (written before "
+                 "the record); Encode Subject checks the CLIP-vision width (%d) and layer count (%d) only", path,
+                 info.config.clip_width, info.config.clip_num_layers)
+    return wrap(model, info)
 
 
 class CustomContrastLoader(io.ComfyNode):

@@ -2,6 +2,7 @@
 import dataclasses
 import json
 import pickle
+import re
 import struct
 
 import pytest
@@ -28,6 +29,13 @@ def rewrite(path, tensors=None, **meta_changes):
     tensors = load_file(str(path)) if tensors is None else tensors
     meta.update(meta_changes)
     save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
+
+
+def tensor_bytes(path):
+    """The bytes after a .safetensors file's header: its tensors' data."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+    return path.stat().st_size - 8 - n
 
 
 def test_round_trip_is_exact(tiny_file):
@@ -208,6 +216,96 @@ def test_a_checkpoint_in_one_half_dtype_loads(tmp_path):
     model = CustomContrastModel(get_preset("tiny")).to(torch.bfloat16)
     loaded, _ = checkpoint.load(checkpoint.save(tmp_path / "bf16.safetensors", model))
     assert all(p.dtype == torch.bfloat16 for p in loaded.parameters())
+
+
+@pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_a_half_precision_save_loads_as_the_fp32_weights_cast_in_half_the_bytes(tiny_file, tmp_path, name, dtype):
+    """save(dtype=fp16/bf16) of an fp32 model: every loaded tensor is the fp32 weight cast to that dtype, bit for
+    bit and in that dtype; the metadata records it; the file takes half the bytes (header aside). Fails when save
+    ignores ``dtype`` (the fp32 tensors contradict the recorded dtype, and the size is not halved)."""
+    model, full = tiny_file
+    half = checkpoint.save(tmp_path / f"{name}.safetensors", model, step=42, dtype=dtype)
+    loaded, info = checkpoint.load(half)
+    assert info.dtype == name and checkpoint.read_info(full).dtype == "fp32"
+    ref, got = model.state_dict(), loaded.state_dict()
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert got[key].dtype == dtype and torch.equal(got[key], ref[key].to(dtype)), key
+    values = sum(v.numel() for v in ref.values())
+    assert (tensor_bytes(full), tensor_bytes(half)) == (4 * values, 2 * values)
+    assert 0.49 < half.stat().st_size / full.stat().st_size < 0.52
+
+
+def test_fp16_overflow_and_a_dtype_contradicting_the_tensors_are_refused(tiny_file, tmp_path):
+    """A weight beyond fp16's range is refused before anything is written (fails without the check after the
+    cast: the file would hold inf); metadata dtype='fp16' on fp32 tensors is refused on reading (fails without
+    the comparison of the recorded dtype with the header)."""
+    model, path = tiny_file
+    with torch.no_grad():
+        model.encoder.proj_in.weight[0, 0] = 1e5
+    out = tmp_path / "over.safetensors"
+    with pytest.raises(CheckpointError, match=r"not writing .*over.safetensors in fp16: encoder.proj_in.weight holds "
+                                              r"values up to 1e\+05, beyond fp16's range \(6.55e\+04\); write it as bf16"):
+        checkpoint.save(out, model, dtype=torch.float16)
+    assert not out.exists()
+    checkpoint.load(checkpoint.save(out, model, dtype=torch.bfloat16))   # bf16 has fp32's range
+    with pytest.raises(ValueError, match=r"checkpoint dtype: expected one of .*found torch.int8"):
+        checkpoint.save(out, model, dtype=torch.int8)
+    rewrite(path, dtype="fp16")
+    with pytest.raises(CheckpointError, match=r"metadata dtype='fp16' contradicts its tensors, stored as \['F32'\]"):
+        checkpoint.read_info(path)
+    rewrite(path, dtype=None)   # a file written before the field: the tensors' dtype
+    assert checkpoint.read_info(path).dtype == "fp32"
+
+
+def test_the_clip_vision_record_round_trips_and_must_fit_the_config(tiny_file, tmp_path):
+    """The CLIP-vision model a checkpoint was trained with is recorded and read back; without one, save records
+    what the config knows (width, layers); a file written before the record reads as None. A record whose width or
+    layer count contradicts the config is refused on writing and on reading (the reading half fails when
+    ``_clip_vision`` drops its comparison with the config)."""
+    model, path = tiny_file
+    tower = checkpoint.VisionTower(hidden_size=64, num_layers=4, image_size=32, patch_size=8, name="tiny clip")
+    out = checkpoint.save(tmp_path / "t.safetensors", model, clip_vision=tower)
+    assert checkpoint.read_info(out).clip_vision == tower
+    assert checkpoint.read_info(path).clip_vision == checkpoint.VisionTower(64, 4)   # saved without a record
+    assert tower.describe() == "'tiny clip' (width 64, 4 layers, 32 px, patch 8)"
+    assert tower.differences(checkpoint.VisionTower(64, 4, 224, 14)) == ["image size 32 vs 224", "patch size 8 vs 14"]
+    assert tower.differences(checkpoint.VisionTower(64, 4)) == []                    # unknown fields never differ
+    with pytest.raises(ValueError, match=r"clip_vision: expected a CLIP-vision model of width 64 with 4 layers \(the "
+                                         r"encoder config's\), found \(width 1280, 32 layers\)"):
+        checkpoint.save(out, model, clip_vision=checkpoint.VisionTower(1280, 32))
+    rewrite(out, clip_vision=None)
+    assert checkpoint.read_info(out).clip_vision is None
+    rewrite(out, clip_vision=checkpoint.VisionTower(1024, 4, name="vit-l").to_json())
+    with pytest.raises(CheckpointError, match=r"metadata clip_vision 'vit-l' \(width 1024, 4 layers\) contradicts its "
+                                              r"config \(CLIP-vision width 64, 4 layers\)"):
+        checkpoint.read_info(out)
+    rewrite(out, clip_vision=json.dumps({"hidden_size": 64, "num_layers": 4, "image_size": 0}))
+    with pytest.raises(CheckpointError, match=r"metadata clip_vision is not a CLIP-vision record \(CLIP-vision record "
+                                              r"image_size: expected an integer from 1 to 65536 or null, found 0\)"):
+        checkpoint.read_info(out)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_sdxl"])
+def test_check_real_refuses_a_tiny_preset_saying_it_is_the_toy_test_model(tmp_path, preset):
+    """A tiny-preset checkpoint (and any other config with toy UNet widths) is refused by name, with the real
+    presets expected; sd15, sdxl and real-width configs with small encoders pass. Fails when ``toy_model`` reports
+    nothing (the Loader would pass the toy on to fail later at Encode Subject)."""
+    from customcontrast_core.config import toy_model
+
+    path = tmp_path / "toy.safetensors"
+    config = get_preset(preset)
+    base = {"tiny": "SD1.5", "tiny_sdxl": "SDXL"}[preset]
+    with pytest.raises(CheckpointError, match=rf"{path} is a checkpoint of the `{preset}` preset, the toy test model: "
+                                              rf"it cannot draw on a real SD1.5 or SDXL model \(its UNet widths are "
+                                              rf"{re.escape(str(config.block_out_channels))}, {base}'s are .*"
+                                              r"Expected a checkpoint of a real preset \(sd15 or sdxl\)"):
+        checkpoint.check_real(path, config)
+    variant = dataclasses.replace(config, depth=3)
+    assert toy_model(variant).startswith("a toy model: ")
+    for real in ("sd15", "sdxl"):
+        checkpoint.check_real(path, get_preset(real))
+        checkpoint.check_real(path, dataclasses.replace(get_preset(real), width=64, heads=4, dim_head=16, depth=1))
 
 
 def test_short_and_foreign_files(tmp_path):

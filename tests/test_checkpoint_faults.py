@@ -250,6 +250,55 @@ def test_export_writes_a_loadable_file_and_refuses_a_bad_out(tiny, tmp_path):
         export(run, out=run)
 
 
+@pytest.mark.parametrize("name, dtype", [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_export_dtype_writes_the_weights_in_that_dtype(tiny, tmp_path, name, dtype):
+    """``python -m training.export RUN --dtype fp16|bf16``: the file holds the training weights cast to that dtype
+    (bit for bit), records it, and has half the tensor bytes of the fp32 export. Fails when export drops its
+    ``dtype`` (an fp32 file) and when the CLI does not pass --dtype on."""
+    from training.export import main
+
+    run = _run_dir(tmp_path, tiny[0].state_dict())
+    full = export(run, out=tmp_path / "fp32.safetensors")
+    half = main([str(run), "--out", str(tmp_path / f"{name}.safetensors"), "--dtype", name])
+    info = checkpoint.read_info(half)
+    assert (checkpoint.read_info(full).dtype, info.dtype, info.step) == ("fp32", name, 2)
+    weights, written = tiny[0].state_dict(), load_file(str(half))
+    assert written.keys() == weights.keys()
+    assert all(written[k].dtype == dtype and torch.equal(written[k], weights[k].to(dtype)) for k in weights)
+    values = sum(v.numel() for v in weights.values())
+    assert [p.stat().st_size - 8 - struct.unpack("<Q", p.read_bytes()[:8])[0] for p in (full, half)] == \
+        [4 * values, 2 * values]
+    with pytest.raises(ValueError, match=r"--dtype: expected one of \['bf16', 'fp16', 'fp32'\], found 'fp8'"):
+        export(run, dtype="fp8")
+    with pytest.raises(SystemExit):
+        main([str(run), "--dtype", "int8"])
+
+
+def test_export_records_the_clip_vision_model_of_the_run(tiny, tmp_path):
+    """The exported checkpoint names the CLIP-vision model the run trained with: the tiny random model's
+    structure, or a real run's ``paths.clip_vision`` folder with the image and patch sizes of its config.json
+    (a CLIPConfig's vision_config too), its name alone when the folder is not on this machine. Fails when export
+    does not pass the record on (the file would hold the config's width and layers only)."""
+    import dataclasses
+
+    from customcontrast_core.checkpoint import VisionTower
+    from training.config import PRESETS, ModelPaths
+    from training.models import clip_vision_record
+
+    run = _run_dir(tmp_path, tiny[0].state_dict())
+    assert checkpoint.read_info(export(run)).clip_vision == VisionTower(
+        hidden_size=64, num_layers=4, image_size=TrainConfig().reference_size, patch_size=8,
+        name="tiny random CLIP vision")
+    folder = tmp_path / "clip-vit-large-patch14-336"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"vision_config": {"image_size": 336, "patch_size": 14}}))
+    real = dataclasses.replace(PRESETS["sd15"], paths=ModelPaths(diffusion="/sd15", clip_vision=str(folder)))
+    config = dataclasses.replace(get_preset("sd15"), clip_width=1024, clip_num_layers=24, clip_layers=(8, 16, 24))
+    assert clip_vision_record(real, config) == VisionTower(1024, 24, 336, 14, "clip-vit-large-patch14-336")
+    (folder / "config.json").unlink()
+    assert clip_vision_record(real, config) == VisionTower(1024, 24, name="clip-vit-large-patch14-336")
+
+
 # Writing: atomic, never non-finite, readable per the umask
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600), (0o002, 0o664)])
@@ -355,6 +404,9 @@ def _load_in_comfyui(name):
 
 
 def test_the_load_node_loads_every_header_length_and_shows_the_loaders_errors(tiny, tmp_path):
+    """Through ComfyUI's executor: each malformed file gets the loader's own error; the valid tiny files of every
+    header length are read through and then refused as the toy model (that refusal comes after every check of
+    the file)."""
     from comfy_env import comfyui
     env = comfyui()
     folder = env.models / "customcontrast"
@@ -388,6 +440,8 @@ def test_the_load_node_loads_every_header_length_and_shows_the_loaders_errors(ti
         assert not ok and len(errors) == 1 and errors[0]["exception_type"].endswith("CheckpointError"), messages
         assert re.search(message, errors[0]["exception_message"]), errors[0]["exception_message"]
         assert str(folder) in errors[0]["exception_message"]
-    for k in range(8):   # after the errors, the executor still loads every valid file
-        ok, outputs, messages = _load_in_comfyui(files[k])
-        assert ok and "CustomContrastModel" in outputs["2"]["text"][0], messages
+    for k in range(8):   # after the errors, the executor still reads every valid file through, header to tensors:
+        ok, outputs, messages = _load_in_comfyui(files[k])   # and then refuses the tiny preset, as it must
+        errors = [m[1]["exception_message"] for m in messages if m[0] == "execution_error"]
+        assert not ok and len(errors) == 1, messages
+        assert errors[0].startswith(f"{folder / files[k]} is a checkpoint of the `tiny` preset, the toy test model")

@@ -10,7 +10,8 @@ from comfy_env import comfyui, model_files, run_prompt
 
 REPO = Path(__file__).resolve().parents[1]
 DREAMBENCH = REPO.parent / "shared" / "data" / "dreambench"
-NODE_IDS = ["CustomContrastLoader", "CustomContrastEncodeSubject", "CustomContrastApply", "CustomContrastMaskPreview"]
+NODE_IDS = ["CustomContrastLoader", "CustomContrastEncodeSubject", "CustomContrastApply", "CustomContrastMaskPreview",
+            "CustomContrastSaveSubject", "CustomContrastLoadSubject"]
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def apply(env, loaded, subject, **overrides):
 def encode(env, loaded, image, mask=None, **kw):
     cls = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastEncodeSubject"]
     return cls.execute(loaded["customcontrast"], loaded["clip_vision"], image, kw.get("average", True),
-                       kw.get("center_crop", True), mask=mask).result[0]
+                       kw.get("center_crop", True), mask=mask, image_weights=kw.get("image_weights", "")).result[0]
 
 
 @pytest.fixture(scope="module")
@@ -192,20 +193,76 @@ def test_image_variants_are_accepted(env, loaded, photo):
         assert subject.hidden.shape == (1, 3, 257, 1024) and torch.isfinite(subject.hidden).all()
 
 
-def test_clip_vision_width_mismatch(env, loaded, photo):
+def test_a_clip_vision_model_other_than_the_trained_one_is_refused_naming_both(env, loaded, photo, caplog):
+    """Encode Subject compares the CLIP_VISION given with the checkpoint's record: another width (ViT-H for a
+    ViT-L checkpoint) or another input size (ViT-L/14-336 recorded, the 224 px ViT-L given) is refused with both
+    described. A checkpoint written before the record loads (with a log line saying so) and encodes. Fails when
+    Encode Subject skips the comparison (the 336 px checkpoint would encode with the 224 px model)."""
     import dataclasses
+    import logging
 
     from comfy_env import customcontrast_test_config
     from customcontrast_core import checkpoint
+    from customcontrast_core.checkpoint import VisionTower
     from customcontrast_core.visual_kv import CustomContrastModel
 
+    loader = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"]
+    folder = env.models / "customcontrast"
     config = dataclasses.replace(customcontrast_test_config(), clip_width=1280, clip_num_layers=32,
                                  clip_layers=(11, 22, 32))
-    checkpoint.save(env.models / "customcontrast" / "vith.safetensors", CustomContrastModel(config))
-    vith = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute("vith.safetensors").result[0]
-    with pytest.raises(ValueError, match="the CLIP-vision model has width 1024, the CustomContrast checkpoint "
-                                         "expects 1280"):
+    checkpoint.save(folder / "vith.safetensors", CustomContrastModel(config),
+                    clip_vision=VisionTower(1280, 32, 224, 14, "clip-vit-h-14"))
+    vith = loader.execute("vith.safetensors").result[0]
+    given = "clip_vision is a CLIP-vision model of width 1024, 24 layers, 224 px, patch 14"
+    with pytest.raises(ValueError, match=rf"{given}; this CustomContrast checkpoint was trained with 'clip-vit-h-14' "
+                                         r"\(width 1280, 32 layers, 224 px, patch 14\) \(width 1280 vs 1024; layers 32 "
+                                         r"vs 24, trained vs given\): load the CLIP-vision model it was trained with"):
         encode(env, dict(loaded, customcontrast=vith), photo)
+    model = loaded["customcontrast"].model
+    checkpoint.save(folder / "vitl336.safetensors", model,
+                    clip_vision=VisionTower(1024, 24, 336, 14, "clip-vit-large-patch14-336"))
+    vitl336 = loader.execute("vitl336.safetensors").result[0]
+    with pytest.raises(ValueError, match=rf"{given}; this CustomContrast checkpoint was trained with "
+                                         r"'clip-vit-large-patch14-336' \(width 1024, 24 layers, 336 px, patch 14\) "
+                                         r"\(image size 336 vs 224, trained vs given\)"):
+        encode(env, dict(loaded, customcontrast=vitl336), photo)
+    # a file written before the record: no clip_vision metadata
+    header, data = _split(folder / "vitl336.safetensors")
+    del header["__metadata__"]["clip_vision"]
+    _write(folder / "old.safetensors", header, data)
+    env.folder_paths.filename_list_cache.clear() if hasattr(env.folder_paths, "filename_list_cache") else None
+    with caplog.at_level(logging.INFO, logger="customcontrast"):
+        old = loader.execute("old.safetensors").result[0]
+    assert old.info.clip_vision is None
+    assert "old.safetensors does not record which CLIP-vision model it was trained with (written before the " \
+           "record); Encode Subject checks the CLIP-vision width (1024) and layer count (24) only" in caplog.text
+    assert encode(env, dict(loaded, customcontrast=old), photo).hidden.shape == (1, 3, 257, 1024)
+
+
+def _split(path):
+    raw = Path(path).read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _write(path, header, data):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    Path(path).write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def test_the_loader_refuses_a_tiny_preset_checkpoint_saying_what_it_is(env):
+    """A checkpoint of the tiny preset (what the quick CPU training writes) is refused by the Loader, named as the
+    toy test model, with the real presets expected. Fails when the Loader does not call ``check_real`` (the toy
+    would load and fail later at Encode Subject with a width error)."""
+    from customcontrast_core import checkpoint, get_preset
+    from customcontrast_core.visual_kv import CustomContrastModel
+
+    checkpoint.save(env.models / "customcontrast" / "tiny_toy.safetensors", CustomContrastModel(get_preset("tiny")))
+    with pytest.raises(ValueError, match=r"tiny_toy.safetensors is a checkpoint of the `tiny` preset, the toy "
+                                              r"test model: it cannot draw on a real SD1.5 or SDXL model .* Expected a "
+                                              r"checkpoint of a real preset \(sd15 or sdxl\)"):
+        env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute("tiny_toy.safetensors")
 
 
 def test_missing_checkpoint_names_the_folders(env):
@@ -339,3 +396,45 @@ def test_the_next_run_reuses_the_splus_encodings_and_equals_a_fresh_apply(env, l
     assert warm_patch.encode_calls == 1
     sample(env, warm, positive, negative, steps=3, seed=2)       # two samplers alternating: both stay cached
     assert warm_patch.encode_calls == 0
+
+
+def test_an_fp16_checkpoint_is_cast_to_the_dtype_the_model_runs_in(env, loaded, photo):
+    """An fp16 export loads as fp16 (half the memory of fp32) and Apply casts it to the MODEL's compute dtype: an
+    fp32 MODEL samples exactly what the fp32 file of the same (fp16-rounded) weights samples; a MODEL computing in
+    bf16 (``manual_cast_dtype``) gets the weights in bf16, one copy shared by its Apply nodes, and samples.
+    Fails when Apply passes the checkpoint on in the file's dtype (the patch's weights stay fp16)."""
+    from customcontrast_core import checkpoint
+    from customcontrast_core.visual_kv import CustomContrastModel
+
+    folder = env.models / "customcontrast"
+    weights = loaded["customcontrast"].model
+    rounded = CustomContrastModel(weights.config)
+    rounded.load_state_dict({k: v.half().float() for k, v in weights.state_dict().items()})
+    checkpoint.save(folder / "cc_fp16.safetensors", weights, dtype=torch.float16)
+    checkpoint.save(folder / "cc_rounded.safetensors", rounded)
+    loader = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"]
+    half, full = (loader.execute(name).result[0] for name in ("cc_fp16.safetensors", "cc_rounded.safetensors"))
+    assert half.info.dtype == "fp16" and {p.dtype for p in half.model.parameters()} == {torch.float16}
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+
+    def patch_of(patched):
+        return patched.model_options["transformer_options"]["customcontrast"][-1]
+
+    from_half, positive_half = apply(env, dict(loaded, customcontrast=half), subject)
+    from_full, positive_full = apply(env, dict(loaded, customcontrast=full), subject)
+    assert {p.dtype for p in patch_of(from_half).model.parameters()} == {torch.float32}
+    torch.testing.assert_close(positive_half[0][0], positive_full[0][0], rtol=0, atol=0)
+    torch.testing.assert_close(sample(env, from_half, positive_half, negative),
+                               sample(env, from_full, positive_full, negative), rtol=0, atol=0)
+
+    bf16 = loaded["model"].clone()
+    bf16.set_model_compute_dtype(torch.bfloat16)
+    first, positive = apply(env, dict(loaded, model=bf16, customcontrast=half), subject)
+    second, _ = apply(env, dict(loaded, model=bf16, customcontrast=half), subject, weight=0.5)
+    cast = patch_of(first).model
+    assert cast is patch_of(second).model and {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    for key, value in half.model.state_dict().items():
+        assert torch.equal(cast.state_dict()[key], value.to(torch.bfloat16)), key
+    out = sample(env, first, positive, negative)
+    assert torch.isfinite(out).all() and (out - sample(env, bf16, positive, negative)).abs().max() > 1e-3

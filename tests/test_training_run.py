@@ -31,6 +31,7 @@ def test_tiny_preset_twenty_steps(tmp_path):
     assert (tmp_path / "run" / "logs" / "loss_curve.png").stat().st_size > 1000
     model, info = checkpoint.load(path)
     assert info.step == 20 and info.base == "sd15" and len(model.visual_kv) == 16
+    assert info.clip_vision.name == "tiny random CLIP vision"   # the run's own export records its CLIP vision
     out = model.encoder(torch.randn(1, 3, 17, 64), torch.tensor([10.0]))
     assert torch.isfinite(out.splus).all()
     # the training state exports to the same weights

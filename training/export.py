@@ -2,6 +2,7 @@
 
     python -m training.export runs/tiny                       # newest checkpoint of that run
     python -m training.export runs/tiny --checkpoint step_000030 --out my_subject_model.safetensors
+    python -m training.export runs/sd15 --dtype fp16     # half the bytes; ComfyUI casts to the UNet's dtype
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from customcontrast_core.safetensors_file import read_tensors
 from customcontrast_core.visual_kv import CustomContrastModel
 
 from .config import TrainConfig
+from .models import clip_vision_record
 from .state import find_checkpoint
 
 
@@ -45,13 +47,15 @@ def _output_path(out: Path) -> Path:
     return out
 
 
-def export(run_dir: Path, *, which: str = "latest", out: Path | None = None) -> Path:
-    """Converts a training checkpoint of ``run_dir`` into one CustomContrast ``.safetensors``.
+def export(run_dir: Path, *, which: str = "latest", out: Path | None = None, dtype: str = "fp32") -> Path:
+    """Converts a training checkpoint of ``run_dir`` into one CustomContrast ``.safetensors``, its weights
+    stored in ``dtype`` ("fp32", "fp16" or "bf16", recorded in the metadata; fp16/bf16 halve the file).
 
     The file is written atomically (nothing appears under its name until it is complete) and follows the
     umask; a malformed or incomplete training checkpoint is refused naming the file.
     """
     out = _output_path(Path(out)) if out is not None else None
+    torch_dtype = checkpoint.dtype_named(dtype, "--dtype")
     config_file = run_dir / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{run_dir} is not a training run folder: expected {config_file}")
@@ -68,7 +72,8 @@ def export(run_dir: Path, *, which: str = "latest", out: Path | None = None) -> 
     model = CustomContrastModel(config)
     model.load_state_dict(read_tensors(weights))
     return checkpoint.save(out or run_dir / f"customcontrast_step{step}.safetensors", model, step=step,
-                           extra={"train_config": cfg.to_json()})
+                           extra={"train_config": cfg.to_json()}, dtype=torch_dtype,
+                           clip_vision=clip_vision_record(cfg, config))
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -77,8 +82,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--checkpoint", default="latest")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--dtype", choices=sorted(checkpoint.DTYPES), default="fp32",
+                        help="dtype of the written weights (fp16 and bf16 halve the file; the ComfyUI nodes cast "
+                             "them to the dtype the UNet runs in)")
     args = parser.parse_args(argv)
-    path = export(args.run_dir, which=args.checkpoint, out=args.out)
+    path = export(args.run_dir, which=args.checkpoint, out=args.out, dtype=args.dtype)
     print(path)
     return path
 

@@ -14,7 +14,7 @@ from customcontrast_core.visual_kv import CustomContrastModel
 
 from .config import RESUMABLE_FIELDS, TrainConfig, read_config_file, resume_mismatch
 from .data import DataConfig, EpochBatches, SubjectDataset, generate_synthetic, global_batches, read_manifest
-from .models import build_from_paths, build_tiny
+from .models import build_from_paths, build_tiny, clip_vision_record
 from .processors import unet_kv_weights
 from .report import LossHistory
 from .sampling import TrainingSamples
@@ -139,7 +139,8 @@ def _export(cfg: TrainConfig, model: CustomContrastModel, step: int) -> Path:
     out = Path(cfg.output_dir)
     path = out / EXPORT_NAME
     try:
-        return checkpoint.save(path, model, step=step, extra={"train_config": cfg.to_json()})
+        return checkpoint.save(path, model, step=step, extra={"train_config": cfg.to_json()},
+                               clip_vision=clip_vision_record(cfg, model.config))
     except (OSError, RuntimeError) as err:
         why = str(err) if str(path) in str(err) else write_failure(path, err)
         raise CheckpointWriteError(f"{why}; the training checkpoint of step {step} is complete: "

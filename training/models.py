@@ -5,21 +5,28 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from customcontrast_core.checkpoint import VisionTower
 from customcontrast_core.config import EncoderConfig
 
 from .config import ModelPaths
 from .text import HFTokenizer, OpenClipTokenizer, TextEncoderStack
 from .tiny_models import tiny_unet
 
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
 log = logging.getLogger(__name__)
+TINY_PATCH = 8   # patch side of the tiny CLIP-vision model
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -110,7 +117,7 @@ def build_tiny(config: EncoderConfig, *, image_size: int = 64, reference_size: i
     text = TextEncoderStack(encoders, [tokenizer] * len(encoders), base=config.base)
     vision = CLIPVisionModel(CLIPVisionConfig(
         hidden_size=config.clip_width, intermediate_size=config.clip_width * 2,
-        num_hidden_layers=config.clip_num_layers, num_attention_heads=4, image_size=reference_size, patch_size=8))
+        num_hidden_layers=config.clip_num_layers, num_attention_heads=4, image_size=reference_size, patch_size=TINY_PATCH))
     appearance = VisionTransformer(image_size=reference_size, patch_size=8, width=32, layers=2, heads=4,
                                    mlp_ratio=2.0, output_dim=32)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False,
@@ -173,3 +180,22 @@ def build_from_paths(config: EncoderConfig, paths: ModelPaths) -> FrozenModels:
                         clip_vision=ImageEncoder(vision, int(vision.config.image_size)),
                         appearance=ImageEncoder(clip_model.visual, int(clip_model.visual.image_size[0])),
                         scheduler=scheduler).freeze()
+
+
+def clip_vision_record(cfg: TrainConfig, config: EncoderConfig) -> VisionTower:
+    """Which CLIP-vision model a run trains with, for the exported checkpoint: the tiny random model's structure,
+    or the ``paths.clip_vision`` folder's name and, when its ``config.json`` is readable here, its image and patch
+    sizes (a transformers CLIPVisionConfig, or a CLIPConfig's ``vision_config``)."""
+    if cfg.tiny_models:
+        return VisionTower(hidden_size=config.clip_width, num_layers=config.clip_num_layers,
+                           image_size=cfg.reference_size, patch_size=TINY_PATCH, name="tiny random CLIP vision")
+    folder = Path(cfg.paths.clip_vision)
+    sizes: dict = {}
+    try:
+        found = json.loads((folder / "config.json").read_text())
+        found = found.get("vision_config", found)
+        sizes = {k: found[k] for k in ("image_size", "patch_size") if isinstance(found.get(k), int)}
+    except (OSError, ValueError, AttributeError):
+        log.info("no readable %s: the checkpoint records the CLIP-vision model's name, width and layers only",
+                 folder / "config.json")
+    return VisionTower(hidden_size=config.clip_width, num_layers=config.clip_num_layers, name=folder.name, **sizes)
