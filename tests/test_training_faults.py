@@ -244,10 +244,10 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint(tmp_path, monke
 def test_a_full_disk_during_the_export_stops_the_run_and_resume_writes_it(tmp_path, monkeypatch, caplog):
     save = checkpoint.save
 
-    def full_at_step_2(path, model, *, step, extra):
+    def full_at_step_2(path, model, *, step, **kwargs):
         if step == 2:
             raise OSError(errno.ENOSPC, "No space left on device")
-        return save(path, model, step=step, extra=extra)
+        return save(path, model, step=step, **kwargs)
     monkeypatch.setattr(loop.checkpoint, "save", full_at_step_2)
     with caplog.at_level(logging.INFO), pytest.raises(SystemExit) as exit_:
         train(tmp_path / "run", 2, "--set", "save_every=1", cli=True)
