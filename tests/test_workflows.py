@@ -99,3 +99,35 @@ def test_files_are_what_make_workflows_writes():
                             capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
 
+
+def test_segmented_reference_workflow_runs_on_a_cut_out_photo_with_a_gray_background(monkeypatch):
+    """The segmented-reference API workflow in a real ComfyUI (COMFYUI_PATH): Load Image's MASK of an RGBA cut-out
+    reaches Encode Subject inverted, so CLIP vision sees the subject on gray, and the run succeeds."""
+    from comfy_env import comfyui, model_files, run_prompt
+
+    env = comfyui()   # skips without COMFYUI_PATH
+    import numpy as np
+    from PIL import Image
+    from test_comfyui_nodes import DREAMBENCH, prompt_for
+
+    files = model_files()
+    photo = DREAMBENCH / "dog" / "00.jpg"
+    if not photo.exists():
+        pytest.skip(f"reference photo {photo} missing")
+    rgb = np.asarray(Image.open(photo).convert("RGB").resize((256, 256)))
+    yy, xx = np.mgrid[:256, :256]
+    alpha = (((yy - 128) / 100.0) ** 2 + ((xx - 128) / 80.0) ** 2 <= 1.0).astype(np.uint8) * 255
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(env.input_dir / "subject_cutout.png")
+    subject = sys.modules[next(m for m in sys.modules if m.endswith("comfyui-customcontrast.nodes.subject"))]
+    seen, original = [], subject.clip_hidden
+    monkeypatch.setattr(subject, "clip_hidden", lambda cv, image, *args: seen.append(image) or
+                        original(cv, image, *args))
+    prompt = prompt_for(files, "sd15_segmented_reference")
+    assert prompt["5"]["inputs"]["mask"] == ["3", 1] and prompt["5"]["inputs"]["invert_mask"] is True
+    ok, outputs, messages = run_prompt(prompt)
+    errors = [m[1].get("exception_message") for m in messages if m[0] == "execution_error"]
+    assert ok, (outputs, errors)
+    assert outputs["11"]["images"][0]["type"] == "output"
+    reference = seen[0][0]   # the photo CLIP vision encodes: the subject cropped, its corners gray
+    assert float((reference[0, 0] - 0.5).abs().max()) < 1e-6 and float((reference[-1, -1] - 0.5).abs().max()) < 1e-6
+    assert float((reference - 0.5).abs().max()) > 0.1   # the subject itself is not gray
