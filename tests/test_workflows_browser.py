@@ -290,8 +290,14 @@ def test_template_cards_list_every_workflow_with_its_thumbnail(server, page, scr
     fetched = {}
     page.on("response", lambda r: fetched.__setitem__(r.url.rsplit("/", 1)[-1], r.status)
             if f"/workflow_templates/{MODULE}/" in r.url else None)
+    page.keyboard.press("Escape")   # nothing else open
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
-    page.get_by_text(MODULE).first.click()
+    category = page.get_by_role("dialog").get_by_role("button", name=MODULE)
+    try:
+        category.click(timeout=30_000)
+    except Exception:
+        page.screenshot(path=str(screenshots / "template_cards_not_clickable.png"))
+        raise
     page.wait_for_function("(n) => [...document.querySelectorAll('img')].filter(i => i.complete && "
                            "i.naturalWidth > 0).length >= n", arg=len(UI_WORKFLOWS), timeout=30_000)
     page.screenshot(path=str(screenshots / "template_cards.png"))
