@@ -7,7 +7,8 @@
   :class:`~.model_call.ModelCall` from what ComfyUI passes (the latent, sigma, the batched context and
   ``cond_or_uncond``) and hands it to every layer of the call in ``transformer_options``;
 - an ``attn2_patch`` (before the K/V projections) that swaps in the layer group's S+ prompt;
-- one ``attn2`` replace per cross-attention block key (after the projections) that runs Eq. 3.
+- one ``attn2`` replace per cross-attention block (after the projections) that runs Eq. 3, under the key
+  IPAdapter_plus uses for that block (`replace_key`), so the two chain in either order.
 """
 from __future__ import annotations
 
@@ -144,6 +145,20 @@ def swap_context(patch: SubjectPatch):
     return swap
 
 
+def replace_key(key: tuple[str, int, int], existing: dict, layers: dict) -> tuple:
+    """The ``attn2`` replace key a layer's patch is registered under.
+
+    ComfyUI looks a layer up under ``(block, id, index)`` first, then ``(block, id)``; IPAdapter_plus registers
+    SD1.5 layers under the two-part key and SDXL layers under the three-part one. Registering where an entry
+    already is, else under the two-part key when the block holds one transformer, lets each adapter find the
+    other's entry whichever is applied first.
+    """
+    if key in existing:
+        return key
+    single = sum(other[:2] == key[:2] for other in layers) == 1
+    return key[:2] if key[:2] in existing or single else key
+
+
 def install(model, patch: SubjectPatch, extra_models: Sequence):
     """Clones the MODEL and installs the patch (module docstring); ``extra_models`` (ModelPatchers: the
     CustomContrast weights, the CLIP) are loaded with the UNet."""
@@ -152,7 +167,7 @@ def install(model, patch: SubjectPatch, extra_models: Sequence):
     patched, tag = model.clone(), call_key(patch)
     patched.set_model_attn2_patch(swap_context(patch))
     existing = patched.model_options.get("transformer_options", {}).get("patches_replace", {}).get("attn2", {})
-    for key in patch.layers:
+    for key in dict.fromkeys(replace_key(key, existing, patch.layers) for key in patch.layers):
         current = existing.get(key)   # ours (chain this patch) or IPAdapter_plus' (adopt its callbacks), or None
         chained = current.patches if isinstance(current, Attn2Replace) else []
         has_callbacks = hasattr(current, "callback") and hasattr(current, "kwargs")

@@ -45,6 +45,8 @@ def comfyui() -> types.SimpleNamespace:
 
     custom = Path(tempfile.mkdtemp(prefix="cc_custom_nodes_"))
     (custom / PACKAGE).symlink_to(REPO)
+    if ipadapter_plus_path():   # loaded beside this extension, as a user installs it
+        (custom / "ComfyUI_IPAdapter_plus").symlink_to(ipadapter_plus_path(), target_is_directory=True)
     folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom)], set())
     models = Path(tempfile.mkdtemp(prefix="cc_models_"))
     for name in ("customcontrast", "checkpoints", "clip_vision"):
@@ -54,6 +56,12 @@ def comfyui() -> types.SimpleNamespace:
     _LOADED = types.SimpleNamespace(root=Path(root), nodes=nodes, execution=execution, folder_paths=folder_paths,
                                     mm=mm, models=models, input_dir=Path(folder_paths.get_input_directory()))
     return _LOADED
+
+
+def ipadapter_plus_path() -> Path | None:
+    """The ComfyUI_IPAdapter_plus folder named by IPADAPTER_PLUS_PATH, or None."""
+    path = os.environ.get("IPADAPTER_PLUS_PATH")
+    return Path(path).resolve() if path and Path(path, "IPAdapterPlus.py").is_file() else None
 
 
 class _Server:

@@ -294,7 +294,7 @@ def test_cfg_one_batch_two_and_two_chained_apply_nodes(env, loaded, photo):
     chained, positive2 = apply(env, dict(loaded, model=patched), subject, prompt="<subject> in the snow", weight=0.5)
     replaces = chained.model_options["transformer_options"]["patches_replace"]["attn2"]
     assert len(replaces) == 16 and all(len(r.patches) == 2 for r in replaces.values())
-    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].patches) == 1
+    assert len(patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1)].patches) == 1
     # each node acts on its own positive only: the other one leaves those rows to the unpatched attention
     second = apply(env, loaded, subject, prompt="<subject> in the snow", weight=0.5)[0]
     torch.testing.assert_close(sample(env, chained, positive2, negative), sample(env, second, positive2, negative),

@@ -33,6 +33,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from comfy_env import ipadapter_plus_path
 from workflow_checks import (
     all_problems,
     layout_problems,
@@ -64,11 +65,6 @@ def _requirements() -> tuple[str, str]:
     return str(Path(root).resolve()), chromium
 
 
-def _ipadapter_path() -> Path | None:
-    path = os.environ.get("IPADAPTER_PLUS_PATH")
-    return Path(path).resolve() if path and Path(path, "IPAdapterPlus.py").is_file() else None
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,8 +94,8 @@ def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("comfyui_base")
     (base / "custom_nodes").mkdir()
     (base / "custom_nodes" / MODULE).symlink_to(REPO, target_is_directory=True)
-    if _ipadapter_path():
-        (base / "custom_nodes" / "ComfyUI_IPAdapter_plus").symlink_to(_ipadapter_path(), target_is_directory=True)
+    if ipadapter_plus_path():
+        (base / "custom_nodes" / "ComfyUI_IPAdapter_plus").symlink_to(ipadapter_plus_path(), target_is_directory=True)
     (base / "user" / "default").mkdir(parents=True)
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps(
         {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,
@@ -235,7 +231,7 @@ def _save_picture(page, clip: dict, path: Path, size: tuple[int, int], kind: str
 @pytest.mark.parametrize("name", UI_WORKFLOWS)
 def test_workflow_opens_as_saved_and_nothing_overlaps(page, screenshots, name):
     saved = json.loads((WORKFLOWS / f"{name}.json").read_text())
-    if _needs_ipadapter(saved) and not _ipadapter_path():
+    if _needs_ipadapter(saved) and not ipadapter_plus_path():
         pytest.skip("IPADAPTER_PLUS_PATH is not set to a ComfyUI_IPAdapter_plus folder: its nodes are missing")
     shown = load(page, saved, name)
     graph = page.evaluate(FIT_VIEW, 20)
