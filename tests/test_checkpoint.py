@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from customcontrast_core import CustomContrastModel, get_preset
 from customcontrast_core import checkpoint, safetensors_file
 from customcontrast_core.checkpoint import CheckpointError
+from safetensors_edit import rewrite
 
 
 @pytest.fixture()
@@ -19,16 +20,6 @@ def tiny_file(tmp_path):
     torch.manual_seed(0)
     model = CustomContrastModel(get_preset("tiny"))
     return model, checkpoint.save(tmp_path / "tiny.safetensors", model, step=42, extra={"clip": "ViT-tiny"})
-
-
-def rewrite(path, tensors=None, **meta_changes):
-    """Rewrites a checkpoint with modified tensors or metadata."""
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata())
-    tensors = load_file(str(path)) if tensors is None else tensors
-    meta.update(meta_changes)
-    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
 
 
 def tensor_bytes(path):

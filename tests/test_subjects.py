@@ -6,12 +6,13 @@ import pickle
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from customcontrast_core import CustomContrastModel, checkpoint, get_preset
 from customcontrast_core.checkpoint import CheckpointError, VisionTower
 from customcontrast_core.subjects import (FORMAT_VERSION, SavedSubject, check_fits, image_weights, load_subject,
                                           save_subject, weighted_mean)
+from safetensors_edit import rewrite
 
 VITH = VisionTower(1280, 32, 224, 14, "clip-vit-h-14")
 
@@ -20,15 +21,6 @@ def subject(width=1280, layers=(11, 22, 32), tokens=257, tower=VITH, **kw):
     torch.manual_seed(0)
     return SavedSubject(hidden=torch.randn(1, len(layers), tokens, width), blank=torch.randn(1, len(layers), tokens,
                         width), clip_layers=layers, clip_vision=tower, **kw)
-
-
-def rewrite(path, tensors=None, **meta_changes):
-    from safetensors import safe_open
-    with safe_open(str(path), "pt") as f:
-        meta = dict(f.metadata())
-    tensors = load_file(str(path)) if tensors is None else tensors
-    meta.update(meta_changes)
-    save_file(tensors, str(path), metadata={k: v for k, v in meta.items() if v is not None})
 
 
 def test_a_saved_subject_loads_bit_for_bit_with_what_it_was_encoded_for(tmp_path):
