@@ -12,7 +12,7 @@ from ..customcontrast_core.layers import CrossAttentionLayer
 from ..customcontrast_core.masks import MaskConfig
 from ..customcontrast_core.prompt import placeholder_words
 from .checks import APPLY, check_finite, check_number
-from .comfy_glue import cross_attention_keys, install, model_family
+from .comfy_glue import cross_attention_keys, install, model_family, progress_bar
 from .patch import ApplySettings, SubjectPatch
 from .text_encode import encode_pooled, encode_splus, tokenize_prompt
 
@@ -105,6 +105,7 @@ def apply_customcontrast(model, clip, customcontrast, subjects: list[Subject], p
                  ("prompt", "token", "channel"))
     patch = SubjectPatch(model=customcontrast.model, clip=clip, subjects=[s.hidden for s in subjects],
                          blank=subjects[0].blank, prompt=tokens, base_context=base_context, layers=layers,
-                         settings=settings, timestep_of=lambda sigma: sampling.timestep(sigma).float())
+                         settings=settings, timestep_of=lambda sigma: sampling.timestep(sigma).float(),
+                         progress=progress_bar)
     conditioning = [[base_context, {"pooled_output": pooled} if pooled is not None else {}]]
     return install(model, patch, [customcontrast.patcher, clip.patcher]), conditioning

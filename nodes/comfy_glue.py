@@ -92,6 +92,12 @@ def plain_attention(q: Tensor, k: Tensor, v: Tensor, extra_options: dict) -> Ten
     return optimized_attention(q, k, v, extra_options["n_heads"], transformer_options=extra_options)
 
 
+def progress_bar(total: int):
+    """ComfyUI's progress bar (shown on the node that is running: the sampler)."""
+    import comfy.utils
+    return comfy.utils.ProgressBar(total)
+
+
 def block_key(extra_options: dict) -> tuple[str, int, int]:
     return (*extra_options["block"], extra_options["block_index"])
 

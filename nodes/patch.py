@@ -59,6 +59,8 @@ class SubjectPatch:
     schedule: list[float] = field(default_factory=list)   # the sigmas of the current run
     matched: bool | None = None              # whether a cond chunk of this run was this node's (None: none seen)
     images: tuple[list[ImageFeatures], ImageFeatures] | None = None   # the subjects' and the blank's features
+    progress: Callable[[int], object] | None = None   # total -> a bar with update(n) (ComfyUI's ProgressBar)
+    bar: object = None                       # this run's bar over the timesteps it encodes (made at its first miss)
 
     def __post_init__(self) -> None:
         self.tracker = MaskTracker(self.settings.mask, num_subjects=len(self.subjects))
@@ -71,7 +73,7 @@ class SubjectPatch:
 
     def start_run(self, schedule: list[float]) -> None:
         """Forgets the previous run's masks; the encodings stay (the same for every run of this patch)."""
-        self.schedule, self.matched, self.encode_calls = list(schedule), None, 0
+        self.schedule, self.matched, self.encode_calls, self.bar = list(schedule), None, 0, None
         self.tracker.reset()
 
     def end_run(self) -> None:
@@ -145,8 +147,14 @@ class SubjectPatch:
             k, t = encoding_key(s, self.timestep_of, self.settings.splus_buckets)
             if k not in self.cache:
                 wanted.setdefault(k, t)
+        if self.progress is not None and self.bar is None:   # the run's first miss: every timestep it will encode
+            todo = {encoding_key(s, self.timestep_of, self.settings.splus_buckets)[0] for s in self.schedule
+                    if s > 0 and self.active(s)}
+            self.bar = self.progress(len((todo - self.cache.keys()) | wanted.keys()))
         fresh = encode_timesteps(encoder, self.clip, self.prompt, *self.images, list(wanted.values()), device)
         self.encode_calls += 1
+        if self.bar is not None:
+            self.bar.update(len(wanted))
         self.cache.update(zip(wanted, fresh))
         while len(self.cache) > max(cache.MAX_CACHED, len(wanted)):
             self.cache.popitem(last=False)

@@ -398,6 +398,37 @@ def test_the_next_run_reuses_the_splus_encodings_and_equals_a_fresh_apply(env, l
     assert warm_patch.encode_calls == 0
 
 
+def test_the_first_run_shows_a_progress_bar_over_the_timesteps_it_encodes(env, loaded, photo, monkeypatch):
+    """ComfyUI's progress hook sees the S+ encoding of the first run after Apply: one update per batched call
+    (2 timesteps each here), counting the run's 5 timesteps up to its total; the warm run that follows shows none.
+    Fails when the bar is never updated, or is updated on warm runs (a bar made and filled without encoding)."""
+    import sys
+
+    import comfy.utils
+    encodings = sys.modules[next(n for n in sys.modules if n.endswith("comfyui-customcontrast.nodes.encodings"))]
+    monkeypatch.setattr(encodings, "PROMPTS_PER_CALL", 2 * 16)    # 2 timesteps of 16 layer groups per call
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        frame = sys._getframe(1)
+        while frame and not (frame.f_code.co_name == "encodings" and frame.f_code.co_filename.endswith("patch.py")):
+            frame = frame.f_back
+        seen.append((value, total, frame is not None))   # frame: the update comes from the S+ encoding
+
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", comfy.utils.PROGRESS_BAR_HOOK)   # restored afterwards
+    comfy.utils.set_progress_bar_global_hook(hook)
+    subject = encode(env, loaded, photo)
+    negative = env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0]
+    patched, positive = apply(env, loaded, subject)
+    sample(env, patched, positive, negative, steps=5)
+    assert patched.model_options["transformer_options"]["customcontrast"][-1].encode_calls == 3
+    assert [(v, t) for v, t, ours in seen if ours] == [(2, 5), (4, 5), (5, 5)]
+    assert [v for v, t, ours in seen if not ours] == [1, 2, 3, 4, 5]          # the sampler's own bar, after
+    seen.clear()
+    sample(env, patched, positive, negative, steps=5, seed=1)
+    assert [s for s in seen if s[2]] == [] and len(seen) == 5
+
+
 def test_an_fp16_checkpoint_is_cast_to_the_dtype_the_model_runs_in(env, loaded, photo):
     """An fp16 export loads as fp16 (half the memory of fp32) and Apply casts it to the MODEL's compute dtype: an
     fp32 MODEL samples exactly what the fp32 file of the same (fp16-rounded) weights samples; a MODEL computing in

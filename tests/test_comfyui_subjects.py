@@ -89,3 +89,22 @@ def test_image_weights_weigh_the_average_of_several_references(env, loaded, phot
     with pytest.raises(ValueError, match=r"image_weights is set \('1, 2'\) but average is off, so only the first "
                                          r"image is used"):
         encode(env, loaded, both, image_weights="1, 2", average=False)
+
+
+def test_the_saved_subject_workflow_saves_on_the_first_run_and_samples_from_the_file_on_the_next(env, files):
+    """The sd15_saved_subject API workflow as its note tells users to run it: queued once, Save Subject writes the
+    subject (Load Subject's file does not exist yet, so ComfyUI runs only that branch); the written file copied to
+    the input folder under Load Subject's name, queued again, it samples an image. Fails when Apply does not take
+    its subject from Load Subject, or when Save Subject is missing or its file does not load."""
+    prompt = prompt_for(files, "sd15_saved_subject")
+    assert prompt["6"]["inputs"]["subject"] == ["26", 0] and prompt["25"]["inputs"]["subject"] == ["5", 0]
+    target = env.input_dir / prompt["26"]["inputs"]["subject_file"]
+    target.unlink(missing_ok=True)
+    ok, outputs, messages = run_prompt(prompt)
+    assert ok and set(outputs) == {"25"}, (outputs, messages)      # the first run: only the subject is saved
+    written = env.folder_paths.get_output_directory() + "/" + outputs["25"]["text"][0]
+    shutil.copy(written, target)                                    # what the note tells the user to do
+    ok, outputs, messages = run_prompt(prompt)
+    errors = [m[1].get("exception_message") for m in messages if m[0] == "execution_error"]
+    assert ok and outputs["11"]["images"][0]["type"] == "output", (outputs, errors)
+    target.unlink()

@@ -47,6 +47,7 @@ LORA = "pick-your-sd15-lora.safetensors"
 CONTROLNET = "pick-your-sd15-canny-controlnet.safetensors"
 IPADAPTER = "pick-your-ipadapter-sd15-model.safetensors"
 IPADAPTER_CLIP_VISION = "pick-the-clip-vision-for-ipadapter.safetensors"
+SAVED_SUBJECT = "subject_00001_.safetensors"   # Save Subject's first file, copied to the input folder
 
 
 @dataclass
@@ -235,6 +236,30 @@ def ipadapter() -> Workflow:
     return wf
 
 
+def saved_subject() -> Workflow:
+    wf = single_subject()
+    wf.nodes[25] = Node("CustomContrastSaveSubject", {"subject": link(5), "filename_prefix": "customcontrast/subject"},
+                        2, "First run: save the subject")
+    wf.nodes[26] = Node("CustomContrastLoadSubject", {"customcontrast": link(4), "subject_file": SAVED_SUBJECT}, 1,
+                        "Later runs: load it")
+    wf.nodes[6].values.update(subject=link(26))
+    wf.nodes = {k: wf.nodes[k] for k in (1, 2, 4, 3, 5, 26, 25, 6, 7, 8, 9, 10, 11)}
+    wf.groups = ["Models", "Subject photo", "Subject", "Later runs: load it", "First run: save the subject",
+                 "Prompt and size", "Sample", "Image"]
+    wf.note = read_me(
+        ("**SD1.5 — save a subject once, reuse it.** Encode Subject's SUBJECT goes to **Save Subject**, which writes "
+         "it to `output/customcontrast/subject_00001_.safetensors`; Apply takes the subject from **Load Subject**, "
+         "so later runs need neither the photo nor the CLIP-vision model.\n\n"
+         "1. Queue once: Save Subject writes the file (Load Subject is flagged until its file exists; ComfyUI "
+         "runs the rest).\n"
+         "2. Copy the file to ComfyUI's `input/` folder, press R to refresh and pick it in Load Subject.\n"
+         "3. Bypass (Ctrl+B) Load Image, Encode Subject and Save Subject, and queue: the subject comes from the "
+         "file. The file checks itself against the CustomContrast checkpoint."),
+        ["**Load Image**: one photo of your subject (first run only)."],
+        "Lower Apply's `weight` (0.5–0.75) when the subject overrides the prompt.")
+    return wf
+
+
 def sdxl_single_subject() -> Workflow:
     return single_subject("sdxl")
 
@@ -248,6 +273,7 @@ WORKFLOWS = {
     "sd15_lora": lora,
     "sd15_controlnet": controlnet,
     "sd15_ipadapter": ipadapter,
+    "sd15_saved_subject": saved_subject,
 }
 NEEDS_IPADAPTER = {"sd15_ipadapter"}
 
