@@ -105,7 +105,10 @@ class MaskTracker:
         return make_mask(_location(total.squeeze(1)), self.config, normalized=True)
 
     def mask_for(self, sigma: float) -> list[Tensor] | None:
-        """The masks of the closest earlier evaluation (smallest recorded sigma greater than ``sigma``)."""
+        """The masks of the closest earlier evaluation (smallest recorded sigma greater than ``sigma``), the one
+        still being recorded included: asking before or after ``begin(sigma)`` gives the same masks."""
+        if self.pending is not None and self.pending.sigma > float(sigma):
+            self._finalise()
         earlier = [s for s in self.masks if s > float(sigma)]
         return self.masks[min(earlier)] if earlier else None
 

@@ -175,10 +175,9 @@ class SubjectPatch:
         Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D)."""
         if call.select is None:
             return self._layer(call, key, q, k, v, heads)
-        ours, others = call.select
-        out = torch.empty_like(q)
-        out.index_copy_(0, ours, self._layer(call, key, *(x.index_select(0, ours) for x in (q, k, v)), heads))
-        return out.index_copy_(0, others, plain(*(x.index_select(0, others) for x in (q, k, v))).to(q.dtype))
+        ours, _ = call.select   # ComfyUI's attention over the whole batch, as unpatched: other rows to the last bit
+        out = plain(q, k, v).to(q.dtype)
+        return out.index_copy_(0, ours, self._layer(call, key, *(x.index_select(0, ours) for x in (q, k, v)), heads))
 
     def _layer(self, call: ModelCall, key: tuple, q: Tensor, k: Tensor, v: Tensor, heads: int) -> Tensor:
         layer, settings = self.layers[key], self.settings

@@ -100,9 +100,10 @@ def test_trained_weights_through_comfyuis_unet_give_the_diffusers_images(env, wo
     settings = SampleSettings(steps=cfg.sample_steps, guidance=cfg.guidance, resolution=size, use_mask=use_mask)
     ours, patch = comfy_sample(env, frozen, model, config, reference, prompt, settings, seed=0)
     theirs = SubjectSampler(frozen, model)(prompt, reference, settings, seed=0)
-    assert (ours - theirs).abs().max().item() < 2e-3
+    assert (ours - theirs).abs().max().item() < 1e-4     # measured 2e-6 (with the masks one step apart: 1.2e-2)
     if use_mask:   # the masks were made and used: one per step after the first
         assert len(patch.last_masks) == cfg.sample_steps
-    # the subject reached the image: without the reference the same seed draws something else
+    # the subject reached the image: without the reference the same seed draws the subject's pixels otherwise
+    # (the subject covers a small part of the 32 px image: measured max difference 0.24, mean 0.008)
     plain = SubjectSampler(frozen, model)(prompt.replace(f"{PLACEHOLDER} ", ""), None, settings, seed=0)
-    assert (plain - theirs).abs().mean().item() > 0.02
+    assert (plain - theirs).abs().max().item() > 0.1

@@ -29,6 +29,22 @@ def test_first_evaluation_has_no_mask_and_next_step_gets_it():
     assert tracker.mask_for(3.0)[0][0, 6, 1] == 1   # the closest earlier evaluation wins
 
 
+def test_asking_for_the_mask_before_begin_gives_the_previous_evaluations_mask():
+    """A sampler that asks for the step's mask before ``begin`` (as the evaluation's sampler does) gets the mask of
+    the step just before, not of two steps before. Fails when mask_for only sees finalised evaluations."""
+    tracker = MaskTracker(MaskConfig(mode="topk", topk_ratio=1 / 64))
+    assert tracker.mask_for(14.6) is None
+    tracker.begin(14.6)
+    tracker.add(0, blob_maps((2, 5)), (8, 8))
+    (mask,) = tracker.mask_for(7.0)                       # sigma 14.6's maps, still pending
+    assert mask[0, 2, 5] == 1 and mask.sum() == 1
+    tracker.begin(7.0)
+    assert tracker.mask_for(7.0)[0][0, 2, 5] == 1        # asked after begin: the same mask
+    tracker.add(0, blob_maps((6, 1)), (8, 8))
+    assert tracker.mask_for(7.0)[0][0, 2, 5] == 1        # the evaluation being recorded is not its own mask
+    assert tracker.mask_for(3.0)[0][0, 6, 1] == 1
+
+
 def test_heun_like_repeated_and_intermediate_sigmas():
     tracker = MaskTracker(MaskConfig(mode="topk", topk_ratio=1 / 64))
     for sigma, center in [(10.0, (1, 1)), (5.0, (4, 4)), (5.0, (4, 4)), (2.0, (7, 7))]:
