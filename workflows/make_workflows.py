@@ -191,18 +191,30 @@ def controlnet() -> Workflow:
                                                     "start_percent": 0.0, "end_percent": 0.8}, 3, "ControlNet")
     wf.nodes[9].values.update(positive=link(20), negative=link(20, 1))
     wf.nodes[9].column, wf.nodes[10].column, wf.nodes[11].column = 4, 5, 6
-    wf.nodes = {k: wf.nodes[k] for k in (1, 2, 4, 17, 3, 18, 5, 19, 6, 7, 8, 20, 9, 10, 11)}
-    wf.groups = ["Models", "Subject photo", "Subject", "Layout picture", "Edges", "Prompt and size", "ControlNet",
-                 "Sample", "Image"]
+    # the subject's region: Apply's attn_mask, 1 on the right half of the 512 px image
+    wf.nodes[24] = Node("SolidMask", {"value": 0.0, "width": 512, "height": 512}, 0, "Subject region",
+                        title="Whole image (0)")
+    wf.nodes[25] = Node("SolidMask", {"value": 1.0, "width": 256, "height": 512}, 0, "Subject region",
+                        title="Where the subject goes (1)")
+    wf.nodes[26] = Node("MaskComposite", {"destination": link(24), "source": link(25), "x": 256, "y": 0,
+                                          "operation": "add"}, 1, "Subject region", title="Subject region")
+    wf.nodes[6].values.update(attn_mask=link(26))
+    wf.nodes = {k: wf.nodes[k] for k in (1, 2, 4, 17, 3, 18, 24, 25, 5, 19, 26, 6, 7, 8, 20, 9, 10, 11)}
+    wf.groups = ["Models", "Subject photo", "Subject", "Layout picture", "Edges", "Subject region",
+                 "Prompt and size", "ControlNet", "Sample", "Image"]
     wf.align["Edges"] = "Layout picture"
     wf.note = read_me(
-        ("**SD1.5 — with a ControlNet.** A canny ControlNet keeps the layout of a second picture while "
-         "CustomContrast draws the subject: Apply CustomContrast's positive and the negative prompt go through "
-         "Apply ControlNet to the KSampler; the KSampler takes Apply CustomContrast's MODEL."),
+        ("**SD1.5 — with a ControlNet and a subject region.** A canny ControlNet keeps the layout of a second "
+         "picture while CustomContrast draws the subject: Apply CustomContrast's positive and the negative prompt "
+         "go through Apply ControlNet to the KSampler; the KSampler takes Apply CustomContrast's MODEL. Apply's "
+         "`attn_mask` (here the right half, built from two Solid Masks) limits where the subject may appear; it "
+         "is intersected with the subject masks CustomContrast makes while sampling."),
         ["**Load ControlNet Model**: an SD1.5 canny ControlNet (`models/controlnet`).",
          ("**Load Image**: one photo of your subject; **Load Image (layout)**: the picture whose edges the image "
           "should follow.")],
-        "Lower the ControlNet's `strength` or `end_percent` when the edges leave no room for the subject.")
+        ("Move or resize the region with *Where the subject goes* (its size) and *Subject region* (`x`, `y`), or "
+         "paint one in the layout picture's mask editor and connect Load Image (layout)'s MASK instead. Lower the "
+         "ControlNet's `strength` or `end_percent` when the edges leave no room for the subject."))
     return wf
 
 
