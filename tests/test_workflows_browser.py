@@ -294,8 +294,14 @@ def test_template_cards_list_every_workflow_with_its_thumbnail(server, page, scr
     except Exception:
         page.screenshot(path=str(screenshots / "template_cards_not_clickable.png"))
         raise
-    page.wait_for_function("(n) => [...document.querySelectorAll('img')].filter(i => i.complete && "
-                           "i.naturalWidth > 0).length >= n", arg=len(UI_WORKFLOWS), timeout=30_000)
+    cards = page.get_by_role("dialog").locator("img")
+    cards.first.wait_for(timeout=30_000)
     page.screenshot(path=str(screenshots / "template_cards.png"))
+    cards.first.hover()
+    for _ in range(10):   # the grid shows a card (and loads its picture) once scrolled to
+        if all(fetched.get(f"{name}.jpg") for name in UI_WORKFLOWS):
+            break
+        page.mouse.wheel(0, 400)
+        page.wait_for_timeout(500)
     page.keyboard.press("Escape")
     assert {name: fetched.get(f"{name}.jpg") for name in UI_WORKFLOWS} == {name: 200 for name in UI_WORKFLOWS}
