@@ -29,7 +29,7 @@ class ModelCall:
     swap_rows: Tensor                  # (B, 1, 1) bool: rows whose context becomes the S+ prompt
     contexts: Tensor | None            # (G, L, C) fp32: the prompt encoded with each layer group's S+ token (None:
                                        # no row holds the node's prompt)
-    select: tuple[Tensor, Tensor] | None   # (B',) and (B - B',) long: patched rows, other rows; None: all patched
+    select: Tensor | None                # (B',) long: the patched rows; None: all rows are patched
     visual_tokens: list[Tensor]        # per subject (B', m, C): the subject's tokens, or the blank's in uncond rows
     placeholders: list[Tensor]         # per subject (B', L) fp32: 1 on its placeholder columns in the swapped rows
     step_masks: list[Tensor] | None    # per subject (b, H, W): the previous step's mask; None: M = 1

@@ -114,8 +114,7 @@ class SubjectPatch:
         repeats = context.shape[1] // self.prompt.length
         columns = [[c + self.prompt.length * j for j in range(repeats) for c in self.prompt.columns(s)]
                    for s in range(len(self.subjects))]
-        others = [i for i in range(len(chunks)) if i not in patched]
-        select = (row_indices(patched, b, device), row_indices(others, b, device)) if others else None
+        select = row_indices(patched, b, device) if len(patched) < len(chunks) else None
         return ModelCall(
             sigma=sigma, latent=tuple(latent[-2:]), per_chunk=b, chunks=len(patched),
             swapped=tuple(patched.index(i) for i in swapped),
@@ -175,7 +174,7 @@ class SubjectPatch:
         Shapes: q (B, N, H*D), k/v (B, T, H*D) -> (B, N, H*D)."""
         if call.select is None:
             return self._layer(call, key, q, k, v, heads)
-        ours, _ = call.select   # ComfyUI's attention over the whole batch, as unpatched: other rows to the last bit
+        ours = call.select   # ComfyUI's attention over the whole batch, as unpatched: other rows to the last bit
         out = plain(q, k, v).to(q.dtype)
         return out.index_copy_(0, ours, self._layer(call, key, *(x.index_select(0, ours) for x in (q, k, v)), heads))
 

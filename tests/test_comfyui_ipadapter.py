@@ -4,18 +4,15 @@ IPAdapter_plus registers its ``attn2`` replaces under two-part keys on SD1.5 (``
 on SDXL (``("input", 4, 0)``); ComfyUI looks a layer up under the three-part key first. Both adapters must act
 whichever is applied first, and a second Apply must keep IPAdapter's callbacks.
 """
-import shutil
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from comfy_env import comfyui, ipadapter_plus_path, model_files
-from test_comfyui_nodes import apply, encode, sample
+from comfy_env import comfyui, ipadapter_plus_path
+from test_comfyui_nodes import apply, encode, files, loaded, photo, sample  # noqa: F401 (fixtures)
 
-PHOTO = Path(__file__).resolve().parents[2] / "shared" / "data" / "dreambench" / "dog" / "00.jpg"
 SD15_LAYER_WIDTHS = [320, 320, 640, 640, 1280, 1280] + [1280] * 3 + [640] * 3 + [320] * 3 + [1280]  # IPAdapter's order
 
 
@@ -53,19 +50,11 @@ def lookup(model, key: tuple[str, int, int]):
 
 
 @pytest.fixture(scope="module")
-def sd15(env):
-    files = model_files()
-    model, clip, vae = env.nodes.CheckpointLoaderSimple().load_checkpoint(files["checkpoint"])[:3]
-    clip_vision = env.nodes.CLIPVisionLoader().load_clip(files["clip_vision"])[0]
-    cc = env.nodes.NODE_CLASS_MAPPINGS["CustomContrastLoader"].execute(files["customcontrast"]).result[0]
-    if not PHOTO.exists():
-        pytest.skip(f"reference photo {PHOTO} missing")
-    shutil.copy(PHOTO, env.input_dir / "subject.png")
-    photo = env.nodes.LoadImage().load_image("subject.png")[0]
-    loaded = dict(model=model, clip=clip, vae=vae, clip_vision=clip_vision, customcontrast=cc)
+def sd15(env, loaded, photo):  # noqa: F811 (the imported fixtures)
+    """The SD1.5 models and photo of test_comfyui_nodes (its fixtures, on this module's ``env``), a random IPAdapter."""
     return SimpleNamespace(loaded=loaded, photo=photo, subject=encode(env, loaded, photo),
                            ipadapter=random_ipadapter(768, SD15_LAYER_WIDTHS, embeds=768),
-                           negative=env.nodes.CLIPTextEncode().encode(clip, "")[0])
+                           negative=env.nodes.CLIPTextEncode().encode(loaded["clip"], "")[0])
 
 
 def ipadapter(env, model, sd15, weight=1.0):
