@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from training.miniworld.pipeline import STAGES, MiniworldConfig, run_stages
-from training.miniworld.report import GENERATORS, UPPER
+from training.miniworld.report import AUTOENCODED, GENERATORS, UPPER
 
 
 def test_quick_run_writes_every_stage_and_a_second_run_reuses_them(tmp_path) -> None:
@@ -27,7 +27,7 @@ def test_quick_run_writes_every_stage_and_a_second_run_reuses_them(tmp_path) -> 
 
     results = json.loads((report / "results.json").read_text())
     trained = {v.name for v in cfg.variants}
-    expected = {UPPER} | {g.name for g in GENERATORS if g.trained is None or g.trained in trained}
+    expected = {UPPER, AUTOENCODED} | {g.name for g in GENERATORS if g.trained is None or g.trained in trained}
     assert set(results) == expected
     for name, runs_of_variant in results.items():
         assert all(0.0 <= r["E-text_acc"] <= 1.0 and -1.0 <= r["R-appearance"] <= 1.0 for r in runs_of_variant)

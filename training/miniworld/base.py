@@ -32,6 +32,16 @@ PARTS = ("vae", "unet", "text", "clip_vision", "appearance")
 
 
 @dataclass(frozen=True)
+class Cycle:
+    """One more cosine cycle of the UNet's training after the first (warm restart, fresh optimizer)."""
+
+    steps: int
+    lr: float
+    min_snr: float = 0.0    # Min-SNR-gamma loss weight min(SNR, gamma) / SNR (Hang et al. 2023); 0 = plain MSE
+    ema: float = 0.0        # the cycle ends on the exponential moving average of its weights (this decay); 0 = off
+
+
+@dataclass(frozen=True)
 class BaseConfig:
     """How the base model is trained."""
 
@@ -44,6 +54,10 @@ class BaseConfig:
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 200
+    # two more cycles at lower rates, the last with Min-SNR-5 weighting and EMA weights. A subject told in words
+    # (held-out subjects, E-appearance): 0.190 after the first cycle, 0.227 after the second, 0.269 after the third
+    restarts: tuple[Cycle, ...] = (Cycle(3000, 3e-4), Cycle(4000, 2e-4, min_snr=5.0, ema=0.999))
+    restart_warmup: int = 100
     drop_caption: float = 0.1     # empty prompts, for classifier-free guidance
     offset_noise: float = 0.15    # per-channel constant added to the noise (see train_unet)
     seed: int = 0
@@ -138,27 +152,34 @@ def latent_scale(models: FrozenModels, images: np.ndarray) -> float:
     return float(1.0 / models.vae.encode(x).latent_dist.mean.std())
 
 
-def train_unet(models: FrozenModels, images: np.ndarray, captions: list[str], cfg: BaseConfig) -> list[float]:
-    """Trains the UNet and the text encoder jointly (epsilon prediction, caption dropout); returns the losses.
+def train_unet(models: FrozenModels, images: np.ndarray, captions: list[str], cfg: BaseConfig,
+               cycle: Cycle | None = None, index: int = 0) -> list[float]:
+    """Trains the UNet and the text encoder jointly (epsilon prediction, caption dropout) for one cosine cycle:
+    the first (``cfg.steps`` at ``cfg.lr``) or ``cycle``, the ``index``-th restart (seed ``cfg.seed + index``);
+    returns the per-step mean squared errors.
 
     Offset noise: SD's scaled-linear schedule leaves sqrt(alpha_bar) = 0.068 of the signal at t = 999, so a
     UNet trained on plain Gaussian noise learns to read an image's mean colour from the noise's own mean and
     never to make it from the caption (at 8 x 8 latents that mean is 1/8 of a unit, larger than the signal).
     A per-channel constant in the noise hides the signal's mean, so the colour must come from the text.
     The schedule and the sampler stay SD's, so ComfyUI samples the base as it samples SD1.5."""
+    cycle = cycle or Cycle(cfg.steps, cfg.lr)
+    warmup, seed = (cfg.restart_warmup, cfg.seed + index) if index else (cfg.warmup, cfg.seed)
     unet, text = models.unet.train().requires_grad_(True), models.text.train().requires_grad_(True)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    average = [p.detach().clone() for p in params] if cycle.ema else []
+    opt = torch.optim.AdamW(params, lr=cycle.lr, weight_decay=1e-2)
     sched = models.scheduler
+    snr = sched.alphas_cumprod / (1 - sched.alphas_cumprod)     # (1000,)
     scale = models.vae.config.scaling_factor
-    rng = np.random.default_rng([cfg.seed, 2])
-    g = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng([seed, 2])
+    g = torch.Generator().manual_seed(seed)
     all_latents = encode_latents(models, images)
     losses, start = [], time.time()
-    for step in range(cfg.steps):
-        index = rng.integers(0, len(images), cfg.batch_size)
-        latents, caps = all_latents[index], [captions[i] for i in index]
-        lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup) * 0.5 * (1 + np.cos(np.pi * step / cfg.steps))
+    for step in range(cycle.steps):
+        rows = rng.integers(0, len(images), cfg.batch_size)
+        latents, caps = all_latents[rows], [captions[i] for i in rows]
+        lr = cycle.lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * step / cycle.steps))
         for group in opt.param_groups:
             group["lr"] = lr
         caps = ["" if rng.uniform() < cfg.drop_caption else c for c in caps]
@@ -167,15 +188,24 @@ def train_unet(models: FrozenModels, images: np.ndarray, captions: list[str], cf
         t = torch.randint(0, sched.config.num_train_timesteps, (len(latents),), generator=g)
         context, _ = text(text.tokenize(caps, "<subject>"))
         pred = unet(sched.add_noise(latents * scale, noise, t), t, encoder_hidden_states=context).sample
-        loss = F.mse_loss(pred, noise)
+        errors = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))          # (B,)
+        weights = snr[t].clamp(max=cycle.min_snr) / snr[t] if cycle.min_snr else torch.ones_like(errors)
+        loss = (weights * errors).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        losses.append(loss.item())
+        if average:
+            with torch.no_grad():
+                for a, p in zip(average, params):
+                    a.lerp_(p, 1 - cycle.ema)
+        losses.append(errors.mean().item())
         if step % 100 == 0:
             log.info("unet step %d: loss %.4f (%.2f s/step)", step, np.mean(losses[-100:]),
                      (time.time() - start) / (step + 1))
+    with torch.no_grad():
+        for a, p in zip(average, params):
+            p.copy_(a)
     unet.eval().requires_grad_(False)
     text.eval().requires_grad_(False)
     return losses
@@ -199,6 +229,8 @@ def train_base(folder: str | Path, images: np.ndarray, captions: list[str], cfg:
     models.vae.register_to_config(scaling_factor=json.loads(load_file_metadata(vae_file)["scaling_factor"]))
     if not (folder / "unet.safetensors").is_file():
         losses = train_unet(models, images, captions, cfg)
+        for index, cycle in enumerate(cfg.restarts, start=1):
+            losses = train_unet(models, images, captions, cfg, cycle, index)
         final = {**meta, "final_loss": float(np.mean(losses[-100:]))}
         for name in ("clip_vision", "appearance", "text"):
             _save(folder, name, _modules(models)[name], meta)

@@ -10,7 +10,7 @@ from pathlib import Path
 from customcontrast_core.config import get_preset
 
 from ..config import TrainConfig
-from .base import BaseConfig, train_base
+from .base import BaseConfig, Cycle, train_base
 from .data import WorldConfig, read_scenes, write_world
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,7 @@ class MiniworldConfig:
     train_steps: int = 1000
     train_batch: int = 16
     train_lr: float = 2e-3
+    train_splus_init: float = 0.1       # TrainConfig.splus_init_scale: S+ tokens start at the word embeddings' norm
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[Variant, ...] = TRAINED_VARIANTS
     sample_steps: int = 20
@@ -60,7 +61,8 @@ class MiniworldConfig:
         """Toy scale: every stage runs, nothing is expected to be learned (the tests' mode)."""
         return cls(world=WorldConfig(scenes=256, subjects=8, views=3, eval_subjects=2, eval_prompts=1,
                                      eval_renders=1),
-                   base=BaseConfig(vae_steps=5, steps=5, batch_size=8, warmup=2),
+                   base=BaseConfig(vae_steps=5, steps=5, batch_size=8, warmup=2,
+                                   restarts=(Cycle(2, 1e-4, min_snr=5.0, ema=0.9),), restart_warmup=1),
                    train_steps=3, train_batch=4, seeds=(0,), variants=TRAINED_VARIANTS[:2], sample_steps=2,
                    scorer_quick=True, workers=1)
 
@@ -74,7 +76,7 @@ class MiniworldConfig:
                       output_dir=str(out / "runs" / f"{variant.name}_seed{seed}"), steps=self.train_steps,
                       batch_size=self.train_batch, lr=self.train_lr, target_size=self.world.image_size,
                       reference_size=self.world.image_size, save_every=self.train_steps, seed=seed,
-                      warmup_steps=min(50, self.train_steps // 4))
+                      warmup_steps=min(50, self.train_steps // 4), splus_init_scale=self.train_splus_init)
         fields.update(dict(variant.overrides))
         return TrainConfig.from_dict(fields)
 

@@ -61,6 +61,7 @@ GENERATORS = (
     Generator("hard mask", "full", mask_mode="topk", all_seeds=False),
 )
 UPPER = "upper bound (real renders)"
+AUTOENCODED = "real renders through the autoencoder"   # the latent space's own ceiling: what any base could reach
 
 
 def _prompt(case: EvalCase, ctx: Context, gen: Generator) -> str:
@@ -104,6 +105,16 @@ def real_column(cases: list[EvalCase], out: Path, size: int) -> dict:
     return column
 
 
+@torch.no_grad()
+def autoencoded(column: dict, frozen) -> dict:
+    """``column``'s images encoded (latent mean) and decoded by the base model's autoencoder.
+    Shapes: each (N, 3, H, W) in [0, 1] -> the same."""
+    def through(images: torch.Tensor) -> torch.Tensor:
+        latents = frozen.vae.encode(images * 2 - 1).latent_dist.mean
+        return ((frozen.vae.decode(latents).sample + 1) / 2).clamp(0, 1)
+    return {key: through(images) for key, images in column.items()}
+
+
 def write_report(out: Path, cfg) -> Path:
     """Generates, scores and writes ``report/table.md``, ``report/results.json`` and ``report/picture.png``."""
     from .scorers import FILE, load_scorers
@@ -117,6 +128,8 @@ def write_report(out: Path, cfg) -> Path:
     results: dict[str, list[dict]] = {}
     columns: dict[str, dict] = {UPPER: real_column(cases, report / "real", cfg.world.image_size)}
     results[UPPER] = [score_column(scorers, cases, columns[UPPER])]
+    columns[AUTOENCODED] = autoencoded(columns[UPPER], frozen)
+    results[AUTOENCODED] = [score_column(scorers, cases, columns[AUTOENCODED])]
     for gen in GENERATORS:
         runs = [None] if gen.trained is None else list(seeds.get(gen.trained, ()))
         runs = runs if gen.all_seeds else runs[:1]
