@@ -24,8 +24,6 @@ from training.run import parse_config
                                "found 'nope'"),
     ("r_min", 0, "TrainConfig.r_min: expected 0 < r_min <= 1 (clamp of a cosine, inverted), found 0.0"),
     ("r_min", 1.5, "TrainConfig.r_min: expected 0 < r_min <= 1 (clamp of a cosine, inverted), found 1.5"),
-    ("splus_init_scale", 0, "TrainConfig.splus_init_scale: expected a number > 0 (the S+ head's initial weights x "
-                            "this), found 0.0"),
     ("macl_temperature", 0, "TrainConfig.macl_temperature: expected a number > 0, found 0.0"),
     ("cscl_temperature", -1, "TrainConfig.cscl_temperature: expected a number > 0, found -1.0"),
     ("lr", 0, "TrainConfig.lr: expected a number > 0, found 0.0"),

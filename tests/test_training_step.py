@@ -61,20 +61,3 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tmp_path: Path
     assert terms["loc"] != 0 and loss_a == loss_b
     assert all(g is not None for g in grads_a.values()) and grads_a.keys() == grads_b.keys()
     assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)   # the same arithmetic, recomputed
-
-
-
-def test_splus_init_scale_scales_the_s_plus_tokens_at_initialisation_and_nothing_else():
-    """``splus_init_scale`` multiplies the S+ head's output layer: at step 0 the S+ tokens and the textual CLS
-    are the default model's x scale (the head is their last, linear layer) and the image features are the
-    default's. Fails if the scale is not applied, or applied to another layer."""
-    default, scaled = (build_module(TrainConfig(splus_init_scale=s, steps=1, batch_size=2)).model.encoder
-                       for s in (1.0, 0.1))
-    clip_hidden = torch.randn(2, 3, 17, 64)
-    t = torch.tensor([10, 900])
-    image_a, image_b = default.encode_image(clip_hidden), scaled.encode_image(clip_hidden)
-    torch.testing.assert_close(image_b.visual, image_a.visual)
-    a, b = default.encode_timestep(image_a, t), scaled.encode_timestep(image_b, t)
-    torch.testing.assert_close(b.splus, 0.1 * a.splus)
-    torch.testing.assert_close(b.text_cls, 0.1 * a.text_cls)
-    assert a.splus.abs().mean() > 0.1

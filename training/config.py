@@ -138,7 +138,6 @@ class TrainConfig:
     cscl_temperature: float = 1.0         # as printed in Eq. 4 (no temperature)
     macl_temperature: float = 0.07
     r_min: float = 0.05                   # clamp of the appearance cosine r in MACL's α = 1/r
-    splus_init_scale: float = 1.0         # the S+ head's initial weights x this (S+ tokens start near the word embeddings' norm)
     drop_image: float = 0.05
     drop_text: float = 0.05
     drop_both: float = 0.05
@@ -178,8 +177,6 @@ class TrainConfig:
             _require(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
         for name in ("lr", "cscl_temperature", "macl_temperature"):
             _require(getattr(self, name) > 0, name, "a number > 0", getattr(self, name))
-        _require(self.splus_init_scale > 0, "splus_init_scale", "a number > 0 (the S+ head's initial weights x this)",
-                 self.splus_init_scale)
         for name in ("weight_decay", "lambda_contrast", "lambda_loc"):
             _require(getattr(self, name) >= 0, name, "a number >= 0", getattr(self, name))
         _require(0 < self.r_min <= 1, "r_min", "0 < r_min <= 1 (clamp of a cosine, inverted)", self.r_min)

@@ -174,21 +174,9 @@ def build_module(cfg: TrainConfig) -> TrainingModule:
     torch.manual_seed(cfg.seed)
     model = CustomContrastModel(enc_config)
     model.visual_kv.load_from_unet(unet_kv_weights(frozen.unet, model))
-    if cfg.splus_init_scale != 1.0:
-        scale_splus_head(model, cfg.splus_init_scale)
     if cfg.gradient_checkpointing and hasattr(frozen.unet, "enable_gradient_checkpointing"):
         frozen.unet.enable_gradient_checkpointing()
     return TrainingModule(model, frozen, cfg)
-
-
-def scale_splus_head(model: CustomContrastModel, scale: float) -> None:
-    """Multiplies the S+ head's initial output layer (weight and bias) by ``scale``. In the small world the
-    head's default init gives S+ tokens of norm ~3 against word embeddings of ~0.3; x 0.1 starts them at the
-    words' scale, and CustomContrast's E-appearance rose from 0.206 to 0.244 (docs/miniworld.md)."""
-    with torch.no_grad():
-        head = model.encoder.text_out[-1]
-        head.weight.mul_(scale)
-        head.bias.mul_(scale)
 
 
 def make_optimizer(params, cfg: TrainConfig, device: torch.device | str) -> torch.optim.Optimizer:

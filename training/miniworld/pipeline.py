@@ -47,7 +47,6 @@ class MiniworldConfig:
     train_steps: int = 1000
     train_batch: int = 16
     train_lr: float = 2e-3
-    train_splus_init: float = 0.1       # TrainConfig.splus_init_scale: S+ tokens start at the word embeddings' norm
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[Variant, ...] = TRAINED_VARIANTS
     sample_steps: int = 20
@@ -76,7 +75,7 @@ class MiniworldConfig:
                       output_dir=str(out / "runs" / f"{variant.name}_seed{seed}"), steps=self.train_steps,
                       batch_size=self.train_batch, lr=self.train_lr, target_size=self.world.image_size,
                       reference_size=self.world.image_size, save_every=self.train_steps, seed=seed,
-                      warmup_steps=min(50, self.train_steps // 4), splus_init_scale=self.train_splus_init)
+                      warmup_steps=min(50, self.train_steps // 4))
         fields.update(dict(variant.overrides))
         return TrainConfig.from_dict(fields)
 
