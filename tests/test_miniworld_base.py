@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from customcontrast_core.config import get_preset
-from training.miniworld.base import BaseConfig, Cycle, build_base, train_unet
+from training.miniworld.base import BaseConfig, Cycle, build_base, min_snr_weights, train_unet
 
 CFG = BaseConfig(batch_size=4, restart_warmup=1)
 
@@ -30,3 +30,11 @@ def test_an_ema_cycle_ends_on_the_moving_average_of_its_weights():
     assert any(not torch.equal(a, b) for a, b in zip(w1, w2))
     for a, p0, p1, p2 in zip(averaged, w0, w1, w2):
         torch.testing.assert_close(a, 0.5625 * p0 + 0.1875 * p1 + 0.25 * p2, rtol=1e-5, atol=1e-6)
+
+
+def test_min_snr_weights_cap_the_high_snr_timesteps_only():
+    """min(SNR, 5) / SNR: 1 below gamma, gamma / SNR above; gamma 0 is plain MSE. Fails if the weight is
+    min(SNR, gamma) undivided or the cap is applied below gamma."""
+    snr = torch.tensor([0.01, 1.0, 5.0, 20.0, 500.0])
+    torch.testing.assert_close(min_snr_weights(snr, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.25, 0.01]))
+    torch.testing.assert_close(min_snr_weights(snr, 0.0), torch.ones(5))

@@ -154,6 +154,12 @@ def latent_scale(models: FrozenModels, images: np.ndarray) -> float:
     return float(1.0 / models.vae.encode(x).latent_dist.mean.std())
 
 
+def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma weights of the epsilon loss, min(SNR, gamma) / SNR (Hang et al. 2023); all 1 when gamma is 0.
+    Shapes: snr (B,) -> (B,)."""
+    return snr.clamp(max=gamma) / snr if gamma else torch.ones_like(snr)
+
+
 def train_unet(models: FrozenModels, images: np.ndarray, captions: list[str], cfg: BaseConfig,
                cycle: Cycle | None = None, index: int = 0) -> list[float]:
     """Trains the UNet and the text encoder jointly (epsilon prediction, caption dropout) for one cosine cycle:
@@ -191,8 +197,7 @@ def train_unet(models: FrozenModels, images: np.ndarray, captions: list[str], cf
         context, _ = text(text.tokenize(caps, "<subject>"))
         pred = unet(sched.add_noise(latents * scale, noise, t), t, encoder_hidden_states=context).sample
         errors = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))          # (B,)
-        weights = snr[t].clamp(max=cycle.min_snr) / snr[t] if cycle.min_snr else torch.ones_like(errors)
-        loss = (weights * errors).mean()
+        loss = (min_snr_weights(snr[t], cycle.min_snr) * errors).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
