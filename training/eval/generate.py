@@ -16,6 +16,7 @@ from einops import rearrange
 from torch import Tensor
 
 from customcontrast_core.attention import SubjectMaps
+from customcontrast_core.encoder import ImageFeatures
 from customcontrast_core.masks import MaskConfig
 from customcontrast_core.propagation import MaskTracker
 from customcontrast_core.visual_kv import CustomContrastModel
@@ -73,8 +74,12 @@ class SubjectSampler:
         self.capture_layers = {l.name for l in model.config.layers if l.downsample in capture_downsample}
 
     @torch.no_grad()
-    def __call__(self, prompt: str, reference: Tensor | None, settings: SampleSettings, seed: int) -> Tensor:
-        """Shapes: reference (3, H, W) in [0, 1] or None -> image (3, R, R) in [0, 1]."""
+    def __call__(self, prompt: str, reference: Tensor | None, settings: SampleSettings, seed: int,
+                 image: ImageFeatures | None = None) -> Tensor:
+        """Shapes: reference (3, H, W) in [0, 1] or None -> image (3, R, R) in [0, 1].
+
+        ``image``: the reference's encoder image features to use instead of encoding ``reference`` (features
+        fitted to one subject, ``training.miniworld.oracles``); batch 1."""
         from diffusers import DDIMScheduler
 
         frozen, state, encoder = self.frozen, self.state, self.model.encoder
@@ -89,7 +94,8 @@ class SubjectSampler:
         negative, _ = text(text.tokenize([settings.negative], PLACEHOLDER))
         if reference is not None:
             layers = self.model.config.clip_layers
-            image = encoder.encode_image(clip_hidden_states(frozen.clip_vision, reference[None].to(device), layers))
+            if image is None:
+                image = encoder.encode_image(clip_hidden_states(frozen.clip_vision, reference[None].to(device), layers))
             blank = encoder.encode_image(clip_hidden_states(frozen.clip_vision, torch.zeros_like(reference[None]).to(device), layers))
             tokens = text.tokenize([prompt], PLACEHOLDER)
         else:

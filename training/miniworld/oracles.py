@@ -1,0 +1,216 @@
+"""Per-subject oracles: how close to a held-out subject the small world gets when something is fitted to that one
+subject's reference scene, everything else frozen. They say which part of the system limits CustomContrast:
+
+- ``dreambooth``: the whole base UNet fine-tuned on the reference scene with its class-word caption (DreamBooth,
+  Ruiz et al. 2023, without prior preservation); it generates from class-word prompts. Can the base model's
+  weights draw the subject at all?
+- ``adapter``: a trained CustomContrast's image features (the Visual Q-Former's output) and its visual K/V fitted
+  to the reference, the MFI-Encoder's other weights and the base frozen; it generates as CustomContrast does
+  (placeholder prompts, S+ and the visual branch). How much can CustomContrast's own conditioning carry, when
+  it does not have to come from one shot of a shared encoder?
+
+    python -m training.miniworld.oracles --out runs/miniworld      # after the world, base, scorers, train stages
+
+writes ``<out>/report/oracles.json`` (rows in the report's column names) and ``oracles.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from customcontrast_core import checkpoint
+from customcontrast_core.config import get_preset
+from customcontrast_core.encoder import ImageFeatures
+from customcontrast_core.visual_kv import CustomContrastModel
+
+from ..eval.generate import PLACEHOLDER, SampleSettings, SubjectSampler, reference_view
+from ..models import FrozenModels, clip_hidden_states
+from ..processors import ProcessorState, install_processors, project_visual_kv
+from .base import load_base
+from .data import REFERENCE_CONTEXT, EvalCase, read_eval
+from .pipeline import MiniworldConfig
+from .report import GENERATORS, HEADLINE, _load, _prompt, score_column
+
+log = logging.getLogger(__name__)
+ORACLES = ("dreambooth", "adapter")
+LOWER = next(g for g in GENERATORS if g.name == "lower bound (base, class word)")
+FULL = next(g for g in GENERATORS if g.name == "CustomContrast")
+
+
+@dataclass(frozen=True)
+class OracleConfig:
+    subjects: int = 6          # the first held-out subjects
+    steps: int = 300           # Adam steps per subject
+    batch: int = 8             # noise draws of the reference per step
+    unet_lr: float = 1e-4      # dreambooth (5e-4: appearance up, text accuracy down)
+    feature_lr: float = 2e-2   # adapter: image features
+    kv_lr: float = 1e-2        # adapter: visual K/V (1e-3 barely moves them in 300 steps)
+    seed: int = 1
+
+
+def reference_latents(frozen: FrozenModels, case: EvalCase) -> Tensor:
+    """The reference scene's scaled latent mean. Shapes: -> (1, 4, h, w)."""
+    with torch.no_grad():
+        image = _load(case.reference)[None] * 2 - 1
+        return frozen.vae.encode(image).latent_dist.mean * frozen.vae.config.scaling_factor
+
+
+def _draws(frozen: FrozenModels, latents: Tensor, batch: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """(noisy latents, timesteps, noise) of ``batch`` draws. Shapes: latents (1, C, h, w) -> (B, C, h, w), (B,), ..."""
+    noise = torch.randn(batch, *latents.shape[1:], generator=g)
+    t = torch.randint(0, frozen.scheduler.config.num_train_timesteps, (batch,), generator=g)
+    return frozen.scheduler.add_noise(latents.expand(batch, -1, -1, -1), noise, t), t, noise
+
+
+def unet_loss(unet: nn.Module, frozen: FrozenModels, case: EvalCase, batch: int, g: torch.Generator) -> Tensor:
+    """Epsilon MSE of ``unet`` on the reference scene with its class-word caption."""
+    context, _ = frozen.text(frozen.text.tokenize([REFERENCE_CONTEXT.words(case.subject.shape)], PLACEHOLDER))
+    noisy, t, noise = _draws(frozen, reference_latents(frozen, case), batch, g)
+    return F.mse_loss(unet(noisy, t, encoder_hidden_states=context.expand(batch, -1, -1)).sample, noise)
+
+
+def fit_unet(frozen: FrozenModels, case: EvalCase, cfg: OracleConfig) -> nn.Module:
+    """A copy of the base UNet fine-tuned on ``case``'s reference scene (the base's own UNet is untouched)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    unet = copy.deepcopy(frozen.unet)
+    unet.set_attn_processor(AttnProcessor2_0())  # plain attention: no processor a sampler may have left
+    unet.train().requires_grad_(True)
+    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.steps):
+        loss = unet_loss(unet, frozen, case, cfg.batch, g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return unet.eval().requires_grad_(False)
+
+
+def reference_features(model: CustomContrastModel, frozen: FrozenModels, case: EvalCase, size: int) -> ImageFeatures:
+    """``model``'s image features of ``case``'s reference view (as the evaluation builds it)."""
+    reference = reference_view(case.reference, case.reference_mask, size, case.subject.shape)
+    with torch.no_grad():
+        return model.encoder.encode_image(clip_hidden_states(frozen.clip_vision, reference[None],
+                                                             model.config.clip_layers))
+
+
+def adapter_loss(model: CustomContrastModel, image: ImageFeatures, frozen: FrozenModels, case: EvalCase,
+                 state: ProcessorState, batch: int, g: torch.Generator) -> Tensor:
+    """Epsilon MSE on the reference scene with its placeholder caption, conditioned as in training (S+ of
+    ``image`` at each draw's timestep, its visual tokens through ``model``'s visual K/V; ``state`` is the
+    processors' state installed on ``frozen.unet`` for ``model``)."""
+    noisy, t, noise = _draws(frozen, reference_latents(frozen, case), batch, g)
+    views = ImageFeatures(features=image.features.expand(batch, -1, -1), visual=image.visual.expand(batch, -1, -1),
+                          visual_cls=image.visual_cls.expand(batch, -1))
+    enc = model.encoder.encode_timestep(views, t.float())
+    tokens = frozen.text.tokenize([_prompt(case, REFERENCE_CONTEXT, FULL)] * batch, PLACEHOLDER)
+    contexts, _ = frozen.text(tokens, enc.splus)
+    contexts = rearrange(contexts, "(g b) t c -> g b t c", b=batch)
+    state.reset()
+    state.contexts, state.visual_tokens, state.slots = contexts.unbind(0), enc.visual_tokens, tokens.slots
+    state.visual_kv = project_visual_kv(model.visual_kv, enc.visual_tokens)
+    state.latent_hw, state.capture, state.mask, state.gamma = tuple(noisy.shape[-2:]), False, None, 1.0
+    try:
+        return F.mse_loss(frozen.unet(noisy, t, encoder_hidden_states=contexts[0]).sample, noise)
+    finally:
+        state.contexts = state.visual_tokens = state.visual_kv = None
+
+
+def fit_adapter(model: CustomContrastModel, frozen: FrozenModels, case: EvalCase, cfg: OracleConfig,
+                size: int) -> tuple[CustomContrastModel, ImageFeatures]:
+    """A copy of ``model`` whose visual K/V are fitted to ``case``'s reference scene, and the fitted image
+    features (``model`` itself is untouched)."""
+    fitted = copy.deepcopy(model).eval().requires_grad_(False)
+    start = reference_features(fitted, frozen, case, size)
+    image = ImageFeatures(*(nn.Parameter(x.detach().clone()) for x in (start.features, start.visual,
+                                                                      start.visual_cls)))
+    fitted.visual_kv.requires_grad_(True)
+    opt = torch.optim.Adam([{"params": [image.features, image.visual, image.visual_cls], "lr": cfg.feature_lr},
+                            {"params": list(fitted.visual_kv.parameters()), "lr": cfg.kv_lr}])
+    state = ProcessorState()
+    processors = frozen.unet.attn_processors
+    install_processors(frozen.unet, fitted, state, capture_downsample=())
+    g = torch.Generator().manual_seed(cfg.seed)
+    try:
+        for _ in range(cfg.steps):
+            loss = adapter_loss(fitted, image, frozen, case, state, cfg.batch, g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    finally:
+        frozen.unet.set_attn_processor(processors)
+    fitted.requires_grad_(False)
+    return fitted, ImageFeatures(*(x.detach() for x in (image.features, image.visual, image.visual_cls)))
+
+
+def _column(sampler: SubjectSampler, case: EvalCase, gen, settings: SampleSettings, reference: Tensor | None,
+            image: ImageFeatures | None = None) -> dict:
+    return {(case.name, p): sampler(_prompt(case, ctx, gen), reference, settings, seed=0, image=image)[None]
+            for p, ctx in enumerate((REFERENCE_CONTEXT, *case.contexts))}
+
+
+def run_oracles(out: Path, which: tuple[str, ...] = ORACLES, cfg: OracleConfig = OracleConfig(),
+                world: MiniworldConfig = MiniworldConfig()) -> dict[str, dict]:
+    """Fits each oracle per subject, generates the report's prompts and scores them with the world's scorers;
+    writes ``report/oracles.json`` and ``report/oracles.md``. Returns {row name: scores}."""
+    from .scorers import FILE, load_scorers
+    unknown = sorted(set(which) - set(ORACLES))
+    if unknown:
+        raise ValueError(f"oracles: expected names among {', '.join(ORACLES)}, found {', '.join(unknown)}")
+    size = world.world.image_size
+    cases = read_eval(out / "world" / "eval")[:cfg.subjects]
+    scorers = load_scorers(out / "scorers" / FILE)
+    frozen = load_base(out / "base", get_preset(world.encoder_preset), size, size)
+    model, _ = checkpoint.load(out / "runs" / f"full_seed{world.seeds[0]}" / "customcontrast.safetensors")
+    settings = SampleSettings(steps=world.sample_steps, guidance=world.guidance, resolution=size)
+    columns: dict[str, dict] = {"CustomContrast": {}}
+    for case in cases:
+        reference = reference_view(case.reference, case.reference_mask, size, case.subject.shape)
+        columns["CustomContrast"].update(_column(SubjectSampler(frozen, model), case, FULL, settings, reference))
+        if "dreambooth" in which:
+            tuned = replace(frozen, unet=fit_unet(frozen, case, cfg))
+            plain = replace(settings, use_mask=False)
+            columns.setdefault("dreambooth", {}).update(_column(SubjectSampler(tuned, model), case, LOWER, plain, None))
+        if "adapter" in which:
+            fitted, image = fit_adapter(model, frozen, case, cfg, size)
+            columns.setdefault("adapter", {}).update(
+                _column(SubjectSampler(frozen, fitted), case, FULL, settings, reference, image))
+        log.info("oracles: %s done", case.name)
+    rows = {name: score_column(scorers, cases, column) for name, column in columns.items()}
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    (report / "oracles.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=1))
+    keys = [f"{s}-{k}" for s in "RE" for k in HEADLINE]
+    lines = ["| row | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + " |" for name, r in rows.items()]
+    (report / "oracles.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    parser = argparse.ArgumentParser(prog="python -m training.miniworld.oracles", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/miniworld"), help="a run of python -m training.miniworld")
+    parser.add_argument("--which", default=",".join(ORACLES), help=f"comma-separated, among {', '.join(ORACLES)}")
+    parser.add_argument("--subjects", type=int, default=OracleConfig.subjects)
+    parser.add_argument("--steps", type=int, default=OracleConfig.steps)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    which = tuple(w.strip() for w in args.which.split(",") if w.strip())
+    rows = run_oracles(args.out, which, OracleConfig(subjects=args.subjects, steps=args.steps))
+    print((args.out / "report" / "oracles.md").read_text())
+    return rows
+
+
+if __name__ == "__main__":
+    main()
