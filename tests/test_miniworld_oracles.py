@@ -22,8 +22,9 @@ from customcontrast_core.config import get_preset
 from training.eval.generate import SampleSettings, SubjectSampler, reference_view
 from training.miniworld.base import load_base
 from training.miniworld.data import read_eval
-from training.miniworld.oracles import (OracleConfig, adapter_loss, fit_adapter, fit_unet, reference_features,
-                                        run_oracles, unet_loss)
+from training.miniworld.oracles import (OracleConfig, adapter_loss, class_word_context, fit_adapter, fit_unet,
+                                        placeholder_tokens, reference_features, reference_latents, run_oracles,
+                                        unet_loss)
 from training.miniworld.pipeline import MiniworldConfig, run_stages
 from training.processors import ProcessorState, install_processors
 
@@ -52,10 +53,12 @@ def _same(a: dict, b: dict) -> bool:
 def test_dreambooth_fit_lowers_the_reference_loss_of_a_copy(world) -> None:
     _, _, frozen, _, case = world
     base = _weights(frozen.unet)
-    before = unet_loss(frozen.unet, frozen, case, 16, torch.Generator().manual_seed(7)).item()
+    latents, context = reference_latents(frozen, case), class_word_context(frozen, case)
+    with torch.no_grad():
+        before = unet_loss(frozen.unet, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
     tuned = fit_unet(frozen, case, OracleConfig(steps=30, unet_lr=1e-3))
     with torch.no_grad():
-        after = unet_loss(tuned, frozen, case, 16, torch.Generator().manual_seed(7)).item()
+        after = unet_loss(tuned, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
     assert after < 0.8 * before, (before, after)
     assert _same(_weights(frozen.unet), base)          # the base UNet itself is untouched
 
@@ -66,7 +69,8 @@ def _adapter_loss(model, image, frozen, case) -> float:
     install_processors(frozen.unet, model, state, capture_downsample=())
     try:
         with torch.no_grad():
-            return adapter_loss(model, image, frozen, case, state, 16, torch.Generator().manual_seed(7)).item()
+            return adapter_loss(model, image, frozen, reference_latents(frozen, case), placeholder_tokens(frozen, case, 16),
+                                state, torch.Generator().manual_seed(7)).item()
     finally:
         frozen.unet.set_attn_processor(processors)
 

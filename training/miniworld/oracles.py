@@ -33,13 +33,13 @@ from customcontrast_core.config import get_preset
 from customcontrast_core.encoder import ImageFeatures
 from customcontrast_core.visual_kv import CustomContrastModel
 
-from ..eval.generate import PLACEHOLDER, SampleSettings, SubjectSampler, reference_view
-from ..models import FrozenModels, clip_hidden_states
+from ..eval.generate import PLACEHOLDER, reference_view
+from ..models import FrozenModels, clip_hidden_states, vae_latent_moments
 from ..processors import ProcessorState, install_processors, project_visual_kv
 from .base import load_base
 from .data import REFERENCE_CONTEXT, EvalCase, read_eval
 from .pipeline import MiniworldConfig
-from .report import GENERATORS, HEADLINE, _load, _prompt, score_column
+from .report import GENERATORS, HEADLINE, _load, _prompt, generate_column, score_column
 
 log = logging.getLogger(__name__)
 ORACLES = ("dreambooth", "adapter")
@@ -61,8 +61,15 @@ class OracleConfig:
 def reference_latents(frozen: FrozenModels, case: EvalCase) -> Tensor:
     """The reference scene's scaled latent mean. Shapes: -> (1, 4, h, w)."""
     with torch.no_grad():
-        image = _load(case.reference)[None] * 2 - 1
-        return frozen.vae.encode(image).latent_dist.mean * frozen.vae.config.scaling_factor
+        mean, _ = vae_latent_moments(frozen.vae, _load(case.reference)[None] * 2 - 1)
+        return mean * frozen.vae.config.scaling_factor
+
+
+def class_word_context(frozen: FrozenModels, case: EvalCase) -> Tensor:
+    """The reference scene's class-word caption, encoded. Shapes: -> (1, 77, C)."""
+    with torch.no_grad():
+        context, _ = frozen.text(frozen.text.tokenize([REFERENCE_CONTEXT.words(case.subject.shape)], PLACEHOLDER))
+        return context
 
 
 def _draws(frozen: FrozenModels, latents: Tensor, batch: int, g: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,10 +79,11 @@ def _draws(frozen: FrozenModels, latents: Tensor, batch: int, g: torch.Generator
     return frozen.scheduler.add_noise(latents.expand(batch, -1, -1, -1), noise, t), t, noise
 
 
-def unet_loss(unet: nn.Module, frozen: FrozenModels, case: EvalCase, batch: int, g: torch.Generator) -> Tensor:
-    """Epsilon MSE of ``unet`` on the reference scene with its class-word caption."""
-    context, _ = frozen.text(frozen.text.tokenize([REFERENCE_CONTEXT.words(case.subject.shape)], PLACEHOLDER))
-    noisy, t, noise = _draws(frozen, reference_latents(frozen, case), batch, g)
+def unet_loss(unet: nn.Module, frozen: FrozenModels, latents: Tensor, context: Tensor, batch: int,
+              g: torch.Generator) -> Tensor:
+    """Epsilon MSE of ``unet`` on ``batch`` noise draws of ``latents`` (``reference_latents``) with ``context``
+    (``class_word_context``). Shapes: latents (1, 4, h, w), context (1, 77, C) -> scalar."""
+    noisy, t, noise = _draws(frozen, latents, batch, g)
     return F.mse_loss(unet(noisy, t, encoder_hidden_states=context.expand(batch, -1, -1)).sample, noise)
 
 
@@ -87,8 +95,9 @@ def fit_unet(frozen: FrozenModels, case: EvalCase, cfg: OracleConfig) -> nn.Modu
     unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
+    latents, context = reference_latents(frozen, case), class_word_context(frozen, case)
     for _ in range(cfg.steps):
-        loss = unet_loss(unet, frozen, case, cfg.batch, g)
+        loss = unet_loss(unet, frozen, latents, context, cfg.batch, g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -103,16 +112,21 @@ def reference_features(model: CustomContrastModel, frozen: FrozenModels, case: E
                                                              model.config.clip_layers))
 
 
-def adapter_loss(model: CustomContrastModel, image: ImageFeatures, frozen: FrozenModels, case: EvalCase,
-                 state: ProcessorState, batch: int, g: torch.Generator) -> Tensor:
-    """Epsilon MSE on the reference scene with its placeholder caption, conditioned as in training (S+ of
-    ``image`` at each draw's timestep, its visual tokens through ``model``'s visual K/V; ``state`` is the
-    processors' state installed on ``frozen.unet`` for ``model``)."""
-    noisy, t, noise = _draws(frozen, reference_latents(frozen, case), batch, g)
-    views = ImageFeatures(features=image.features.expand(batch, -1, -1), visual=image.visual.expand(batch, -1, -1),
-                          visual_cls=image.visual_cls.expand(batch, -1))
+def placeholder_tokens(frozen: FrozenModels, case: EvalCase, batch: int):
+    """The reference scene's placeholder caption, tokenized ``batch`` times (the rows of ``adapter_loss``)."""
+    return frozen.text.tokenize([_prompt(case, REFERENCE_CONTEXT, FULL)] * batch, PLACEHOLDER)
+
+
+def adapter_loss(model: CustomContrastModel, image: ImageFeatures, frozen: FrozenModels, latents: Tensor, tokens,
+                 state: ProcessorState, g: torch.Generator) -> Tensor:
+    """Epsilon MSE on noise draws of ``latents`` (``reference_latents``; one draw per row of ``tokens``:
+    ``placeholder_tokens``), ``image`` of batch 1, conditioned as in training (S+ of ``image`` at each draw's timestep, its visual
+    tokens through ``model``'s visual K/V; ``state`` is the processors' state installed on ``frozen.unet`` for
+    ``model``)."""
+    batch = len(tokens.slots)
+    noisy, t, noise = _draws(frozen, latents, batch, g)
+    views = image.expand(batch)
     enc = model.encoder.encode_timestep(views, t.float())
-    tokens = frozen.text.tokenize([_prompt(case, REFERENCE_CONTEXT, FULL)] * batch, PLACEHOLDER)
     contexts, _ = frozen.text(tokens, enc.splus)
     contexts = rearrange(contexts, "(g b) t c -> g b t c", b=batch)
     state.reset()
@@ -140,9 +154,10 @@ def fit_adapter(model: CustomContrastModel, frozen: FrozenModels, case: EvalCase
     processors = frozen.unet.attn_processors
     install_processors(frozen.unet, fitted, state, capture_downsample=())
     g = torch.Generator().manual_seed(cfg.seed)
+    latents, tokens = reference_latents(frozen, case), placeholder_tokens(frozen, case, cfg.batch)
     try:
         for _ in range(cfg.steps):
-            loss = adapter_loss(fitted, image, frozen, case, state, cfg.batch, g)
+            loss = adapter_loss(fitted, image, frozen, latents, tokens, state, g)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -150,12 +165,6 @@ def fit_adapter(model: CustomContrastModel, frozen: FrozenModels, case: EvalCase
         frozen.unet.set_attn_processor(processors)
     fitted.requires_grad_(False)
     return fitted, ImageFeatures(*(x.detach() for x in (image.features, image.visual, image.visual_cls)))
-
-
-def _column(sampler: SubjectSampler, case: EvalCase, gen, settings: SampleSettings, reference: Tensor | None,
-            image: ImageFeatures | None = None) -> dict:
-    return {(case.name, p): sampler(_prompt(case, ctx, gen), reference, settings, seed=0, image=image)[None]
-            for p, ctx in enumerate((REFERENCE_CONTEXT, *case.contexts))}
 
 
 def run_oracles(out: Path, which: tuple[str, ...] = ORACLES, cfg: OracleConfig = OracleConfig(),
@@ -171,19 +180,15 @@ def run_oracles(out: Path, which: tuple[str, ...] = ORACLES, cfg: OracleConfig =
     scorers = load_scorers(out / "scorers" / FILE)
     frozen = load_base(out / "base", get_preset(world.encoder_preset), size, size)
     model, _ = checkpoint.load(out / "runs" / f"full_seed{world.seeds[0]}" / "customcontrast.safetensors")
-    settings = SampleSettings(steps=world.sample_steps, guidance=world.guidance, resolution=size)
-    columns: dict[str, dict] = {"CustomContrast": {}}
+    columns: dict[str, dict] = {"CustomContrast": generate_column(FULL, model, frozen, cases, world)}
     for case in cases:
-        reference = reference_view(case.reference, case.reference_mask, size, case.subject.shape)
-        columns["CustomContrast"].update(_column(SubjectSampler(frozen, model), case, FULL, settings, reference))
         if "dreambooth" in which:
             tuned = replace(frozen, unet=fit_unet(frozen, case, cfg))
-            plain = replace(settings, use_mask=False)
-            columns.setdefault("dreambooth", {}).update(_column(SubjectSampler(tuned, model), case, LOWER, plain, None))
+            columns.setdefault("dreambooth", {}).update(generate_column(LOWER, model, tuned, [case], world))
         if "adapter" in which:
             fitted, image = fit_adapter(model, frozen, case, cfg, size)
             columns.setdefault("adapter", {}).update(
-                _column(SubjectSampler(frozen, fitted), case, FULL, settings, reference, image))
+                generate_column(FULL, fitted, frozen, [case], world, images={case.name: image}))
         log.info("oracles: %s done", case.name)
     rows = {name: score_column(scorers, cases, column) for name, column in columns.items()}
     report = out / "report"

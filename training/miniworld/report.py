@@ -75,8 +75,10 @@ def _load(path: str) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
 
 
-def generate_column(gen: Generator, model, frozen, cases: list[EvalCase], cfg, seeds: int = 1) -> dict:
-    """Images of one generator: {(case, prompt index): (N, 3, H, W)}; prompt 0 is the R- prompt."""
+def generate_column(gen: Generator, model, frozen, cases: list[EvalCase], cfg, seeds: int = 1,
+                    images: dict | None = None) -> dict:
+    """Images of one generator: {(case, prompt index): (N, 3, H, W)}; prompt 0 is the R- prompt. ``images``:
+    {case name: ImageFeatures} used instead of encoding those cases' references (``oracles``)."""
     size = cfg.world.image_size
     sampler = SubjectSampler(frozen, model)
     settings = SampleSettings(steps=cfg.sample_steps, guidance=cfg.guidance, resolution=size, gamma=gen.gamma,
@@ -87,7 +89,9 @@ def generate_column(gen: Generator, model, frozen, cases: list[EvalCase], cfg, s
             else None
         for p, ctx in enumerate((REFERENCE_CONTEXT, *case.contexts)):
             prompt = _prompt(case, ctx, gen)
-            out[case.name, p] = torch.stack([sampler(prompt, ref, settings, seed=s) for s in range(seeds)])
+            image = (images or {}).get(case.name)
+            out[case.name, p] = torch.stack([sampler(prompt, ref, settings, seed=s, image=image)
+                                             for s in range(seeds)])
     return out
 
 
