@@ -7,7 +7,10 @@ Faults each test must catch (checked by hand):
 - ``fit_adapter`` fitting ``model`` in place, or leaving the visual K/V out of its optimizer (the fitted
   features through the start model's K/V then do as well as the fit: on the quick world the fit takes the loss
   0.851 -> 0.677, the fitted features alone 0.849);
-- ``SubjectSampler`` ignoring ``image`` (the fitted features would never reach a generation).
+- ``SubjectSampler`` ignoring ``image`` (the fitted features would never reach a generation);
+- ``write_held_out_manifest`` pairing a view with another view's mask or caption, or rendering scenes other
+  than the evaluation's (the memorized oracle would train on something else than the scenes it is scored on);
+- the memorized oracle training on the world's training subjects instead of that manifest.
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from customcontrast_core import checkpoint
 from customcontrast_core.config import get_preset
 from training.eval.generate import SampleSettings, SubjectSampler, reference_view
 from training.miniworld.base import load_base
-from training.miniworld.data import read_eval
+from training.data.manifest import read_manifest
+from training.miniworld.data import REFERENCE_CONTEXT, held_out_subject, read_eval, subject_caption, write_held_out_manifest
+from training.miniworld.report import _load
 from training.miniworld.oracles import (OracleConfig, adapter_loss, class_word_context, fit_adapter, fit_unet,
                                         placeholder_tokens, reference_features, reference_latents, run_oracles,
                                         unet_loss)
@@ -105,13 +110,38 @@ def test_the_sampler_generates_from_given_image_features(world) -> None:
     assert (sampler(prompt, reference, settings, seed=0, image=other) - encoded).abs().max() > 1e-3
 
 
+def test_held_out_manifest_holds_the_evaluation_scenes_with_their_own_masks_and_captions(world, tmp_path) -> None:
+    out, cfg, _, _, _ = world
+    cases = read_eval(out / "world" / "eval")
+    records = read_manifest(write_held_out_manifest(tmp_path, cfg.world, len(cases)))
+    assert [r.subject for r in records] == [c.name for c in cases]
+    for record, case in zip(records, cases):
+        scenes = [(REFERENCE_CONTEXT, case.reference)] + [(ctx, path) for ctx, row in zip(case.contexts, case.renders)
+                                                          for path in row]
+        assert len(record.images) == len(record.masks) == len(record.captions) == len(scenes)
+        for view, (ctx, path) in enumerate(scenes):       # the very images the evaluation scores, pixel for pixel
+            assert torch.equal(_load(record.images[view]), _load(path)), (case.name, view)
+            assert record.captions[view] == subject_caption(case.subject, ctx)
+        assert torch.equal(_load(record.masks[0]), _load(case.reference_mask))
+        _, _, _, renders = held_out_subject(cfg.world, cases.index(case))
+        masks = [mask for row in renders for _, mask in row]
+        for view, mask in enumerate(masks, start=1):
+            assert torch.equal(_load(record.masks[view])[0], torch.from_numpy((mask * 255).astype("uint8")) / 255.0)
+    with pytest.raises(ValueError, match=f"expected 1 to {len(cases)} subjects .* found {len(cases) + 1}"):
+        write_held_out_manifest(tmp_path, cfg.world, len(cases) + 1)
+
+
 def test_run_oracles_writes_every_row(world) -> None:
     out, cfg, _, _, _ = world
-    rows = run_oracles(out, cfg=OracleConfig(subjects=1, steps=2), world=cfg)
-    assert set(rows) == {"CustomContrast", "dreambooth", "adapter"}
+    rows = run_oracles(out, cfg=OracleConfig(subjects=2, steps=2, memorized_steps=2), world=cfg)
+    assert set(rows) == {"CustomContrast", "dreambooth", "adapter", "memorized"}
     saved = json.loads((out / "report" / "oracles.json").read_text())
     assert saved["rows"] == rows and saved["config"]["steps"] == 2
     assert all(-1 <= r["E-appearance"] <= 1 and 0 <= r["E-text_acc"] <= 1 for r in rows.values())
-    assert len((out / "report" / "oracles.md").read_text().splitlines()) == 2 + 3
-    with pytest.raises(ValueError, match="among dreambooth, adapter, found textual"):
+    assert len((out / "report" / "oracles.md").read_text().splitlines()) == 2 + 4
+    run = out / "oracles" / "memorized_2_subjects_2_steps" / "run"     # trained on the held-out subjects' scenes
+    trained = json.loads((run / "config.json").read_text())
+    assert trained["steps"] == 2 and trained["batch_size"] == 2
+    assert [r.subject for r in read_manifest(trained["data"])] == ["heldout_00", "heldout_01"]
+    with pytest.raises(ValueError, match="among dreambooth, adapter, memorized, found textual"):
         run_oracles(out, ("textual",), OracleConfig(subjects=1, steps=1), cfg)

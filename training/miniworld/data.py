@@ -98,24 +98,54 @@ def write_subjects(folder: Path, cfg: WorldConfig) -> Path:
     return write_manifest(folder / "manifest.jsonl", records)
 
 
+def held_out_subject(cfg: WorldConfig, k: int) -> tuple[Subject, tuple, list[Context], list[list[tuple]]]:
+    """The k-th held-out subject from its own random stream: the subject, its reference render, its evaluation
+    contexts and, per context, its real renders (each render an (image, mask) pair, as ``render`` returns).
+    ``write_eval`` saves them; ``write_held_out_manifest`` re-renders the same images with their masks."""
+    rng = np.random.default_rng([cfg.seed, 30, k])
+    subject = make_subject(rng, held_out=True)
+    reference = render(subject, REFERENCE_CONTEXT, cfg.image_size, rng)
+    contexts, renders = [], []
+    for _ in range(cfg.eval_prompts):
+        ctx = make_context(rng, held_out=True, companion_rate=0.0)
+        contexts.append(ctx)
+        renders.append([render(subject, ctx, cfg.image_size, rng) for _ in range(cfg.eval_renders)])
+    return subject, reference, contexts, renders
+
+
 def write_eval(folder: Path, cfg: WorldConfig) -> list[EvalCase]:
     cases = []
     for k in range(cfg.eval_subjects):
-        rng = np.random.default_rng([cfg.seed, 30, k])
-        subject = make_subject(rng, held_out=True)
+        subject, (image, mask), contexts, renders = held_out_subject(cfg, k)
         name = f"heldout_{k:02d}"
-        image, mask = render(subject, REFERENCE_CONTEXT, cfg.image_size, rng)
         reference = save_png(image, folder / name / "reference.png")
         reference_mask = save_png((mask * 255).astype(np.uint8), folder / name / "reference_mask.png")
-        contexts, renders = [], []
-        for p in range(cfg.eval_prompts):
-            ctx = make_context(rng, held_out=True, companion_rate=0.0)
-            contexts.append(ctx)
-            renders.append(tuple(save_png(render(subject, ctx, cfg.image_size, rng)[0],
-                                           folder / name / f"real_{p}_{r}.png") for r in range(cfg.eval_renders)))
-        cases.append(EvalCase(name, subject, reference, reference_mask, tuple(contexts), tuple(renders)))
+        paths = tuple(tuple(save_png(image, folder / name / f"real_{p}_{r}.png") for r, (image, _) in enumerate(row))
+                      for p, row in enumerate(renders))
+        cases.append(EvalCase(name, subject, reference, reference_mask, tuple(contexts), paths))
     (folder / "eval.json").write_text(json.dumps([asdict(c) for c in cases], indent=1))
     return cases
+
+
+def write_held_out_manifest(folder: Path, cfg: WorldConfig, subjects: int) -> Path:
+    """The first ``subjects`` held-out subjects as CustomContrast training data (``training.run``'s manifest):
+    each one's reference scene and every real render of its evaluation contexts (the evaluation's own images),
+    with exact masks and placeholder captions. Trained on, they give the ``memorized`` oracle
+    (``training.miniworld.oracles``): what the one-shot model carries for subjects whose test scenes it has seen."""
+    if not 1 <= subjects <= cfg.eval_subjects:
+        raise ValueError(f"held-out manifest: expected 1 to {cfg.eval_subjects} subjects (the world's held-out "
+                         f"subjects), found {subjects}")
+    records = []
+    for k in range(subjects):
+        subject, reference, contexts, renders = held_out_subject(cfg, k)
+        name = f"heldout_{k:02d}"
+        scenes = [(REFERENCE_CONTEXT, reference)] + [(ctx, r) for ctx, row in zip(contexts, renders) for r in row]
+        images = tuple(save_png(image, folder / name / f"view_{v}.png") for v, (_, (image, _)) in enumerate(scenes))
+        masks = tuple(save_png((mask * 255).astype(np.uint8), folder / name / f"mask_{v}.png")
+                      for v, (_, (_, mask)) in enumerate(scenes))
+        records.append(SubjectRecord(subject=name, cls=subject.shape, images=images, masks=masks,
+                                     captions=tuple(subject_caption(subject, ctx) for ctx, _ in scenes)))
+    return write_manifest(folder / "manifest.jsonl", records)
 
 
 def read_eval(folder: Path) -> list[EvalCase]:

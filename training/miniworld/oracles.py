@@ -1,5 +1,6 @@
-"""Per-subject oracles: how close to a held-out subject the small world gets when something is fitted to that one
-subject's reference scene, everything else frozen. They say which part of the system limits CustomContrast:
+"""Oracles: how close to a held-out subject the small world gets when something is fitted to that subject (its
+reference scene, everything else frozen), or when CustomContrast has trained on it. They say which part of the
+system limits CustomContrast:
 
 - ``dreambooth``: the whole base UNet fine-tuned on the reference scene with its class-word caption (DreamBooth,
   Ruiz et al. 2023, without prior preservation); it generates from class-word prompts. Can the base model's
@@ -8,6 +9,10 @@ subject's reference scene, everything else frozen. They say which part of the sy
   to the reference, the MFI-Encoder's other weights and the base frozen; it generates as CustomContrast does
   (placeholder prompts, S+ and the visual branch). How much can CustomContrast's own conditioning carry, when
   it does not have to come from one shot of a shared encoder?
+- ``memorized``: CustomContrast trained by ``training.run`` (the world's config, full Eq. 9) on the held-out
+  subjects themselves, with every scene the evaluation scores (reference and real renders) as its training
+  views, then used one-shot as usual. How much does the one-shot model carry for subjects it has seen, i.e.
+  is the limit that the encoder must generalise to new subjects, or what it learns to carry at all?
 
     python -m training.miniworld.oracles --out runs/miniworld      # after the world, base, scorers, train stages
 
@@ -37,12 +42,12 @@ from ..eval.generate import PLACEHOLDER, reference_view
 from ..models import FrozenModels, clip_hidden_states, vae_latent_moments
 from ..processors import ProcessorState, install_processors, project_visual_kv
 from .base import load_base
-from .data import REFERENCE_CONTEXT, EvalCase, read_eval
-from .pipeline import MiniworldConfig
+from .data import REFERENCE_CONTEXT, EvalCase, read_eval, write_held_out_manifest
+from .pipeline import TRAINED_VARIANTS, MiniworldConfig
 from .report import GENERATORS, HEADLINE, _load, _prompt, generate_column, score_column
 
 log = logging.getLogger(__name__)
-ORACLES = ("dreambooth", "adapter")
+ORACLES = ("dreambooth", "adapter", "memorized")
 LOWER = next(g for g in GENERATORS if g.name == "lower bound (base, class word)")
 FULL = next(g for g in GENERATORS if g.name == "CustomContrast")
 
@@ -55,6 +60,7 @@ class OracleConfig:
     unet_lr: float = 1e-4      # dreambooth (5e-4: appearance up, text accuracy down)
     feature_lr: float = 2e-2   # adapter: image features
     kv_lr: float = 1e-2        # adapter: visual K/V (1e-3 barely moves them in 300 steps)
+    memorized_steps: int = 1500   # memorized: CustomContrast training steps (batch: the world's, at most `subjects`)
     seed: int = 1
 
 
@@ -167,6 +173,22 @@ def fit_adapter(model: CustomContrastModel, frozen: FrozenModels, case: EvalCase
     return fitted, ImageFeatures(*(x.detach() for x in (image.features, image.visual, image.visual_cls)))
 
 
+def train_memorized(out: Path, cfg: OracleConfig, world: MiniworldConfig) -> Path:
+    """CustomContrast trained on the first ``cfg.subjects`` held-out subjects' own evaluation scenes (the
+    ``memorized`` oracle), with the world's training config otherwise; cached in ``<out>/oracles``. Returns its
+    checkpoint."""
+    from ..loop import train
+    folder = out / "oracles" / f"memorized_{cfg.subjects}_subjects_{cfg.memorized_steps}_steps"
+    ckpt = folder / "run" / "customcontrast.safetensors"
+    if not ckpt.is_file():
+        data = write_held_out_manifest(folder / "data", world.world, cfg.subjects)
+        tc = world.train_config(out, TRAINED_VARIANTS[0], world.seeds[0])
+        train(replace(tc, data=str(data), output_dir=str(folder / "run"), steps=cfg.memorized_steps,
+                      save_every=cfg.memorized_steps, warmup_steps=min(50, cfg.memorized_steps // 4),
+                      batch_size=min(tc.batch_size, cfg.subjects)))
+    return ckpt
+
+
 def run_oracles(out: Path, which: tuple[str, ...] = ORACLES, cfg: OracleConfig = OracleConfig(),
                 world: MiniworldConfig = MiniworldConfig()) -> dict[str, dict]:
     """Fits each oracle per subject, generates the report's prompts and scores them with the world's scorers;
@@ -190,6 +212,9 @@ def run_oracles(out: Path, which: tuple[str, ...] = ORACLES, cfg: OracleConfig =
             columns.setdefault("adapter", {}).update(
                 generate_column(FULL, fitted, frozen, [case], world, images={case.name: image}))
         log.info("oracles: %s done", case.name)
+    if "memorized" in which:
+        memorized, _ = checkpoint.load(train_memorized(out, cfg, world))
+        columns["memorized"] = generate_column(FULL, memorized, frozen, cases, world)
     rows = {name: score_column(scorers, cases, column) for name, column in columns.items()}
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
@@ -208,11 +233,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     parser.add_argument("--out", type=Path, default=Path("runs/miniworld"), help="a run of python -m training.miniworld")
     parser.add_argument("--which", default=",".join(ORACLES), help=f"comma-separated, among {', '.join(ORACLES)}")
     parser.add_argument("--subjects", type=int, default=OracleConfig.subjects)
-    parser.add_argument("--steps", type=int, default=OracleConfig.steps)
+    parser.add_argument("--steps", type=int, default=OracleConfig.steps, help="Adam steps of each per-subject fit")
+    parser.add_argument("--memorized-steps", type=int, default=OracleConfig.memorized_steps,
+                        help="training steps of the memorized oracle's CustomContrast")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     which = tuple(w.strip() for w in args.which.split(",") if w.strip())
-    rows = run_oracles(args.out, which, OracleConfig(subjects=args.subjects, steps=args.steps))
+    rows = run_oracles(args.out, which, OracleConfig(subjects=args.subjects, steps=args.steps,
+                                                      memorized_steps=args.memorized_steps))
     print((args.out / "report" / "oracles.md").read_text())
     return rows
 
