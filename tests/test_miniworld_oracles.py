@@ -4,6 +4,7 @@ really generates from the fitted features.
 
 Faults each test must catch (checked by hand):
 - ``fit_unet`` fine-tuning ``frozen.unet`` itself instead of a copy (the base changes for every later row);
+- ``fit_shared_adapter`` fitting only the first subject (the others' features never move);
 - ``fit_adapter`` fitting ``model`` in place, or leaving the visual K/V out of its optimizer (the fitted
   features through the start model's K/V then do as well as the fit: on the quick world the fit takes the loss
   0.851 -> 0.677, the fitted features alone 0.849);
@@ -27,9 +28,9 @@ from training.miniworld.base import load_base
 from training.data.manifest import read_manifest
 from training.miniworld.data import REFERENCE_CONTEXT, held_out_subject, read_eval, subject_caption, write_held_out_manifest
 from training.miniworld.report import _load
-from training.miniworld.oracles import (OracleConfig, adapter_loss, class_word_context, fit_adapter, fit_unet,
-                                        placeholder_tokens, reference_features, reference_latents, run_oracles,
-                                        unet_loss)
+from training.miniworld.oracles import (OracleConfig, adapter_loss, class_word_context, fit_adapter, fit_shared_adapter,
+                                        fit_unet, placeholder_tokens, reference_features, reference_latents,
+                                        run_oracles, unet_loss)
 from training.miniworld.pipeline import MiniworldConfig, run_stages
 from training.processors import ProcessorState, install_processors
 
@@ -95,6 +96,21 @@ def test_adapter_fit_lowers_the_reference_loss_through_the_fitted_visual_kv(worl
     assert not torch.equal(image.visual, features.visual)
 
 
+def test_shared_adapter_fits_each_subjects_own_features_through_one_set_of_kv(world) -> None:
+    out, cfg, frozen, model, _ = world
+    cases = read_eval(out / "world" / "eval")           # the quick world's 2 held-out subjects
+    start = _weights(model)
+    size = cfg.world.image_size
+    starts = [reference_features(model, frozen, case, size) for case in cases]
+    before = [_adapter_loss(model, features, frozen, case) for features, case in zip(starts, cases)]
+    fitted, images = fit_shared_adapter(model, frozen, cases, OracleConfig(steps=60, feature_lr=5e-2, kv_lr=3e-2), size)
+    after = [_adapter_loss(fitted, image, frozen, case) for image, case in zip(images, cases)]
+    assert all(a < 0.9 * b for a, b in zip(after, before)), (before, after)     # every subject's loss falls
+    assert all(not torch.equal(image.visual, features.visual) for image, features in zip(images, starts))
+    assert not torch.equal(images[0].visual, images[1].visual)                 # each its own features
+    assert _same(_weights(model), start)
+
+
 def test_the_sampler_generates_from_given_image_features(world) -> None:
     _, cfg, frozen, model, case = world
     size = cfg.world.image_size
@@ -134,14 +150,14 @@ def test_held_out_manifest_holds_the_evaluation_scenes_with_their_own_masks_and_
 def test_run_oracles_writes_every_row(world) -> None:
     out, cfg, _, _, _ = world
     rows = run_oracles(out, cfg=OracleConfig(subjects=2, steps=2, memorized_steps=2), world=cfg)
-    assert set(rows) == {"CustomContrast", "dreambooth", "adapter", "memorized"}
+    assert set(rows) == {"CustomContrast", "dreambooth", "adapter", "shared_kv", "memorized"}
     saved = json.loads((out / "report" / "oracles.json").read_text())
     assert saved["rows"] == rows and saved["config"]["steps"] == 2
     assert all(-1 <= r["E-appearance"] <= 1 and 0 <= r["E-text_acc"] <= 1 for r in rows.values())
-    assert len((out / "report" / "oracles.md").read_text().splitlines()) == 2 + 4
+    assert len((out / "report" / "oracles.md").read_text().splitlines()) == 2 + 5
     run = out / "oracles" / "memorized_2_subjects_2_steps" / "run"     # trained on the held-out subjects' scenes
     trained = json.loads((run / "config.json").read_text())
     assert trained["steps"] == 2 and trained["batch_size"] == 2
     assert [r.subject for r in read_manifest(trained["data"])] == ["heldout_00", "heldout_01"]
-    with pytest.raises(ValueError, match="among dreambooth, adapter, memorized, found textual"):
+    with pytest.raises(ValueError, match="among dreambooth, adapter, shared_kv, memorized, found textual"):
         run_oracles(out, ("textual",), OracleConfig(subjects=1, steps=1), cfg)

@@ -9,6 +9,8 @@ system limits CustomContrast:
   to the reference, the MFI-Encoder's other weights and the base frozen; it generates as CustomContrast does
   (placeholder prompts, S+ and the visual branch). How much can CustomContrast's own conditioning carry, when
   it does not have to come from one shot of a shared encoder?
+- ``shared_kv``: the adapter oracle with one set of visual K/V for all the subjects, fitted jointly, each subject
+  with its own fitted image features. Do shared K/V limit it, or the features a shared encoder produces?
 - ``memorized``: CustomContrast trained by ``training.run`` (the world's config, full Eq. 9) on the held-out
   subjects themselves, with every scene the evaluation scores (reference and real renders) as its training
   views, then used one-shot as usual. How much does the one-shot model carry for subjects it has seen, i.e.
@@ -47,7 +49,7 @@ from .pipeline import TRAINED_VARIANTS, MiniworldConfig
 from .report import GENERATORS, HEADLINE, _load, _prompt, generate_column, score_column
 
 log = logging.getLogger(__name__)
-ORACLES = ("dreambooth", "adapter", "memorized")
+ORACLES = ("dreambooth", "adapter", "shared_kv", "memorized")
 LOWER = next(g for g in GENERATORS if g.name == "lower bound (base, class word)")
 FULL = next(g for g in GENERATORS if g.name == "CustomContrast")
 
@@ -149,28 +151,41 @@ def fit_adapter(model: CustomContrastModel, frozen: FrozenModels, case: EvalCase
                 size: int) -> tuple[CustomContrastModel, ImageFeatures]:
     """A copy of ``model`` whose visual K/V are fitted to ``case``'s reference scene, and the fitted image
     features (``model`` itself is untouched)."""
+    fitted, (image,) = fit_shared_adapter(model, frozen, [case], cfg, size)
+    return fitted, image
+
+
+def fit_shared_adapter(model: CustomContrastModel, frozen: FrozenModels, cases: list[EvalCase], cfg: OracleConfig,
+                       size: int) -> tuple[CustomContrastModel, list[ImageFeatures]]:
+    """A copy of ``model`` whose visual K/V, one set for all ``cases``, are fitted jointly to their reference
+    scenes (the mean of their losses), and each case's own fitted image features (``model`` is untouched)."""
     fitted = copy.deepcopy(model).eval().requires_grad_(False)
-    start = reference_features(fitted, frozen, case, size)
-    image = ImageFeatures(*(nn.Parameter(x.detach().clone()) for x in (start.features, start.visual,
-                                                                      start.visual_cls)))
+    images = []
+    for case in cases:
+        start = reference_features(fitted, frozen, case, size)
+        images.append(ImageFeatures(*(nn.Parameter(x.detach().clone())
+                                      for x in (start.features, start.visual, start.visual_cls))))
     fitted.visual_kv.requires_grad_(True)
-    opt = torch.optim.Adam([{"params": [image.features, image.visual, image.visual_cls], "lr": cfg.feature_lr},
+    features = [x for image in images for x in (image.features, image.visual, image.visual_cls)]
+    opt = torch.optim.Adam([{"params": features, "lr": cfg.feature_lr},
                             {"params": list(fitted.visual_kv.parameters()), "lr": cfg.kv_lr}])
     state = ProcessorState()
     processors = frozen.unet.attn_processors
     install_processors(frozen.unet, fitted, state, capture_downsample=())
     g = torch.Generator().manual_seed(cfg.seed)
-    latents, tokens = reference_latents(frozen, case), placeholder_tokens(frozen, case, cfg.batch)
+    data = [(reference_latents(frozen, case), placeholder_tokens(frozen, case, cfg.batch)) for case in cases]
     try:
         for _ in range(cfg.steps):
-            loss = adapter_loss(fitted, image, frozen, latents, tokens, state, g)
+            loss = sum(adapter_loss(fitted, image, frozen, latents, tokens, state, g)
+                       for image, (latents, tokens) in zip(images, data)) / len(cases)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
     finally:
         frozen.unet.set_attn_processor(processors)
     fitted.requires_grad_(False)
-    return fitted, ImageFeatures(*(x.detach() for x in (image.features, image.visual, image.visual_cls)))
+    return fitted, [ImageFeatures(*(x.detach() for x in (image.features, image.visual, image.visual_cls)))
+                    for image in images]
 
 
 def train_memorized(out: Path, cfg: OracleConfig, world: MiniworldConfig) -> Path:
@@ -212,6 +227,10 @@ def run_oracles(out: Path, which: tuple[str, ...] = ORACLES, cfg: OracleConfig =
             columns.setdefault("adapter", {}).update(
                 generate_column(FULL, fitted, frozen, [case], world, images={case.name: image}))
         log.info("oracles: %s done", case.name)
+    if "shared_kv" in which:
+        fitted, images = fit_shared_adapter(model, frozen, cases, cfg, size)
+        columns["shared_kv"] = generate_column(FULL, fitted, frozen, cases, world,
+                                               images={case.name: image for case, image in zip(cases, images)})
     if "memorized" in which:
         memorized, _ = checkpoint.load(train_memorized(out, cfg, world))
         columns["memorized"] = generate_column(FULL, memorized, frozen, cases, world)
