@@ -26,7 +26,8 @@ from customcontrast_core.config import get_preset
 from training.eval.generate import SampleSettings, SubjectSampler, reference_view
 from training.miniworld.base import load_base
 from training.data.manifest import read_manifest
-from training.miniworld.data import REFERENCE_CONTEXT, held_out_subject, read_eval, subject_caption, write_held_out_manifest
+from training.miniworld.data import (REFERENCE_CONTEXT, held_out_subject, read_eval, subject_caption,
+                                     write_held_out_manifest)
 from training.miniworld.report import _load
 from training.miniworld.oracles import (OracleConfig, adapter_loss, class_word_context, fit_adapter, fit_shared_adapter,
                                         fit_unet, placeholder_tokens, reference_features, reference_latents,

@@ -120,7 +120,7 @@ def write_eval(folder: Path, cfg: WorldConfig) -> list[EvalCase]:
         name = f"heldout_{k:02d}"
         reference = save_png(image, folder / name / "reference.png")
         reference_mask = save_png((mask * 255).astype(np.uint8), folder / name / "reference_mask.png")
-        paths = tuple(tuple(save_png(image, folder / name / f"real_{p}_{r}.png") for r, (image, _) in enumerate(row))
+        paths = tuple(tuple(save_png(real, folder / name / f"real_{p}_{r}.png") for r, (real, _) in enumerate(row))
                       for p, row in enumerate(renders))
         cases.append(EvalCase(name, subject, reference, reference_mask, tuple(contexts), paths))
     (folder / "eval.json").write_text(json.dumps([asdict(c) for c in cases], indent=1))

@@ -197,10 +197,9 @@ def train_memorized(out: Path, cfg: OracleConfig, world: MiniworldConfig) -> Pat
     ckpt = folder / "run" / "customcontrast.safetensors"
     if not ckpt.is_file():
         data = write_held_out_manifest(folder / "data", world.world, cfg.subjects)
-        tc = world.train_config(out, TRAINED_VARIANTS[0], world.seeds[0])
-        train(replace(tc, data=str(data), output_dir=str(folder / "run"), steps=cfg.memorized_steps,
-                      save_every=cfg.memorized_steps, warmup_steps=min(50, cfg.memorized_steps // 4),
-                      batch_size=min(tc.batch_size, cfg.subjects)))
+        runs = replace(world, train_steps=cfg.memorized_steps, train_batch=min(world.train_batch, cfg.subjects))
+        tc = runs.train_config(out, TRAINED_VARIANTS[0], world.seeds[0])
+        train(replace(tc, data=str(data), output_dir=str(folder / "run")))
     return ckpt
 
 
