@@ -213,3 +213,61 @@ def test_single_view_manifest_needs_allow_single_view(records, tmp_path):
     assert [len(r.images) for r in loaded] == [1, 1, 1, 1]
     sample = SubjectDataset(loaded, DataConfig(reference_size=32, target_size=64))[2]
     assert sample["reference_path"] == sample["target_path"] == loaded[2].images[0]
+
+
+COLOUR = (0.35, 0.55, 0.65)   # a flat subject colour; jittered by at most 0.3 it stays inside [0, 1]
+
+
+@pytest.fixture()
+def flat_subject(tmp_path):
+    """One subject, two identical views: a flat-coloured square on gray, with its exact mask."""
+    image = np.full((64, 64, 3), 128, np.uint8)
+    image[16:48, 16:48] = np.round(np.array(COLOUR) * 255).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    paths = []
+    for name, array in (("view.png", image), ("mask.png", mask)):
+        Image.fromarray(array).save(tmp_path / name)
+        paths.append(str(tmp_path / name))
+    view, mask_path = paths
+    return [SubjectRecord(subject="flat", cls="square", images=(view, view), masks=(mask_path, mask_path))]
+
+
+def _reference_centres(records, jitter: float, epochs: int = 8) -> np.ndarray:
+    dataset = SubjectDataset(records, DataConfig(reference_size=32, target_size=32, reference_jitter=jitter))
+    centres = []
+    for epoch in range(epochs):
+        dataset.set_epoch(epoch)
+        centres.append(dataset[0]["reference"][:, 16, 16].numpy())
+    return np.stack(centres)
+
+
+def test_reference_jitter_zero_keeps_the_subjects_colours(flat_subject):
+    """With augmentation on and jitter 0 the reference shows the subject's own colour at every epoch (fails if the
+    jitter ignores ``reference_jitter``); with jitter 0.3 each epoch's colour is ((v - 0.5) c + 0.5) b, one
+    brightness b and one contrast c for the three channels, both within 1 ± 0.3 (fails if the amount is fixed
+    or the channels are jittered apart)."""
+    colour = np.round(np.array(COLOUR) * 255) / 255
+    np.testing.assert_allclose(_reference_centres(flat_subject, 0.0), np.tile(colour, (8, 1)), atol=1e-5)
+    jittered = _reference_centres(flat_subject, 0.3)
+    bc = (jittered[:, 0] - jittered[:, 2]) / (colour[0] - colour[2])    # b * c, from two channel differences
+    np.testing.assert_allclose((jittered[:, 1] - jittered[:, 2]) / (colour[1] - colour[2]), bc, rtol=1e-3)
+    b = jittered[:, 2] - bc * (colour[2] - 0.5)                          # v' = b c (v - 0.5) + 0.5 b
+    b = b / 0.5
+    c = bc / b
+    assert ((0.7 - 1e-4 <= b) & (b <= 1.3 + 1e-4) & (0.7 - 1e-4 <= c) & (c <= 1.3 + 1e-4)).all()
+    assert np.abs(b - 1).max() > 0.15 and np.abs(c - 1).max() > 0.15      # the full range is used, not 0.1's
+
+
+def test_train_config_reaches_the_data(tmp_path):
+    """``reference_jitter`` (and the other sampling fields) of a run reach the dataset it trains on; out of
+    range, the run is refused naming the field."""
+    from training.loop import data_config
+    cfg = TrainConfig(data=str(tmp_path), reference_jitter=0.0, augment=True, hflip=False, reference_size=32,
+                      target_size=48, seed=4)
+    assert data_config(cfg) == DataConfig(reference_size=32, target_size=48, augment=True, hflip=False,
+                                          reference_jitter=0.0, seed=4)
+    with pytest.raises(ValueError, match="reference_jitter"):
+        TrainConfig(data=str(tmp_path), reference_jitter=1.0)
+    with pytest.raises(ValueError, match="reference_jitter"):
+        DataConfig(reference_jitter=-0.1)

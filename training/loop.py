@@ -188,6 +188,12 @@ def make_optimizer(params, cfg: TrainConfig, device: torch.device | str) -> torc
                              fused=torch.device(device).type == "cuda")
 
 
+def data_config(cfg: TrainConfig) -> DataConfig:
+    """How samples are cut from the views for the run ``cfg``."""
+    return DataConfig(reference_size=cfg.reference_size, target_size=cfg.target_size, augment=cfg.augment,
+                      hflip=cfg.hflip, reference_jitter=cfg.reference_jitter, seed=cfg.seed)
+
+
 def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
     """Runs (or resumes) training; returns the exported CustomContrast checkpoint."""
     from accelerate import Accelerator
@@ -215,8 +221,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> Path:
             log.info("removed %d temporary files of interrupted saves: %s", len(removed), [str(p) for p in removed])
         write_text_atomic(out / "config.json", cfg.to_json())
     records = _records(cfg, out, accelerator)
-    dataset = SubjectDataset(records, DataConfig(reference_size=cfg.reference_size, target_size=cfg.target_size,
-                                                 augment=cfg.augment, hflip=cfg.hflip, seed=cfg.seed))
+    dataset = SubjectDataset(records, data_config(cfg))
     rank, world = accelerator.process_index, accelerator.num_processes
     per_epoch = len(global_batches(len(dataset), cfg.batch_size * world, epoch=0, seed=cfg.seed))
     module = build_module(cfg)

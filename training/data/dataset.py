@@ -44,6 +44,7 @@ class DataConfig:
     positive_scale: tuple[float, float] = (0.5, 1.0)   # subject size / canvas size for the positive view
     hflip: bool = True
     augment: bool = True
+    reference_jitter: float = 0.0   # with augment: the reference's brightness and contrast each x (1 ± up to this)
     background: str = "gray"
     placeholder: str = "<subject>"
     caption_template: str = "a photo of a {placeholder} {cls}"
@@ -57,6 +58,8 @@ class DataConfig:
             raise ValueError(f"positive_scale must satisfy 0 < low <= high <= 1, found {self.positive_scale}")
         if "{placeholder}" not in self.caption_template:
             raise ValueError("caption_template must contain {placeholder}")
+        if not 0 <= self.reference_jitter < 1:
+            raise ValueError(f"reference_jitter must be in [0, 1), found {self.reference_jitter}")
 
 
 def _decode(path: str, mode: str) -> np.ndarray:
@@ -172,7 +175,7 @@ class SubjectDataset(Dataset):
 
     def _reference(self, image: Tensor, mask: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
         """Segmented subject, square crop around it (``reference_crop``: 1.2x its box, or with augmentation a
-        random margin and shift), flipped, resized."""
+        random margin and shift), flipped, colour-jittered (``reference_jitter``), resized."""
         margin, shift = REFERENCE_MARGIN, (0.0, 0.0)
         if self.cfg.augment:
             margin = 1.1 + 0.4 * torch.rand(1, generator=g).item()
@@ -181,8 +184,8 @@ class SubjectDataset(Dataset):
                                       background=lambda shape: self._background(shape, g))
         crop, crop_m = self._flip(g, crop, crop_m)
         size = self.cfg.reference_size
-        if self.cfg.augment:   # light colour jitter: brightness and contrast
-            b, c = 1 + (torch.rand(2, generator=g) - 0.5) * 0.2
+        if self.cfg.augment and self.cfg.reference_jitter > 0:   # light colour jitter: brightness and contrast
+            b, c = 1 + (torch.rand(2, generator=g) - 0.5) * (2 * self.cfg.reference_jitter)
             crop = ((crop - 0.5) * c + 0.5) * b
         return _resize(crop, size).clamp(0, 1), (_resize(crop_m, size, "nearest") > 0.5).float()
 

@@ -19,6 +19,7 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"   # nothing is downloaded
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--quick", action="store_true", help="toy scale: every stage in about a minute")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, among {', '.join(STAGES)}")
     parser.add_argument("--seeds", type=int, help="CustomContrast seeds per variant")
+    parser.add_argument("--reference-jitter", type=float,
+                        help=f"colour jitter of the training references (default {MiniworldConfig.reference_jitter})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -42,6 +45,8 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = MiniworldConfig.quick() if args.quick else MiniworldConfig()
     if args.seeds is not None:
         cfg = cfg.with_seeds(args.seeds)
+    if args.reference_jitter is not None:
+        cfg = dataclasses.replace(cfg, reference_jitter=args.reference_jitter)
     start = time.time()
     out = run_stages(args.out, cfg, stages)
     logging.getLogger(__name__).info("done in %.0f s: %s", time.time() - start, out)

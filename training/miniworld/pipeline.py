@@ -47,6 +47,7 @@ class MiniworldConfig:
     train_steps: int = 1000
     train_batch: int = 16
     train_lr: float = 2e-3
+    reference_jitter: float = 0.0       # TrainConfig.reference_jitter of every run (0.1: docs/miniworld.md)
     seeds: tuple[int, ...] = (0, 1, 2)
     variants: tuple[Variant, ...] = TRAINED_VARIANTS
     sample_steps: int = 20
@@ -74,7 +75,8 @@ class MiniworldConfig:
                       data=str(out / "world" / "subjects" / "manifest.jsonl"), hflip=False,
                       output_dir=str(out / "runs" / f"{variant.name}_seed{seed}"), steps=self.train_steps,
                       batch_size=self.train_batch, lr=self.train_lr, target_size=self.world.image_size,
-                      reference_size=self.world.image_size, save_every=self.train_steps, seed=seed,
+                      reference_size=self.world.image_size, reference_jitter=self.reference_jitter,
+                      save_every=self.train_steps, seed=seed,
                       warmup_steps=min(50, self.train_steps // 4))
         fields.update(dict(variant.overrides))
         return TrainConfig.from_dict(fields)
