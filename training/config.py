@@ -161,7 +161,7 @@ class TrainConfig:
     augment: bool = True
     hflip: bool = True                    # mirror the views (off when captions say left/right)
     # with augment: reference brightness and contrast x (1 ± up to this). Off: in the small world 0.1 costs
-    # CustomContrast a fifth of its subject fidelity (E-appearance 0.215 ± 0.009 vs 0.280 ± 0.014, 3 seeds)
+    # CustomContrast a fifth of its subject fidelity (E-appearance 0.215 ± 0.009 vs 0.279 ± 0.014, 3 seeds)
     reference_jitter: float = 0.0
 
     def __post_init__(self) -> None:
