@@ -252,8 +252,7 @@ def test_reference_jitter_zero_keeps_the_subjects_colours(flat_subject):
     jittered = _reference_centres(flat_subject, 0.3)
     bc = (jittered[:, 0] - jittered[:, 2]) / (colour[0] - colour[2])    # b * c, from two channel differences
     np.testing.assert_allclose((jittered[:, 1] - jittered[:, 2]) / (colour[1] - colour[2]), bc, rtol=1e-3)
-    b = jittered[:, 2] - bc * (colour[2] - 0.5)                          # v' = b c (v - 0.5) + 0.5 b
-    b = b / 0.5
+    b = (jittered[:, 2] - bc * (colour[2] - 0.5)) / 0.5                  # v' = b c (v - 0.5) + 0.5 b
     c = bc / b
     assert ((0.7 - 1e-4 <= b) & (b <= 1.3 + 1e-4) & (0.7 - 1e-4 <= c) & (c <= 1.3 + 1e-4)).all()
     assert np.abs(b - 1).max() > 0.15 and np.abs(c - 1).max() > 0.15      # the full range is used, not 0.1's
