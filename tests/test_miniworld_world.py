@@ -2,7 +2,9 @@
 captions that reach training with the target view."""
 from __future__ import annotations
 
+import colorsys
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -79,11 +81,30 @@ def test_world_is_deterministic_and_its_training_data_carries_the_target_views_c
     assert all(context_key(ctx) in HELD_OUT_CONTEXTS for c in cases for ctx in c.contexts)
 
 
+def test_fine_words_name_each_colours_hue_third_paleness_and_dimness(tmp_path) -> None:
+    # hue 0.02 (first third of bin 0), saturation 0.6 (< 0.775), value 0.8 (< 0.875); hue 0.6 (middle of bin 3)
+    first, second = colorsys.hsv_to_rgb(0.02, 0.6, 0.8), colorsys.hsv_to_rgb(0.6, 0.9, 0.95)
+    subject = Subject("star", "stripes", (first, second))
+    assert subject.description(fine=True) == "pale dim warm orange and azure banded star"
+    assert subject.description() == "orange and azure banded star"
+    disc = Subject("disc", "plain", (colorsys.hsv_to_rgb(0.98, 0.9, 0.9),) * 2)   # last third of bin 5
+    assert disc.description(fine=True) == "cool pink disc"
+    write_scenes(tmp_path / "fine.npz", WorldConfig(scenes=300, fine_words=True))
+    write_scenes(tmp_path / "coarse.npz", WorldConfig(scenes=300, fine_words=False))
+    (images, captions), (coarse_images, coarse) = (read_scenes(tmp_path / f"{n}.npz") for n in ("fine", "coarse"))
+    assert (images == coarse_images).all()          # the same scenes, only the words differ
+    fine_only = {"pale", "dim", "warm", "cool"}
+    assert fine_only <= {w for c in captions for w in c.split()}
+    # without its fine words, every caption is the coarse world's
+    assert [" ".join(w for w in c.split() if w not in fine_only) for c in captions] == coarse
+
+
 def test_subject_words_are_coarse_and_never_describe_a_held_out_subject_in_the_base_captions(tmp_path) -> None:
     assert Subject("star", "stripes", ((1.0, 0.5, 0.0), (0.0, 0.5, 1.0))).description() == \
         "orange and azure banded star"
     assert Subject("disc", "plain", ((0.9, 0.2, 0.9), (0.9, 0.2, 0.9))).description() == "pink disc"
-    cfg = WorldConfig(scenes=600, subjects=1, views=1, eval_subjects=1, eval_prompts=1, eval_renders=1)
+    cfg = WorldConfig(scenes=600, subjects=1, views=1, eval_subjects=1, eval_prompts=1, eval_renders=1,
+                      fine_words=False)     # the fine words reduce to these (the test above)
     write_scenes(tmp_path / "scenes.npz", cfg)
     _, captions = read_scenes(tmp_path / "scenes.npz")
     described = [c for c in captions if any(f" {w} " in c for w in HUE_WORDS)]
@@ -94,5 +115,13 @@ def test_subject_words_are_coarse_and_never_describe_a_held_out_subject_in_the_b
     words = {w for c in captions for w in c.split()}
     assert set(HUE_WORDS) | {w for w in TEXTURE_WORDS.values() if w} | set(SHAPES) <= words
     # the rate does not change the scenes: the base model's images are the same with or without the words
-    write_scenes(tmp_path / "plain.npz", WorldConfig(scenes=600, describe_subjects=0.0))
+    write_scenes(tmp_path / "plain.npz", WorldConfig(scenes=600, describe_subjects=0.0, fine_words=False))
     assert (read_scenes(tmp_path / "plain.npz")[0] == read_scenes(tmp_path / "scenes.npz")[0]).all()
+
+
+def test_the_command_line_writes_the_fine_words_world(tmp_path) -> None:
+    from training.miniworld.__main__ import main
+    main(["--quick", "--fine-words", "--stages", "world", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "miniworld.json").read_text())["world"]["fine_words"] is True
+    _, captions = read_scenes(tmp_path / "world" / "scenes.npz")
+    assert {"warm", "cool"} & {w for c in captions for w in c.split()}

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seeds", type=int, help="CustomContrast seeds per variant")
     parser.add_argument("--reference-jitter", type=float,
                         help=f"colour jitter of the training references (default {MiniworldConfig.reference_jitter})")
+    parser.add_argument("--fine-words", action="store_true",
+                        help="the base model's captions also give finer colour words (WorldConfig.fine_words)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> Path:
     cfg = MiniworldConfig.quick() if args.quick else MiniworldConfig()
     if args.seeds is not None:
         cfg = cfg.with_seeds(args.seeds)
+    if args.fine_words:
+        cfg = dataclasses.replace(cfg, world=dataclasses.replace(cfg.world, fine_words=True))
     if args.reference_jitter is not None:
         cfg = dataclasses.replace(cfg, reference_jitter=args.reference_jitter)
     start = time.time()

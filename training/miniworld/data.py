@@ -36,6 +36,7 @@ class WorldConfig:
     eval_prompts: int = 4         # editing prompts (held-out contexts) per held-out subject
     eval_renders: int = 4         # real renders per (subject, prompt): the upper bound's samples
     describe_subjects: float = 0.5   # share of base-model captions with the subject's coarse colour/texture words
+    fine_words: bool = False         # finer colour words in them too (Subject.description; docs/miniworld.md)
     seed: int = 0
 
 
@@ -70,7 +71,7 @@ def write_scenes(path: Path, cfg: WorldConfig) -> None:
         image, _ = render(subject, ctx, cfg.image_size, rng)
         images.append(image)
         described = words.uniform() < cfg.describe_subjects
-        captions.append(ctx.words(subject.description() if described else subject.shape))
+        captions.append(ctx.words(subject.description(cfg.fine_words) if described else subject.shape))
     tmp = path.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, images=np.stack(images), captions=np.array(captions))
     tmp.replace(path)

@@ -64,10 +64,10 @@ UPPER = "upper bound (real renders)"
 AUTOENCODED = "real renders through the autoencoder"   # the latent space's own ceiling: what any base could reach
 
 
-def _prompt(case: EvalCase, ctx: Context, gen: Generator) -> str:
+def _prompt(case: EvalCase, ctx: Context, gen: Generator, fine_words: bool) -> str:
     if gen.placeholder:
         return subject_caption(case.subject, ctx)
-    return ctx.words(case.subject.description() if gen.described else case.subject.shape)
+    return ctx.words(case.subject.description(fine_words) if gen.described else case.subject.shape)
 
 
 def _load(path: str) -> torch.Tensor:
@@ -88,7 +88,7 @@ def generate_column(gen: Generator, model, frozen, cases: list[EvalCase], cfg, s
         ref = reference_view(case.reference, case.reference_mask, size, case.subject.shape) if gen.reference \
             else None
         for p, ctx in enumerate((REFERENCE_CONTEXT, *case.contexts)):
-            prompt = _prompt(case, ctx, gen)
+            prompt = _prompt(case, ctx, gen, cfg.world.fine_words)
             image = (images or {}).get(case.name)
             out[case.name, p] = torch.stack([sampler(prompt, ref, settings, seed=s, image=image)
                                              for s in range(seeds)])

@@ -4,7 +4,7 @@ A *subject* is an identity no caption word can name: a shape, a texture and two 
 A *scene* places one subject at a position, with a size, on a background (a colour word and a
 pattern), sometimes beside a second, captioned object. Captions use the subject's class word (its
 shape): ``"a small star at the left on a red checkered background beside a ball"``; some of the base
-model's captions also give coarse words for the subject's colours and texture (``Subject.description``).
+model's captions also give words for the subject's colours and texture (``Subject.description``).
 
 Splits (all deterministic for a seed):
 - training subjects: colour pairs and shape-texture pairs of the training sets;
@@ -34,6 +34,10 @@ HUE_BINS = 6
 # coarse words for a subject's colours (hue bins) and textures, distinct from the background's words
 HUE_WORDS = ("orange", "lime", "mint", "azure", "violet", "pink")
 TEXTURE_WORDS = {"plain": "", "stripes": "banded", "dots": "spotted", "checker": "tiled"}
+# finer colour words (``Subject.description(fine=True)``): the third of its hue bin a colour lies in, and
+# whether its saturation (0.55..1) and value (0.75..1) lie in the lower half of their ranges
+SHADE_WORDS = ("warm", "", "cool")
+PALE, DIM = "pale", "dim"
 PLACEHOLDER = "<subject>"
 
 # Held out: each shape loses one texture, and complementary hue-bin pairs.
@@ -53,13 +57,26 @@ class Subject:
     def hue_bins(self) -> tuple[int, int]:
         return tuple(int(colorsys.rgb_to_hsv(*c)[0] * HUE_BINS) % HUE_BINS for c in self.colors)
 
-    def description(self) -> str:
+    def description(self, fine: bool = False) -> str:
         """Coarse words for the subject (hue bins, texture, class word): ``"orange and azure banded star"``.
         They do not name the identity (the colours are continuous within a bin), but they let the base
-        model learn to draw a subject's colours and texture from conditioning, as SD learned from text."""
-        first, second = (HUE_WORDS[b] for b in self.hue_bins)
+        model learn to draw a subject's colours and texture from conditioning, as SD learned from text.
+        ``fine`` adds, per colour, the third of its hue bin and a word each for a low saturation and value:
+        ``"pale warm orange and dim cool azure banded star"`` (still continuous within each word)."""
+        first, second = (_colour_words(c, fine) for c in self.colors)
         colours = first if self.texture == "plain" else f"{first} and {second}"
         return " ".join(w for w in (colours, TEXTURE_WORDS[self.texture], self.shape) if w)
+
+
+def _colour_words(rgb: tuple[float, float, float], fine: bool) -> str:
+    hue, saturation, value = colorsys.rgb_to_hsv(*rgb)
+    position = hue * HUE_BINS
+    bin_ = int(position) % HUE_BINS
+    if not fine:
+        return HUE_WORDS[bin_]
+    shade = SHADE_WORDS[min(int((position - int(position)) * 3), 2)]
+    words = (PALE if saturation < 0.775 else "", DIM if value < 0.875 else "", shade, HUE_WORDS[bin_])
+    return " ".join(w for w in words if w)
 
 
 @dataclass(frozen=True)
