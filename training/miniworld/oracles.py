@@ -44,9 +44,9 @@ from ..eval.generate import PLACEHOLDER, reference_view
 from ..models import FrozenModels, clip_hidden_states, vae_latent_moments
 from ..processors import ProcessorState, install_processors, project_visual_kv
 from .base import load_base
-from .data import REFERENCE_CONTEXT, EvalCase, read_eval, write_held_out_manifest
+from .data import REFERENCE_CONTEXT, EvalCase, read_eval, subject_caption, write_held_out_manifest
 from .pipeline import TRAINED_VARIANTS, MiniworldConfig
-from .report import GENERATORS, HEADLINE, _load, _prompt, generate_column, score_column
+from .report import GENERATORS, HEADLINE, _load, generate_column, score_column
 
 log = logging.getLogger(__name__)
 ORACLES = ("dreambooth", "adapter", "shared_kv", "memorized")
@@ -122,7 +122,7 @@ def reference_features(model: CustomContrastModel, frozen: FrozenModels, case: E
 
 def placeholder_tokens(frozen: FrozenModels, case: EvalCase, batch: int):
     """The reference scene's placeholder caption, tokenized ``batch`` times (the rows of ``adapter_loss``)."""
-    return frozen.text.tokenize([_prompt(case, REFERENCE_CONTEXT, FULL)] * batch, PLACEHOLDER)
+    return frozen.text.tokenize([subject_caption(case.subject, REFERENCE_CONTEXT)] * batch, PLACEHOLDER)
 
 
 def adapter_loss(model: CustomContrastModel, image: ImageFeatures, frozen: FrozenModels, latents: Tensor, tokens,
