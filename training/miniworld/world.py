@@ -34,8 +34,9 @@ HUE_BINS = 6
 # coarse words for a subject's colours (hue bins) and textures, distinct from the background's words
 HUE_WORDS = ("orange", "lime", "mint", "azure", "violet", "pink")
 TEXTURE_WORDS = {"plain": "", "stripes": "banded", "dots": "spotted", "checker": "tiled"}
+SATURATION, VALUE = (0.55, 1.0), (0.75, 1.0)     # ranges of a subject colour's HSV saturation and value
 # finer colour words (``Subject.description(fine=True)``): the third of its hue bin a colour lies in, and
-# whether its saturation (0.55..1) and value (0.75..1) lie in the lower half of their ranges
+# whether its saturation and value lie in the lower half of their ranges
 SHADE_WORDS = ("warm", "", "cool")
 PALE, DIM = "pale", "dim"
 PLACEHOLDER = "<subject>"
@@ -75,7 +76,8 @@ def _colour_words(rgb: tuple[float, float, float], fine: bool) -> str:
     if not fine:
         return HUE_WORDS[bin_]
     shade = SHADE_WORDS[min(int((position - int(position)) * 3), 2)]
-    words = (PALE if saturation < 0.775 else "", DIM if value < 0.875 else "", shade, HUE_WORDS[bin_])
+    pale, dim = saturation < sum(SATURATION) / 2, value < sum(VALUE) / 2     # below the middle of their ranges
+    words = (PALE if pale else "", DIM if dim else "", shade, HUE_WORDS[bin_])
     return " ".join(w for w in words if w)
 
 
@@ -107,7 +109,7 @@ HELD_OUT_CONTEXTS = frozenset(k for i, k in enumerate(ALL_CONTEXTS) if i % 7 == 
 
 def _color(rng: np.random.Generator, bins: tuple[int, ...]) -> tuple[float, float, float]:
     hue = (rng.choice(bins) + rng.uniform(0.1, 0.9)) / HUE_BINS
-    return colorsys.hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.75, 1.0))
+    return colorsys.hsv_to_rgb(hue, rng.uniform(*SATURATION), rng.uniform(*VALUE))
 
 
 def make_subject(rng: np.random.Generator, held_out: bool) -> Subject:
