@@ -70,6 +70,24 @@ def test_dreambooth_fit_lowers_the_reference_loss_of_a_copy(world) -> None:
     assert _same(_weights(frozen.unet), base)          # the base UNet itself is untouched
 
 
+def test_cross_attention_fit_moves_only_the_cross_attention_weights(world) -> None:
+    _, _, frozen, _, case = world
+    base = _weights(frozen.unet)
+    latents, context = reference_latents(frozen, case), class_word_context(frozen, case)
+    with torch.no_grad():
+        before = unet_loss(frozen.unet, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
+    tuned = fit_unet(frozen, case, OracleConfig(steps=30, cross_attention_lr=1e-2), cross_attention_only=True)
+    with torch.no_grad():
+        after = unet_loss(tuned, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
+    assert after < 0.9 * before, (before, after)
+    weights = _weights(tuned)
+    moved = {k for k in base if not torch.equal(weights[k], base[k])}
+    attn2 = {k for k in base if ".attn2." in k}
+    assert len(attn2) == 16 * 5                        # to_q, to_k, to_v, to_out weight and bias in 16 layers
+    assert moved == attn2                              # every cross-attention weight moves, nothing else does
+    assert _same(_weights(frozen.unet), base)
+
+
 def _adapter_loss(model, image, frozen, case) -> float:
     state = ProcessorState()
     processors = frozen.unet.attn_processors
@@ -151,14 +169,14 @@ def test_held_out_manifest_holds_the_evaluation_scenes_with_their_own_masks_and_
 def test_run_oracles_writes_every_row(world) -> None:
     out, cfg, _, _, _ = world
     rows = run_oracles(out, cfg=OracleConfig(subjects=2, steps=2, memorized_steps=2), world=cfg)
-    assert set(rows) == {"CustomContrast", "dreambooth", "adapter", "shared_kv", "memorized"}
+    assert set(rows) == {"CustomContrast", "dreambooth", "cross_attention", "adapter", "shared_kv", "memorized"}
     saved = json.loads((out / "report" / "oracles.json").read_text())
     assert saved["rows"] == rows and saved["config"]["steps"] == 2
     assert all(-1 <= r["E-appearance"] <= 1 and 0 <= r["E-text_acc"] <= 1 for r in rows.values())
-    assert len((out / "report" / "oracles.md").read_text().splitlines()) == 2 + 5
+    assert len((out / "report" / "oracles.md").read_text().splitlines()) == 2 + 6
     run = out / "oracles" / "memorized_2_subjects_2_steps" / "run"     # trained on the held-out subjects' scenes
     trained = json.loads((run / "config.json").read_text())
     assert trained["steps"] == 2 and trained["batch_size"] == 2
     assert [r.subject for r in read_manifest(trained["data"])] == ["heldout_00", "heldout_01"]
-    with pytest.raises(ValueError, match="among dreambooth, adapter, shared_kv, memorized, found textual"):
+    with pytest.raises(ValueError, match="among dreambooth, cross_attention, adapter, shared_kv, memorized, found textual"):
         run_oracles(out, ("textual",), OracleConfig(subjects=1, steps=1), cfg)

@@ -5,6 +5,9 @@ system limits CustomContrast:
 - ``dreambooth``: the whole base UNet fine-tuned on the reference scene with its class-word caption (DreamBooth,
   Ruiz et al. 2023, without prior preservation); it generates from class-word prompts. Can the base model's
   weights draw the subject at all?
+- ``cross_attention``: the same with only the UNet's cross-attention layers (``attn2``: to_q, to_k, to_v, to_out)
+  fitted, as Custom Diffusion (Kumari et al. 2023) does. Every conditioning CustomContrast injects reaches the
+  UNet through these layers: can they alone carry the subject into new contexts?
 - ``adapter``: a trained CustomContrast's image features (the Visual Q-Former's output) and its visual K/V fitted
   to the reference, the MFI-Encoder's other weights and the base frozen; it generates as CustomContrast does
   (placeholder prompts, S+ and the visual branch). How much can CustomContrast's own conditioning carry, when
@@ -49,7 +52,8 @@ from .pipeline import TRAINED_VARIANTS, MiniworldConfig
 from .report import GENERATORS, HEADLINE, _load, generate_column, score_column
 
 log = logging.getLogger(__name__)
-ORACLES = ("dreambooth", "adapter", "shared_kv", "memorized")
+ORACLES = ("dreambooth", "cross_attention", "adapter", "shared_kv", "memorized")
+CROSS_ATTENTION = ".attn2."     # the parameter names of diffusers' cross-attention layers
 LOWER = next(g for g in GENERATORS if g.name == "lower bound (base, class word)")
 FULL = next(g for g in GENERATORS if g.name == "CustomContrast")
 
@@ -60,6 +64,7 @@ class OracleConfig:
     steps: int = 300           # Adam steps per subject
     batch: int = 8             # noise draws of the reference per step
     unet_lr: float = 1e-4      # dreambooth (5e-4: appearance up, text accuracy down)
+    cross_attention_lr: float = 1e-3   # cross_attention: only the attn2 weights move
     feature_lr: float = 2e-2   # adapter: image features
     kv_lr: float = 1e-2        # adapter: visual K/V (1e-3 barely moves them in 300 steps)
     memorized_steps: int = 1500   # memorized: CustomContrast training steps (batch: the world's, at most `subjects`)
@@ -95,13 +100,19 @@ def unet_loss(unet: nn.Module, frozen: FrozenModels, latents: Tensor, context: T
     return F.mse_loss(unet(noisy, t, encoder_hidden_states=context.expand(batch, -1, -1)).sample, noise)
 
 
-def fit_unet(frozen: FrozenModels, case: EvalCase, cfg: OracleConfig) -> nn.Module:
-    """A copy of the base UNet fine-tuned on ``case``'s reference scene (the base's own UNet is untouched)."""
+def fit_unet(frozen: FrozenModels, case: EvalCase, cfg: OracleConfig, cross_attention_only: bool = False) -> nn.Module:
+    """A copy of the base UNet fine-tuned on ``case``'s reference scene: every weight at ``cfg.unet_lr``, or with
+    ``cross_attention_only`` the cross-attention layers' at ``cfg.cross_attention_lr`` (the base's own UNet is
+    untouched)."""
     from diffusers.models.attention_processor import AttnProcessor2_0
     unet = copy.deepcopy(frozen.unet)
     unet.set_attn_processor(AttnProcessor2_0())  # plain attention: no processor a sampler may have left
-    unet.train().requires_grad_(True)
-    opt = torch.optim.AdamW(unet.parameters(), lr=cfg.unet_lr, weight_decay=0.0)
+    unet.train().requires_grad_(False)
+    params = [p for name, p in unet.named_parameters() if not cross_attention_only or CROSS_ATTENTION in name]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=cfg.cross_attention_lr if cross_attention_only else cfg.unet_lr,
+                            weight_decay=0.0)
     g = torch.Generator().manual_seed(cfg.seed)
     latents, context = reference_latents(frozen, case), class_word_context(frozen, case)
     for _ in range(cfg.steps):
@@ -221,6 +232,9 @@ def run_oracles(out: Path, which: tuple[str, ...] = ORACLES, cfg: OracleConfig =
         if "dreambooth" in which:
             tuned = replace(frozen, unet=fit_unet(frozen, case, cfg))
             columns.setdefault("dreambooth", {}).update(generate_column(LOWER, model, tuned, [case], world))
+        if "cross_attention" in which:
+            tuned = replace(frozen, unet=fit_unet(frozen, case, cfg, cross_attention_only=True))
+            columns.setdefault("cross_attention", {}).update(generate_column(LOWER, model, tuned, [case], world))
         if "adapter" in which:
             fitted, image = fit_adapter(model, frozen, case, cfg, size)
             columns.setdefault("adapter", {}).update(
