@@ -57,15 +57,18 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def _unet_loss(unet, frozen, case) -> float:
+    """The epsilon MSE of ``unet`` on 16 fixed noise draws of ``case``'s reference scene, class-word caption."""
+    with torch.no_grad():
+        return unet_loss(unet, frozen, reference_latents(frozen, case), class_word_context(frozen, case), 16,
+                         torch.Generator().manual_seed(7)).item()
+
+
 def test_dreambooth_fit_lowers_the_reference_loss_of_a_copy(world) -> None:
     _, _, frozen, _, case = world
     base = _weights(frozen.unet)
-    latents, context = reference_latents(frozen, case), class_word_context(frozen, case)
-    with torch.no_grad():
-        before = unet_loss(frozen.unet, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
-    tuned = fit_unet(frozen, case, OracleConfig(steps=30, unet_lr=1e-3))
-    with torch.no_grad():
-        after = unet_loss(tuned, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
+    before = _unet_loss(frozen.unet, frozen, case)
+    after = _unet_loss(fit_unet(frozen, case, OracleConfig(steps=30, unet_lr=1e-3)), frozen, case)
     assert after < 0.8 * before, (before, after)
     assert _same(_weights(frozen.unet), base)          # the base UNet itself is untouched
 
@@ -73,12 +76,8 @@ def test_dreambooth_fit_lowers_the_reference_loss_of_a_copy(world) -> None:
 def test_cross_attention_fit_moves_only_the_cross_attention_weights(world) -> None:
     _, _, frozen, _, case = world
     base = _weights(frozen.unet)
-    latents, context = reference_latents(frozen, case), class_word_context(frozen, case)
-    with torch.no_grad():
-        before = unet_loss(frozen.unet, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
     tuned = fit_unet(frozen, case, OracleConfig(steps=30, cross_attention_lr=1e-2), cross_attention_only=True)
-    with torch.no_grad():
-        after = unet_loss(tuned, frozen, latents, context, 16, torch.Generator().manual_seed(7)).item()
+    before, after = _unet_loss(frozen.unet, frozen, case), _unet_loss(tuned, frozen, case)
     assert after < 0.9 * before, (before, after)
     weights = _weights(tuned)
     moved = {k for k in base if not torch.equal(weights[k], base[k])}
