@@ -56,7 +56,7 @@ class Subject:
 
     @property
     def hue_bins(self) -> tuple[int, int]:
-        return tuple(int(colorsys.rgb_to_hsv(*c)[0] * HUE_BINS) % HUE_BINS for c in self.colors)
+        return tuple(int(_hue_position(c)) % HUE_BINS for c in self.colors)
 
     def description(self, fine: bool = False) -> str:
         """Coarse words for the subject (hue bins, texture, class word): ``"orange and azure banded star"``.
@@ -69,9 +69,14 @@ class Subject:
         return " ".join(w for w in (colours, TEXTURE_WORDS[self.texture], self.shape) if w)
 
 
+def _hue_position(rgb: tuple[float, float, float]) -> float:
+    """The colour's hue in bins: its integer part is the hue bin (mod ``HUE_BINS``), the rest where in the bin."""
+    return colorsys.rgb_to_hsv(*rgb)[0] * HUE_BINS
+
+
 def _colour_words(rgb: tuple[float, float, float], fine: bool) -> str:
-    hue, saturation, value = colorsys.rgb_to_hsv(*rgb)
-    position = hue * HUE_BINS
+    _, saturation, value = colorsys.rgb_to_hsv(*rgb)
+    position = _hue_position(rgb)
     bin_ = int(position) % HUE_BINS
     if not fine:
         return HUE_WORDS[bin_]
